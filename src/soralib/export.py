@@ -1,0 +1,103 @@
+"""Export a SoRA adapter as a standard PEFT LoRA adapter that any LoRA loader reads.
+
+Per module, with kept ranks K = {i : g_i ≠ 0}:
+
+    A' = A[K, :]                       (k × in)
+    B' = s · B[:, K] · diag(g_K)       (out × k)
+    lora_alpha' = r' = k               (so LoRA's own scale is exactly 1)
+
+so that  B' A' x = s · B (g ⊙ A x).  Layouts:
+- "exact": each module keeps its own rank k (through `rank_pattern` / `alpha_pattern`); modules whose
+  gates are all zero are left out.
+- "uniform": every module zero-padded to the largest k, none left out; for servers that need one rank per
+  module type (TGI, LoRAX, SGLang).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import nn
+
+from .io import atomic_dir
+from .layer import SoraLayer
+from .optim import sora_layers
+from .prune import _adapter_name, _strip
+
+LAYOUTS = ("exact", "uniform")
+
+
+def lora_factors(layer: SoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A', B') of one module: the kept ranks, with gate and scaling folded into B'."""
+    gate = layer.sora_gate[adapter].detach()
+    keep = gate != 0
+    A = layer.sora_A[adapter].weight.detach()[keep]
+    B = layer.sora_B[adapter].weight.detach()[:, keep] * (layer.scaling[adapter] * gate[keep])
+    return A.contiguous(), B.contiguous()
+
+
+def _pad(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = rank - A.shape[0]
+    return (torch.cat([A, A.new_zeros(extra, A.shape[1])]), torch.cat([B, B.new_zeros(B.shape[0], extra)], dim=1))
+
+
+def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exact", adapter: str | None = None) -> Path:
+    """Write `out_dir/adapter_config.json` and `out_dir/adapter_model.safetensors` (peft_type "LORA").
+
+    `model` is a PeftModel (or a model with SoRA layers and a `peft_config`). The task head and other
+    `modules_to_save` go with it. The directory is replaced whole, never left half-written.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    adapter = _adapter_name(model, adapter)
+    config = model.peft_config[adapter]
+    factors = {_strip(name): lora_factors(layer, adapter) for name, layer in sora_layers(model)
+               if adapter in layer.sora_gate}
+    if not factors:
+        raise ValueError(f"the model has no SoRA layers for adapter {adapter!r}")
+    ranks = {name: A.shape[0] for name, (A, _) in factors.items()}
+    top = max(max(ranks.values()), 1)  # LoRA refuses r=0: an all-zero uniform export keeps one zero rank
+    if layout == "uniform":
+        factors = {name: _pad(A, B, top) for name, (A, B) in factors.items()}
+        ranks = {name: top for name in factors}
+    else:
+        factors = {name: f for name, f in factors.items() if ranks[name] > 0}
+        ranks = {name: ranks[name] for name in factors}
+    if not factors:
+        raise ValueError("every gate is zero: the adapter is empty; export with layout='uniform' to get zero LoRA")
+
+    tensors = {}
+    for name, (A, B) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B
+    # modules_to_save (the task head) are saved by PEFT in a method-independent format: reuse it as is.
+    for key, value in get_peft_model_state_dict(model, adapter_name=adapter).items():
+        if "sora_" not in key:
+            tensors[key] = value.detach().contiguous()
+
+    is_conv1d = {n for n, layer in sora_layers(model) if adapter in layer.sora_gate and layer.fan_in_fan_out}
+    lora_config = LoraConfig(
+        r=top, lora_alpha=top,
+        target_modules=sorted(factors),
+        rank_pattern={re.escape(name): ranks[name] for name in factors if ranks[name] != top},
+        alpha_pattern={re.escape(name): ranks[name] for name in factors if ranks[name] != top},
+        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        fan_in_fan_out=bool(is_conv1d),
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+        task_type=config.task_type,
+        lora_dropout=0.0,
+        bias="none",
+    )
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        lora_config.save_pretrained(str(tmp))
+        json.loads((tmp / "adapter_config.json").read_text())  # fail here, not at load time, on a bad config
+    return Path(out_dir)

@@ -1,0 +1,66 @@
+"""The thin PEFT glue: SoraModel (a BaseTuner) and SoRA's registration in PEFT's registries."""
+
+from __future__ import annotations
+
+import difflib
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.error import NoMatchingPeftModuleError
+from torch import nn
+
+from .config import SoraConfig, SoraPeftType
+from .layer import SUPPORTED_LAYERS, Conv1D, SoraLayer, SoraLinear
+
+PREFIX = "sora_"
+
+
+class SoraModel(BaseTuner):
+    """Replaces each targeted linear layer of `model` with a `SoraLinear` wrapping it."""
+
+    prefix: str = PREFIX
+    tuner_layer_cls = SoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(self, config: SoraConfig, adapter_name, target, target_name, parent, current_key,
+                            **kwargs) -> None:
+        rank = config.kept_ranks.get(current_key, config.r)
+        args = dict(r_max=config.r, rank=rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    gate_init=config.gate_init)
+        if isinstance(target, SoraLinear):
+            target.update_layer(adapter_name, **args, inference_mode=config.inference_mode)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, (nn.Linear, Conv1D) if Conv1D else nn.Linear):
+            raise ValueError(
+                f"target module {current_key!r} is a {type(base).__name__}; allowed: {SUPPORTED_LAYERS}"
+            )
+        new_module = SoraLinear(target, adapter_name, **args)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # a second adapter is not trained unless it is made active
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except NoMatchingPeftModuleError as err:
+            targets = self.peft_config[adapter_name].target_modules
+            raise ValueError(f"{err.args[0].split('. ')[0]}; {_closest_names(model, targets)}") from None
+
+
+def _closest_names(model: nn.Module, targets) -> str:
+    """The module names that look most like the requested targets, to put in the error message."""
+    linear = (nn.Linear, Conv1D) if Conv1D else nn.Linear
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, linear)})
+    wanted = [targets] if isinstance(targets, str) else sorted(targets or [])
+    close = sorted({c for t in wanted for c in difflib.get_close_matches(t, leaves, n=3, cutoff=0.4)})
+    return f"closest linear modules: {', '.join(close or leaves[:10]) or 'none (the model has no linear layer)'}"
+
+
+def register() -> None:
+    """Make PEFT (and transformers' adapter API) know the "SORA" type. Idempotent."""
+    from peft import mapping
+
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[SoraPeftType.SORA] = SoraConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[SoraPeftType.SORA] = SoraModel
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[SoraPeftType.SORA] = PREFIX

@@ -1,0 +1,149 @@
+"""The proximal gate step, added to any torch optimizer.
+
+SoRA minimises L(A, B, g) + λ‖g‖₁. The gates take a proximal gradient step: the optimizer's own update
+(SGD, AdamW, ...), then the soft-threshold
+
+    T_τ(g) = sign(g) · max(|g| − τ, 0)
+
+with τ = ξ ("fixed", the reference code) or τ = η_t · λ ("lr_scaled", the paper's formula, η_t the gate
+group's current learning rate). The threshold lives in the gate param group (keys ``sora_threshold`` and
+``sora_threshold_mode``), so it is saved by ``optimizer.state_dict()`` and changed by writing the group.
+The step is a post-step hook of the optimizer itself: whenever AMP or gradient accumulation skips
+``optimizer.step()``, the prox step is skipped with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .layer import SoraLayer
+
+THRESHOLD_MODES = ("fixed", "lr_scaled")
+_HOOKED = "_sora_prox_hooked"
+
+
+def soft_threshold(g: torch.Tensor, tau: float) -> torch.Tensor:
+    """T_τ(g) = sign(g) · max(|g| − τ, 0): exactly zero wherever |g| ≤ τ."""
+    return torch.sign(g) * torch.clamp(g.abs() - tau, min=0.0)
+
+
+def sora_layers(model: nn.Module) -> Iterator[tuple[str, SoraLayer]]:
+    """Every SoRA layer of `model`, with its module path."""
+    for name, module in model.named_modules():
+        if isinstance(module, SoraLayer):
+            yield name, module
+
+
+def gate_parameters(model: nn.Module, trainable_only: bool = True) -> list[nn.Parameter]:
+    """The gate vectors, found through the layers that own them (never by parameter name)."""
+    gates = [g for _, layer in sora_layers(model) for g in layer.sora_gate.values()]
+    return [g for g in gates if g.requires_grad or not trainable_only]
+
+
+def gate_l1(model: nn.Module) -> torch.Tensor:
+    """mean |g| over all gates: the reference code's optional extra loss term (`loss + c · gate_l1(model)`)."""
+    gates = gate_parameters(model, trainable_only=False)
+    if not gates:
+        raise ValueError("gate_l1 needs a model with SoRA layers; this one has none")
+    return torch.cat([g.reshape(-1) for g in gates]).abs().mean()
+
+
+def check_threshold(threshold: float, mode: str) -> None:
+    if mode not in THRESHOLD_MODES:
+        raise ValueError(f"threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {mode!r}")
+    if not isinstance(threshold, (int, float)) or not threshold >= 0 or threshold == float("inf"):
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+
+
+@torch.no_grad()
+def prox_step(optimizer: torch.optim.Optimizer) -> None:
+    """Soft-threshold every param group that carries a ``sora_threshold``."""
+    for group in optimizer.param_groups:
+        threshold = group.get("sora_threshold")
+        if threshold is None:
+            continue
+        tau = threshold * group["lr"] if group["sora_threshold_mode"] == "lr_scaled" else threshold
+        if tau <= 0:
+            continue
+        for p in group["params"]:
+            p.copy_(soft_threshold(p, tau))
+
+
+def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Run `prox_step` after every `optimizer.step()`. Idempotent; returns the optimizer."""
+    if not getattr(optimizer, _HOOKED, False):
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: prox_step(opt))
+        setattr(optimizer, _HOOKED, True)
+    return optimizer
+
+
+def set_threshold(optimizer: torch.optim.Optimizer, threshold: float) -> None:
+    """Change ξ (or λ in "lr_scaled" mode) of the gate group(s), e.g. from a schedule."""
+    groups = [g for g in optimizer.param_groups if "sora_threshold" in g]
+    if not groups:
+        raise ValueError("this optimizer has no SoRA gate group; build it with soralib.create_sora_optimizer")
+    check_threshold(threshold, groups[0]["sora_threshold_mode"])
+    for group in groups:
+        group["sora_threshold"] = float(threshold)
+
+
+def get_threshold(optimizer: torch.optim.Optimizer) -> float:
+    return next(g["sora_threshold"] for g in optimizer.param_groups if "sora_threshold" in g)
+
+
+def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, threshold: float = 0.0,
+                      threshold_mode: str = "fixed", gate_lr: float | None = None,
+                      gate_group_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Param groups: decayed matrices (A, B, head weights), undecayed vectors (biases, norms), gates.
+
+    Gates never get weight decay: the ℓ1 prox step is their only regulariser.
+    """
+    check_threshold(threshold, threshold_mode)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    gates = gate_parameters(model)
+    if not gates:
+        raise ValueError("the model has no trainable SoRA gates; wrap it with peft.get_peft_model(model, SoraConfig(...))")
+    gate_ids = {id(g) for g in gates}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
+    groups = [
+        {"params": [p for p in others if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in others if p.ndim < 2], "weight_decay": 0.0},
+        {"params": gates, "weight_decay": 0.0, "lr": gate_lr or lr, "sora_threshold": float(threshold),
+         "sora_threshold_mode": threshold_mode, **(gate_group_kwargs or {})},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, threshold: float = 0.0,
+                          threshold_mode: str = "fixed", gate_lr: float | None = None,
+                          optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                          gate_group_kwargs: dict[str, Any] | None = None,
+                          **optimizer_kwargs: Any) -> torch.optim.Optimizer:
+    """A torch optimizer over the model's trainable parameters, with the prox step on the gate group.
+
+    `gate_group_kwargs` overrides optimizer settings for the gates only, e.g. ``{"eps": 1e-6}`` as in the
+    reference code's separate gate AdamW. With transformers' Trainer pass it as
+    ``Trainer(..., optimizers=(create_sora_optimizer(model, lr=args.learning_rate, ...), None))``:
+    the Trainer then builds its learning-rate schedule on it. Build it after `get_peft_model`, which
+    replaces adapter parameters when it casts them.
+    """
+    groups = sora_param_groups(model, lr, weight_decay, threshold, threshold_mode, gate_lr, gate_group_kwargs)
+    return add_prox_step(optimizer_cls(groups, lr=lr, **optimizer_kwargs))
+
+
+def trainer_optimizer_cls_and_kwargs(model: nn.Module, lr: float, **kwargs: Any):
+    """The `optimizer_cls_and_kwargs=` form for transformers' Trainer.
+
+    Trainer calls ``cls(its_own_param_groups, **kwargs)``: its groups would weight-decay the gates and it
+    does not pass `args.learning_rate` to a factory, so the factory ignores its groups and `lr` is required.
+    """
+    def factory(_trainer_groups, **factory_kwargs):
+        return create_sora_optimizer(model, **factory_kwargs)
+
+    return factory, {"lr": lr, **kwargs}

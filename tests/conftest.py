@@ -1,0 +1,105 @@
+"""Tiny models built from configs (no downloads), shared by the tests."""
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)  # tiny matmuls: threads only add noise and contention on 2 cores
+
+
+class MLP(nn.Module):
+    """A plain nn.Module, no transformers: SoRA must work on anything with linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(24, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.fc2(self.act(self.fc1(x))))
+
+
+def make_model(arch: str, seed: int = 0) -> nn.Module:
+    """A freshly initialised tiny model; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    if arch == "mlp":
+        return MLP().eval()
+    import transformers as tf
+
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
+    if arch == "bert":
+        model = tf.BertForSequenceClassification(tf.BertConfig(**common, num_labels=3))
+    elif arch == "deberta":
+        model = tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(**common, num_labels=3, relative_attention=True,
+                                                                         pos_att_type=["p2c", "c2p"], max_relative_positions=16))
+    elif arch == "gpt2":
+        model = tf.GPT2ForSequenceClassification(tf.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, num_labels=3,
+                                                               pad_token_id=0))
+    elif arch == "llama":
+        model = tf.LlamaForSequenceClassification(tf.LlamaConfig(**common, num_key_value_heads=1, num_labels=3, pad_token_id=0))
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+# The modules each architecture adapts in the tests, and its task head.
+TARGETS = {
+    "mlp": (["fc1", "fc2"], ["head"]),
+    "bert": (["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"], ["classifier"]),
+    "deberta": (["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+                ["classifier", "pooler.dense"]),
+    "gpt2": (["c_attn", "c_proj", "c_fc"], ["score"]),
+    "llama": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ["score"]),
+}
+ARCHS = list(TARGETS)
+
+
+def make_input(arch: str, seed: int = 1, batch: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    if arch == "mlp":
+        return {"x": torch.randn(batch, 12, generator=g)}
+    ids = torch.randint(1, 64, (batch, 9), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def output(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+def sora_model(arch: str, seed: int = 0, r: int = 4, gate_init: str = "randn", **kwargs):
+    """`arch` wrapped with SoRA on all its linear layers plus its head in modules_to_save."""
+    import peft
+
+    import soralib
+
+    targets, head = TARGETS[arch]
+    config = soralib.SoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=head,
+                                gate_init=gate_init, **kwargs)
+    return peft.get_peft_model(make_model(arch, seed), config)
+
+
+@torch.no_grad()
+def scramble(model, seed: int = 2, zero_fraction: float = 0.5) -> None:
+    """Give B non-zero values and zero a random part of each gate, as training would."""
+    import soralib
+
+    g = torch.Generator().manual_seed(seed)
+    for layer in soralib.SoraModel and (m for m in model.modules() if isinstance(m, soralib.SoraLayer)):
+        for name in layer.sora_gate:
+            B = layer.sora_B[name].weight
+            B.copy_(torch.randn(B.shape, generator=g) * 0.3)
+            gate = layer.sora_gate[name]
+            gate.mul_(torch.rand(gate.shape, generator=g) >= zero_fraction)

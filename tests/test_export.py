@@ -1,0 +1,109 @@
+"""export_lora writes a standard PEFT LoRA that plain PEFT loads, in a process that never imports soralib."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import soralib
+from conftest import ARCHS, make_input, output, scramble, sora_model
+
+# Runs in a fresh interpreter: rebuilds each base model from its saved config and weights, loads the exported
+# adapter with plain peft, and compares with the outputs the SoRA model gave. soralib must stay unimported.
+LOADER = textwrap.dedent("""
+    import json, sys, torch, peft, transformers
+    sys.path.insert(0, sys.argv[2])
+    from conftest import make_model
+    cases = json.load(open(sys.argv[1]))
+    worst = {}
+    for case in cases:
+        base = make_model(case["arch"], seed=0)
+        model = peft.PeftModel.from_pretrained(base, case["adapter"]).eval()
+        inputs = torch.load(case["inputs"], weights_only=True)
+        with torch.no_grad():
+            out = model(**inputs)
+        out = out if isinstance(out, torch.Tensor) else out.logits
+        worst[case["adapter"]] = (out - torch.load(case["expected"], weights_only=True)).abs().max().item()
+    assert "soralib" not in sys.modules, "the loader imported soralib"
+    print(json.dumps(worst))
+""")
+
+
+def test_exported_lora_reproduces_sora_outputs_in_plain_peft_without_soralib(tmp_path):
+    cases = []
+    for arch in ARCHS:
+        for layout in ("exact", "uniform"):
+            model = sora_model(arch)
+            scramble(model, zero_fraction=0.5)
+            with torch.no_grad():  # one module pruned to rank 0: "exact" leaves it out, "uniform" pads it
+                next(m for m in model.modules() if isinstance(m, soralib.SoraLayer)).sora_gate["default"].zero_()
+            inputs = make_input(arch)
+            case = {"arch": arch, "adapter": str(tmp_path / f"{arch}-{layout}"),
+                    "inputs": str(tmp_path / f"{arch}-in.pt"), "expected": str(tmp_path / f"{arch}-{layout}.pt")}
+            torch.save(inputs, case["inputs"])
+            torch.save(output(model, inputs), case["expected"])
+            soralib.export_lora(model, case["adapter"], layout=layout)
+            cases.append(case)
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "load.py").write_text(LOADER)
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    run = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "cases.json"), tests_dir],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    worst = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(worst) == 2 * len(ARCHS)
+    assert max(worst.values()) <= 1e-5, worst
+
+
+def test_exact_layout_has_per_module_ranks_with_alpha_equal_to_rank(tmp_path):
+    model = sora_model("bert")
+    scramble(model, zero_fraction=0.5)
+    report = soralib.sparsity_report(model)
+    soralib.export_lora(model, tmp_path / "a", layout="exact")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"]
+    assert config["rank_pattern"] == config["alpha_pattern"]
+    for module in report["modules"]:
+        key = f"base_model.model.{module['module']}.lora_A.weight"
+        if module["kept_rank"] == 0:
+            assert key not in tensors
+        else:
+            assert tensors[key].shape == (module["kept_rank"], module["in_features"])
+    lora_params = sum(t.numel() for k, t in tensors.items() if ".lora_" in k)
+    assert lora_params == report["kept_params"]
+    assert "base_model.model.classifier.weight" in tensors and config["modules_to_save"] == ["classifier"]
+
+
+def test_uniform_layout_pads_every_module_to_the_largest_kept_rank(tmp_path):
+    model = sora_model("llama")
+    scramble(model, zero_fraction=0.6)
+    report = soralib.sparsity_report(model)
+    top = max(m["kept_rank"] for m in report["modules"])
+    soralib.export_lora(model, tmp_path / "u", layout="uniform")
+    config = json.loads((tmp_path / "u" / "adapter_config.json").read_text())
+    tensors = load_file(str(tmp_path / "u" / "adapter_model.safetensors"))
+    assert config["r"] == config["lora_alpha"] == top and not config["rank_pattern"]
+    a_keys = [k for k in tensors if k.endswith("lora_A.weight")]
+    assert len(a_keys) == len(report["modules"])
+    assert all(tensors[k].shape[0] == top for k in a_keys)
+
+
+def test_export_replaces_an_existing_adapter_directory_whole(tmp_path):
+    model = sora_model("mlp")
+    scramble(model)
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "stale.bin").write_bytes(b"old")
+    soralib.export_lora(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_export_rejects_an_unknown_layout(tmp_path):
+    with pytest.raises(ValueError, match="layout must be one of exact, uniform, got 'ragged'"):
+        soralib.export_lora(sora_model("mlp"), tmp_path, layout="ragged")

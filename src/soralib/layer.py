@@ -58,7 +58,7 @@ class SoraLayer(BaseTunerLayer):
             self.in_features, self.out_features = base.weight.shape
             self.fan_in_fan_out = True
         else:
-            raise ValueError(f"cannot adapt a {type(base).__name__}; allowed: {SUPPORTED_LAYERS}")
+            raise ValueError(f"cannot adapt a layer of type {type(base).__name__}; allowed: {SUPPORTED_LAYERS}")
 
     def update_layer(self, adapter_name: str, r_max: int, rank: int, lora_alpha: float, lora_dropout: float,
                      gate_init: str, inference_mode: bool = False) -> None:

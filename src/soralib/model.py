@@ -33,7 +33,7 @@ class SoraModel(BaseTuner):
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, (nn.Linear, Conv1D) if Conv1D else nn.Linear):
             raise ValueError(
-                f"target module {current_key!r} is a {type(base).__name__}; allowed: {SUPPORTED_LAYERS}"
+                f"target module {current_key!r} has type {type(base).__name__}; allowed: {SUPPORTED_LAYERS}"
             )
         new_module = SoraLinear(target, adapter_name, **args)
         if adapter_name not in self.active_adapters:

@@ -137,13 +137,17 @@ def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
     return add_prox_step(optimizer_cls(groups, lr=lr, **optimizer_kwargs))
 
 
-def trainer_optimizer_cls_and_kwargs(model: nn.Module, lr: float, **kwargs: Any):
-    """The `optimizer_cls_and_kwargs=` form for transformers' Trainer.
+class SoraOptimizerFactory:
+    """An optimizer factory in transformers' sense: Trainer calls ``SoraOptimizerFactory()(model, **kwargs)``."""
 
-    Trainer calls ``cls(its_own_param_groups, **kwargs)``: its groups would weight-decay the gates and it
-    does not pass `args.learning_rate` to a factory, so the factory ignores its groups and `lr` is required.
+    def __call__(self, model: nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
+        return create_sora_optimizer(model, **kwargs)
+
+
+def trainer_optimizer_cls_and_kwargs(lr: float, **kwargs: Any) -> tuple[type, dict[str, Any]]:
+    """The ``Trainer(optimizer_cls_and_kwargs=...)`` form of `create_sora_optimizer`.
+
+    Trainer passes a factory only the kwargs given here, not ``args.learning_rate`` (it would silently
+    fall back to the optimizer's default lr), so `lr` is required: pass ``args.learning_rate``.
     """
-    def factory(_trainer_groups, **factory_kwargs):
-        return create_sora_optimizer(model, **factory_kwargs)
-
-    return factory, {"lr": lr, **kwargs}
+    return SoraOptimizerFactory, {"lr": lr, **kwargs}

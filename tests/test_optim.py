@@ -184,3 +184,11 @@ def test_trainer_optimizer_form_uses_the_given_lr_and_gate_group(tmp_path):
     assert gate_group["weight_decay"] == 0 and gate_group["sora_threshold"] == 1e-3
     assert all(g["lr"] == 3e-3 for g in opt.param_groups)
     assert {id(p) for p in gate_group["params"]} == {id(g) for g in soralib.gate_parameters(model)}
+
+
+def test_min_rank_spares_each_modules_largest_gates_from_the_threshold():
+    model = sora_model("bert")
+    opt = soralib.create_sora_optimizer(model, lr=1e-2, threshold=1e6, min_rank=2)
+    train_steps(model, opt, steps=2, arch="bert")
+    for gate in soralib.gate_parameters(model):
+        assert int((gate != 0).sum()) == 2

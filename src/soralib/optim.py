@@ -68,8 +68,14 @@ def prox_step(optimizer: torch.optim.Optimizer) -> None:
         tau = threshold * group["lr"] if group["sora_threshold_mode"] == "lr_scaled" else threshold
         if tau <= 0:
             continue
+        keep = group.get("sora_min_rank", 0)
         for p in group["params"]:
-            p.copy_(soft_threshold(p, tau))
+            shrunk = soft_threshold(p, tau)
+            if keep > 0:
+                # The ℓ1 penalty spares each module's `keep` largest gates, so no module can vanish.
+                top = p.abs().topk(min(keep, p.numel())).indices
+                shrunk[top] = p[top]
+            p.copy_(shrunk)
 
 
 def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -96,12 +102,15 @@ def get_threshold(optimizer: torch.optim.Optimizer) -> float:
 
 def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, threshold: float = 0.0,
                       threshold_mode: str = "fixed", gate_lr: float | None = None,
-                      gate_group_kwargs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                      gate_group_kwargs: dict[str, Any] | None = None, min_rank: int = 0) -> list[dict[str, Any]]:
     """Param groups: decayed matrices (A, B, head weights), undecayed vectors (biases, norms), gates.
 
-    Gates never get weight decay: the ℓ1 prox step is their only regulariser.
+    Gates never get weight decay: the ℓ1 prox step is their only regulariser. With `min_rank` > 0 the
+    prox step leaves each module's `min_rank` largest gates alone.
     """
     check_threshold(threshold, threshold_mode)
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:
+        raise ValueError(f"min_rank must be an integer >= 0, got {min_rank!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if not weight_decay >= 0:
@@ -115,7 +124,7 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
         {"params": [p for p in others if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in others if p.ndim < 2], "weight_decay": 0.0},
         {"params": gates, "weight_decay": 0.0, "lr": gate_lr or lr, "sora_threshold": float(threshold),
-         "sora_threshold_mode": threshold_mode, **(gate_group_kwargs or {})},
+         "sora_threshold_mode": threshold_mode, "sora_min_rank": min_rank, **(gate_group_kwargs or {})},
     ]
     return [g for g in groups if g["params"]]
 
@@ -123,7 +132,7 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
 def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, threshold: float = 0.0,
                           threshold_mode: str = "fixed", gate_lr: float | None = None,
                           optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
-                          gate_group_kwargs: dict[str, Any] | None = None,
+                          gate_group_kwargs: dict[str, Any] | None = None, min_rank: int = 0,
                           **optimizer_kwargs: Any) -> torch.optim.Optimizer:
     """A torch optimizer over the model's trainable parameters, with the prox step on the gate group.
 
@@ -133,7 +142,8 @@ def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
     the Trainer then builds its learning-rate schedule on it. Build it after `get_peft_model`, which
     replaces adapter parameters when it casts them.
     """
-    groups = sora_param_groups(model, lr, weight_decay, threshold, threshold_mode, gate_lr, gate_group_kwargs)
+    groups = sora_param_groups(model, lr, weight_decay, threshold, threshold_mode, gate_lr, gate_group_kwargs,
+                               min_rank)
     return add_prox_step(optimizer_cls(groups, lr=lr, **optimizer_kwargs))
 
 

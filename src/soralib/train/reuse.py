@@ -1,0 +1,94 @@
+"""Use a finished run again: re-evaluate it (`sora eval`) or re-export it (`sora export`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import InputError
+from .config import TrainConfig
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    from .config import FIELDS, coerce, load_yaml
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise InputError(f"not a soralib run directory: {run} (no config.yaml)")
+    values = load_yaml(run / "config.yaml")
+    return TrainConfig(**{k: coerce(k, v) for k, v in values.items() if k in FIELDS})
+
+
+def load_trained_model(run_dir: str | Path, config: TrainConfig, num_labels: int):
+    """The base model with the run's result applied: exported adapter, or trained parameters."""
+    import peft
+    from safetensors.torch import load_file
+
+    from .methods import load_base
+
+    run = Path(run_dir)
+    model, tokenizer = load_base(config, num_labels)
+    if config.method in ("sora", "lora", "adalora"):
+        if not (run / "adapter" / "adapter_config.json").is_file():
+            raise InputError(f"{run} has no finished adapter (adapter/adapter_config.json)")
+        model = peft.PeftModel.from_pretrained(model, str(run / "adapter"))
+    else:
+        trained = load_file(str(run / "model" / "trainable.safetensors"))
+        missing = set(trained) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise InputError(f"{run}/model does not fit the base model: unknown parameters {sorted(missing)[:3]}")
+        model.load_state_dict(trained, strict=False)
+    return model.eval(), tokenizer
+
+
+def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, dict[str, float]]:
+    """Metrics of every evaluation split of the run's task, recomputed from the saved result."""
+    import tempfile
+
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+
+    from . import data as data_mod
+    from .loop import evaluate, metrics_fn
+    from .run import cache_dir, load_splits
+
+    config = load_run_config(run_dir)
+    if data_dir is not None:
+        config = replace(config, data_dir=data_dir)
+    spec, splits = load_splits(config)
+    model, tokenizer = load_trained_model(run_dir, config, spec.num_labels)
+    with tempfile.TemporaryDirectory(prefix="sora-eval-") as scratch:  # Trainer wants an output_dir
+        args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=config.eval_batch_size,
+                                 report_to=[], disable_tqdm=True, use_cpu=True)
+        trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
+                          compute_metrics=metrics_fn(spec))
+        trainer.remove_callback(PrinterCallback)
+        return {name: evaluate(trainer, data_mod.tokenize_rows(rows, tokenizer, spec.text_columns,
+                                                               config.max_length, cache_dir()))
+                for name, rows in splits.items() if rows and name != "train"}
+
+
+def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> Path:
+    """Re-export a SoRA run's gated adapter (sora_adapter/) as a standard LoRA with `layout`."""
+    import peft
+
+    import soralib
+
+    from .methods import load_base
+    from .tasks import get_task
+
+    run = Path(run_dir)
+    config = load_run_config(run)
+    if config.method != "sora" or not (run / "sora_adapter" / "adapter_config.json").is_file():
+        raise InputError(f"{run} is not a finished SoRA run (no sora_adapter/)")
+    if layout not in soralib.export.LAYOUTS:
+        raise InputError(f"layout must be one of {', '.join(soralib.export.LAYOUTS)}, got {layout!r}")
+    num_labels = get_task(config.task).num_labels if config.task != "custom" else _custom_labels(run)
+    base, _ = load_base(config, num_labels)
+    model = peft.PeftModel.from_pretrained(base, str(run / "sora_adapter"))
+    return soralib.export_lora(model, out_dir or run / f"adapter-{layout}", layout=layout)
+
+
+def _custom_labels(run: Path) -> int:
+    import json
+
+    return int(json.loads((run / "metrics.json").read_text()).get("num_labels", 2))

@@ -1,0 +1,246 @@
+"""`sora train` as a function: data → method → stages → budget → evaluation → export → metrics.
+
+What lands in the run directory:
+    config.yaml      everything used            metrics.json    task, method, seed, eval, kept_params, ...
+    adapter/         standard LoRA (SoRA, LoRA) sparsity.json   per-module kept ranks (SoRA)
+    sora_adapter/    the gated SoRA adapter     model/          trained parameters (full, BitFit)
+    history.jsonl    one line per logging step  stages.jsonl    one line per scheduler stage
+    stages/stage-k/  each stage's SoRA adapter  checkpoints/    resumable Trainer checkpoints
+    logs/            TensorBoard
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import soralib
+
+from ..budget import apply_masks_, trim_to_budget
+from ..errors import InputError
+from ..io import atomic_dir, atomic_write_json, atomic_write_text
+from . import data as data_mod
+from .config import TrainConfig, save_yaml
+from .loop import evaluate, latest_checkpoint, make_trainer
+from .methods import adapter_size, load_base, wrap
+from .tasks import get_task
+
+logger = logging.getLogger(__name__)
+RUN_MARKERS = ("config.yaml", "state.json")
+
+
+def prepare_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> Path:
+    """Refuse to mix two runs in one directory; --overwrite replaces only a soralib run directory."""
+    out = Path(config.output_dir or "")
+    if not config.output_dir:
+        raise InputError("--output-dir is required")
+    if overwrite and resume:
+        raise InputError("--overwrite and --resume exclude each other")
+    is_run = any((out / m).exists() for m in RUN_MARKERS)
+    if resume:
+        if not is_run:
+            raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"output directory {out} is not empty; pass --overwrite to replace it or --resume")
+        if not is_run:
+            raise InputError(f"refusing to overwrite {out}: it is not a soralib run directory (no config.yaml)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def load_splits(config: TrainConfig):
+    """(task spec, {"train", "validation", "test", ...} rows) with the sample limits applied."""
+    if config.task == "custom":
+        loaded, spec = data_mod.load_custom(config.train_file, config.validation_file, config.text_columns,
+                                            config.label_column)
+    else:
+        spec = get_task(config.task)
+        loaded = data_mod.load_glue_dir(spec, config.data_dir) if config.data_dir else data_mod.load_hub(spec)
+    splits = data_mod.make_splits(spec, loaded, config.protocol, config.seed)
+    if config.max_train_samples:
+        splits["train"] = splits["train"][: config.max_train_samples]
+    if config.max_eval_samples:
+        splits = {k: (v[: config.max_eval_samples] if v and k != "train" else v) for k, v in splits.items()}
+    return spec, splits
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SORALIB_CACHE", Path.home() / ".cache" / "soralib"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, show_progress: bool = False) -> dict:
+    """Run one experiment end to end; returns what metrics.json holds."""
+    config.validate()
+    thresholds = config.stage_thresholds()
+    spec, splits = load_splits(config)  # bad data fails before anything is written
+    out = prepare_output_dir(config, overwrite, resume)
+    if resume:
+        config = _resumed_config(out, config)
+    else:
+        save_yaml(config, out / "config.yaml")
+    state = _read_json(out / "state.json", {"stages_done": 0, "train_seconds": 0.0})
+
+    seed_everything(config.seed)
+    model, tokenizer = load_base(config, spec.num_labels)
+    features = {name: data_mod.tokenize_rows(rows, tokenizer, spec.text_columns, config.max_length, cache_dir())
+                for name, rows in splits.items() if rows}
+    memorize = random.Random(config.seed).sample(range(len(features["train"])),
+                                                 min(config.memorization_samples, len(features["train"])))
+    steps = _steps_per_stage(config, len(features["train"]))
+    seed_everything(config.seed)  # the adapter's init must not depend on how much tokenizing happened
+    budget = _budget(config)
+    model = wrap(config, model, total_steps=steps, adapter_budget=budget[0] if budget else None)
+
+    trainer = None
+    for stage, threshold in enumerate(thresholds, start=1):
+        stage_dir = out / "stages" / f"stage-{stage}"
+        if stage <= state["stages_done"]:
+            continue
+        if stage > 1 and state["stages_done"] == stage - 1 and resume:
+            _load_adapter(model, out / "stages" / f"stage-{stage - 1}" / "adapter")
+        trainer = make_trainer(config, model, tokenizer, features["train"], spec, out, stage, threshold,
+                               show_progress, budget if stage == len(thresholds) else None)
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=latest_checkpoint(Path(trainer.args.output_dir)) if resume else None)
+        state["train_seconds"] += time.perf_counter() - started
+        if budget:
+            _trim(model, budget, config.min_rank)
+        if len(thresholds) > 1:
+            _finish_stage(trainer, model, spec, features, memorize, stage, threshold, stage_dir, out)
+        state["stages_done"] = stage
+        atomic_write_json(out / "state.json", state)
+    if trainer is None:  # every stage was done: evaluate the last stage's model
+        _load_adapter(model, out / "stages" / f"stage-{len(thresholds)}" / "adapter")
+        trainer = make_trainer(config, model, tokenizer, features["train"], spec, out, len(thresholds),
+                               thresholds[-1])
+    return _finish_run(trainer, model, config, spec, features, out, state)
+
+
+def _finish_stage(trainer, model, spec, features, memorize, stage, threshold, stage_dir, out) -> None:
+    report = soralib.sparsity_report(model)
+    line = {
+        "stage": stage, "threshold": threshold, "kept_params": report["kept_params"],
+        "kept_rank": report["kept_rank"], "kept_fraction": report["kept_fraction"],
+        "main_metric": spec.main_metric,
+        "generalization": evaluate(trainer, features["validation"]),
+        "memorization": evaluate(trainer, [features["train"][i] for i in memorize]),
+        "checkpoint": f"stages/stage-{stage}",
+    }
+    if trainer.args.should_save:
+        with atomic_dir(stage_dir / "adapter") as tmp:
+            model.save_pretrained(str(tmp))
+        atomic_write_json(stage_dir / "sparsity.json", report)
+        lines = _read_lines(out / "stages.jsonl")
+        lines = [x for x in lines if x["stage"] < stage] + [line]
+        atomic_write_text(out / "stages.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _finish_run(trainer, model, config, spec, features, out, state) -> dict:
+    metrics: dict[str, Any] = {
+        "task": config.task, "method": config.method, "seed": config.seed, "model": config.model,
+        "main_metric": spec.main_metric,
+        "eval": evaluate(trainer, features["validation"]),
+        **adapter_size(config, model),
+        "train_seconds": round(state["train_seconds"], 3),
+        "steps": trainer.state.global_step,
+        "num_labels": spec.num_labels,
+    }
+    for name in features:
+        if name not in ("train", "validation"):
+            metrics[name] = evaluate(trainer, features[name])
+    if trainer.args.should_save:
+        _export(model, config, out)
+        if config.method == "sora":
+            atomic_write_json(out / "sparsity.json", soralib.sparsity_report(model))
+        atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _export(model, config: TrainConfig, out: Path) -> None:
+    if config.method == "sora":
+        soralib.export_lora(model, out / "adapter", layout=config.layout)
+        with atomic_dir(out / "sora_adapter") as tmp:  # the gated form, for `sora export` to other layouts
+            model.save_pretrained(str(tmp))
+    elif config.method in ("lora", "adalora"):
+        with atomic_dir(out / "adapter") as tmp:
+            model.save_pretrained(str(tmp))
+    else:  # full / BitFit: the trained parameters only
+        from safetensors.torch import save_file
+
+        with atomic_dir(out / "model") as tmp:
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                      str(tmp / "trainable.safetensors"))
+
+
+def _steps_per_stage(config: TrainConfig, n_train: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = -(-n_train // (config.batch_size * world))
+    return max(1, int(per_epoch * config.epochs))
+
+
+def _budget(config: TrainConfig) -> tuple[float, str] | None:
+    if config.target_params is not None:
+        return float(config.target_params), "kept_params"
+    if config.target_rank is not None:
+        return float(config.target_rank), "mean_rank"
+    return None
+
+
+def _trim(model, budget: tuple[float, str], min_rank: int) -> None:
+    """Guarantee the budget at the end: drop the smallest live gates beyond it."""
+    layers = [layer for _, layer in soralib.optim.sora_layers(model)]
+    gates = [layer.sora_gate["default"] for layer in layers]
+    if budget[1] == "kept_params":
+        costs, limit = [layer.in_features + layer.out_features for layer in layers], int(budget[0])
+    else:
+        costs, limit = [1] * len(layers), int(round(budget[0] * len(layers)))
+    apply_masks_(gates, trim_to_budget([g.detach() for g in gates], costs, limit, min_rank))
+
+
+def _load_adapter(model, path: Path) -> None:
+    import peft
+    from safetensors.torch import load_file
+
+    peft.set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+
+
+def _resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
+    from .config import FIELDS, coerce, load_yaml
+
+    saved = TrainConfig(**{k: coerce(k, v) for k, v in load_yaml(out / "config.yaml").items() if k in FIELDS})
+    return replace(saved, output_dir=given.output_dir)
+
+
+def _read_json(path: Path, default: dict) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else dict(default)
+
+
+def _read_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]

@@ -78,5 +78,5 @@ def test_main_metric_is_one_of_the_computed_metrics(task):
     logits = np.eye(max(n, 2))[[0, 1, 1, 0]][:, :n] if n > 1 else np.array([[1.0], [2.0], [3.0], [2.5]])
     labels = [0, 1, 0, 0] if n > 1 else [1.0, 2.0, 2.5, 3.0]
     assert main_metric(spec) in compute_metrics(spec, logits, labels)
-    expected = {"cola": "matthews_correlation", "stsb": "pearson"}.get(task, "accuracy")
+    expected = {"cola": "matthews_correlation", "stsb": "pearson", "mrpc": "f1", "qqp": "f1"}.get(task, "accuracy")
     assert main_metric(spec) == expected

@@ -57,7 +57,8 @@ def load_base(config: TrainConfig, num_labels: int):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, problem_type="regression" if num_labels == 1 else None)
+            path, num_labels=num_labels, problem_type="regression" if num_labels == 1 else None,
+            ignore_mismatched_sizes=True)  # a head of another size is re-initialised, as run_glue does
     except OSError as err:
         raise InputError(f"cannot load model {config.model!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # decoder-only models (Llama, GPT-2) have no pad token
@@ -127,7 +128,7 @@ def adapter_size(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
         for module in model.modules():
             if isinstance(module, peft.tuners.lora.LoraLayer) and "default" in module.lora_A:
                 cost = module.in_features + module.out_features
-                live = module.lora_A["default"].weight.shape[0]
+                live = getattr(module.lora_A["default"], "weight", module.lora_A["default"]).shape[0]
                 if config.method == "adalora":  # AdaLoRA masks ranks by zeroing its singular values E
                     live = int((module.lora_E["default"] != 0).sum())
                 kept += live * cost

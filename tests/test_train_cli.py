@@ -165,3 +165,60 @@ def test_eval_and_export_reuse_a_finished_run(glue_dir, tiny_model, tmp_path, ca
 def test_every_shipped_method_yaml_parses_into_a_valid_config(method):
     config = build_config(method, None, {"task": "rte", "model": "m", "output_dir": "o"})
     assert config.method == method and config.lr > 0
+
+
+def _fails_cleanly(capsys, argv, expected: str, out: Path | None = None) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    if out is not None:
+        assert not out.exists(), "a failed start left files behind"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--task", "wnli"], "unknown task 'wnli'; allowed: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte"),
+    (["--method", "prefix"], "method must be one of sora, lora, adalora, full, bitfit, got 'prefix'"),
+    (["--schedule", "cosine"], "schedule must be one of linear, log_linear, exp_linear, got 'cosine'"),
+    (["--threshold", "-1"], "threshold must be >= 0, got -1.0"),
+    (["--r", "0"], "r must be an integer >= 1, got 0"),
+    (["--lr", "fast"], "lr must be a float, got 'fast'"),
+    (["--target-params", "100", "--schedule", "linear"], "exclude each other"),
+    (["--overwrite", "--resume"], "--overwrite and --resume exclude each other"),
+])
+def test_bad_flags_exit_2_with_one_line_and_write_nothing(glue_dir, tiny_model, tmp_path, capsys, flags, expected):
+    out = tmp_path / "run"
+    base = train_args(glue_dir, tiny_model, out)
+    for flag in ("--task", "--method"):
+        if flag in flags:
+            i = base.index(flag) if flag in base else None
+            if i is not None:
+                del base[i:i + 2]
+    _fails_cleanly(capsys, base + flags, expected, out)
+
+
+def test_missing_model_path_and_missing_data_dir_are_reported_without_writing(glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = train_args(glue_dir, tiny_model, out)
+    args[args.index("--model") + 1] = str(tmp_path / "no-such-model")
+    _fails_cleanly(capsys, args, "model path does not exist", out)
+    args = train_args(tmp_path / "no-glue", tiny_model, out)
+    _fails_cleanly(capsys, args, "no-glue", out)
+
+
+def test_label_outside_the_task_set_is_rejected_before_anything_is_written(tiny_model, tmp_path, capsys):
+    bad = tmp_path / "glue" / "RTE"
+    bad.mkdir(parents=True)
+    rows = "index\tsentence1\tsentence2\tlabel\n0\ta b\tc\tentailment\n1\ta b\tc\tmaybe\n"
+    (bad / "train.tsv").write_text(rows)
+    (bad / "dev.tsv").write_text(rows)
+    out = tmp_path / "run"
+    _fails_cleanly(capsys, train_args(tmp_path / "glue", tiny_model, out), "maybe", out)
+
+
+def test_an_occupied_output_directory_is_refused_and_kept(glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out), "is not empty; pass --overwrite")
+    _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--overwrite"), "not a soralib run directory")
+    assert (out / "notes.txt").read_text() == "mine"

@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 RUN_MARKERS = ("config.yaml", "state.json")
 
 
-def prepare_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> Path:
-    """Refuse to mix two runs in one directory; --overwrite replaces only a soralib run directory."""
+def check_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> bool:
+    """Refuse to mix two runs in one directory. Writes nothing; True if an old run must be replaced."""
     out = Path(config.output_dir or "")
     if not config.output_dir:
         raise InputError("--output-dir is required")
@@ -49,15 +49,16 @@ def prepare_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> Pa
     if resume:
         if not is_run:
             raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
-        return out
+        return False
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output directory {out} is a file")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise InputError(f"output directory {out} is not empty; pass --overwrite to replace it or --resume")
         if not is_run:
             raise InputError(f"refusing to overwrite {out}: it is not a soralib run directory (no config.yaml)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+        return True
+    return False
 
 
 def load_splits(config: TrainConfig):
@@ -94,19 +95,23 @@ def seed_everything(seed: int) -> None:
 def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, show_progress: bool = False) -> dict:
     """Run one experiment end to end; returns what metrics.json holds."""
     config.validate()
+    replace_old = check_output_dir(config, overwrite, resume)
+    if resume:  # the saved run's config wins; only the output directory comes from the command line
+        config = _resumed_config(Path(config.output_dir or "."), config)
     thresholds = config.stage_thresholds()
-    spec, splits = load_splits(config)  # bad data fails before anything is written
-    out = prepare_output_dir(config, overwrite, resume)
-    if resume:
-        config = _resumed_config(out, config)
-    else:
-        save_yaml(config, out / "config.yaml")
-    state = _read_json(out / "state.json", {"stages_done": 0, "train_seconds": 0.0})
-
+    # Everything that can fail on bad input (data, model path, tokenizer) runs before anything is written.
+    spec, splits = load_splits(config)
     seed_everything(config.seed)
     model, tokenizer = load_base(config, spec.num_labels)
     features = {name: data_mod.tokenize_rows(rows, tokenizer, spec.text_columns, config.max_length, cache_dir())
                 for name, rows in splits.items() if rows}
+    out = Path(config.output_dir)
+    if replace_old:  # only now, with data and model loaded: a failed start must not cost the old run
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_yaml(config, out / "config.yaml")
+    state = _read_json(out / "state.json", {"stages_done": 0, "train_seconds": 0.0})
     memorize = random.Random(config.seed).sample(range(len(features["train"])),
                                                  min(config.memorization_samples, len(features["train"])))
     steps = _steps_per_stage(config, len(features["train"]))
@@ -232,6 +237,8 @@ def _load_adapter(model, path: Path) -> None:
 def _resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
     from .config import FIELDS, coerce, load_yaml
 
+    if not (out / "config.yaml").is_file():
+        raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
     saved = TrainConfig(**{k: coerce(k, v) for k, v in load_yaml(out / "config.yaml").items() if k in FIELDS})
     return replace(saved, output_dir=given.output_dir)
 

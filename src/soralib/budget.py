@@ -1,0 +1,81 @@
+"""Final trim of SoRA gates to a parameter budget.
+
+A rank ``j`` of module ``i`` costs ``c_i = in_features + out_features`` parameters (a column of A and a
+row of B); the adapter's size is ``Σ_i c_i·|{j : keep_ij}|``. The budget controller of
+:mod:`soralib.schedule` only steers the size towards the budget; :func:`trim_to_budget`, run once at the
+end of training, guarantees it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check(gates: list[torch.Tensor], costs: list[int], budget: float, min_rank: int) -> None:
+    if len(gates) != len(costs):
+        raise ValueError(f"gates and costs must have the same length, got {len(gates)} gates and {len(costs)} costs")
+    for i, (gate, cost) in enumerate(zip(gates, costs)):
+        if gate.dim() != 1:
+            raise ValueError(f"gates[{i}] must be a 1-D gate vector, got shape {tuple(gate.shape)}")
+        if not bool(torch.isfinite(gate).all()):
+            raise ValueError(f"gates[{i}] must be finite, got a NaN or inf")
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost <= 0:
+            raise ValueError(f"costs[{i}] must be a positive integer (in_features + out_features), got {cost!r}")
+    if not budget >= 0:
+        raise ValueError(f"budget must be >= 0 parameters, got {budget!r}")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:
+        raise ValueError(f"min_rank must be an integer >= 0, got {min_rank!r}")
+
+
+def trim_to_budget(gates: list[torch.Tensor], costs: list[int], budget: int, min_rank: int = 0) -> list[torch.Tensor]:
+    """Boolean keep-masks, one per gate vector, so that the kept adapter fits in ``budget`` parameters.
+
+    1. Each module keeps its ``min(min_rank, nnz(g_i))`` largest ``|g|`` ranks, whatever they cost.
+    2. The other non-zero ranks of all modules, sorted by descending ``|g|`` (ties: module order, then
+       rank order), are kept one by one while ``Σ_i c_i·kept_i ≤ budget``; the first rank that would
+       overflow the budget ends the trim. The kept set is thus a prefix of the ranking: no rank is kept
+       while a larger gate is dropped.
+
+    Zero gates are never kept, so the masks only ever drop ranks. The total exceeds ``budget`` only when
+    the ranks forced by ``min_rank`` alone do.
+    """
+    _check(gates, costs, budget, min_rank)
+    masks = [torch.zeros(gate.shape, dtype=torch.bool, device=gate.device) for gate in gates]
+    spent = 0
+    candidates = []  # (|g|, module, rank) of the non-zero ranks not forced by min_rank
+    for i, (gate, cost) in enumerate(zip(gates, costs)):
+        magnitude = gate.detach().abs().double().cpu()
+        order = torch.argsort(magnitude, descending=True, stable=True).tolist()
+        nonzero = [j for j in order if magnitude[j] > 0]
+        for j in nonzero[:min_rank]:
+            masks[i][j] = True
+        spent += cost * len(nonzero[:min_rank])
+        candidates += [(magnitude[j].item(), i, j) for j in nonzero[min_rank:]]
+    candidates.sort(key=lambda candidate: -candidate[0])  # stable sort: ties stay in module, rank order
+    for _, i, j in candidates:
+        if spent + costs[i] > budget:
+            break
+        masks[i][j] = True
+        spent += costs[i]
+    return masks
+
+
+def kept_cost(gates: list[torch.Tensor], costs: list[int]) -> int:
+    """Adapter parameters of the non-zero ranks: ``Σ_i c_i·nnz(g_i)``."""
+    if len(gates) != len(costs):
+        raise ValueError(f"gates and costs must have the same length, got {len(gates)} gates and {len(costs)} costs")
+    return sum(int(torch.count_nonzero(gate)) * cost for gate, cost in zip(gates, costs))
+
+
+@torch.no_grad()
+def apply_masks_(gates: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """Zero, in place, every gate whose mask is False: ``g ← g·[keep]`` (the zeros are +0.0)."""
+    if len(gates) != len(masks):
+        raise ValueError(f"gates and masks must have the same length, got {len(gates)} gates and {len(masks)} masks")
+    for i, (gate, mask) in enumerate(zip(gates, masks)):
+        if mask.dtype != torch.bool or mask.shape != gate.shape:
+            raise ValueError(
+                f"masks[{i}] must be a bool tensor of the gate's shape {tuple(gate.shape)}, "
+                f"got {mask.dtype} of shape {tuple(mask.shape)}"
+            )
+        gate.masked_fill_(~mask.to(gate.device), 0.0)

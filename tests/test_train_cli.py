@@ -117,12 +117,22 @@ def test_parameter_budget_lands_within_five_percent(glue_dir, tiny_model, tmp_pa
     assert main(train_args(glue_dir, tiny_model, tmp_path / "probe", "--max-steps", "1")) == 0
     full = json.loads((tmp_path / "probe" / "metrics.json").read_text())["lora_params_at_r_max"]
     target = int(0.4 * full)
-    assert main(train_args(glue_dir, tiny_model, out, "--target-params", str(target), "--epochs", "3",
-                           "--min-rank", "1")) == 0
+    assert main(train_args(glue_dir, tiny_model, out, "--target-params", str(target), "--epochs", "3")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert abs(metrics["kept_params"] - target) <= 0.05 * target, (metrics["kept_params"], target)
     sparsity = json.loads((out / "sparsity.json").read_text())
-    assert all(m["kept_rank"] >= 1 for m in sparsity["modules"])
+    assert all(m["kept_rank"] >= 1 for m in sparsity["modules"])  # min_rank defaults to 1 with a budget
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    thresholds = [h["threshold"] for h in history if "threshold" in h]
+    assert len(set(thresholds)) > 1, "the controller never moved the threshold"
+
+
+def test_target_rank_budget_lands_on_the_mean_kept_rank(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--target-rank", "3", "--epochs", "3")) == 0
+    sparsity = json.loads((out / "sparsity.json").read_text())
+    mean_rank = sparsity["kept_rank"] / len(sparsity["modules"])
+    assert abs(mean_rank - 3) <= 0.05 * 3
 
 
 def test_killed_run_resumed_gives_the_same_metrics_and_adapter(glue_dir, tiny_model, tmp_path):

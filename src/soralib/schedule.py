@@ -117,12 +117,12 @@ def budget_threshold(
     *,
     initial: float | None = None,
     final_fraction: float = 0.75,
-    # gain 0.2: τ moves by at most e^{0.2·err} a step. The controller is an integral one on log τ, so
-    # from a start at τ_min it needs ≈ ln(τ*/τ_min)/(gain·err) steps to reach a working threshold τ*:
-    # ~10 e-folds from 1e-6 to 1e-2, i.e. ~100 steps at err≈0.5 — fast enough to follow the ramp of
-    # a 300-step run. In the toy gate simulations (tests/test_schedule.py) gains of 0.1–0.4 all settle
-    # on the target without oscillating, even when gates take ~200 steps to die; 0.05 is too slow to
-    # climb the decades. Above the settle point the gain only adds jitter to τ, hence 0.2, not 0.4.
+    # gain 0.2: the controller integrates err on log τ, so from the floor it needs about
+    # ln(τ*/τ_min)/(gain·err) steps to reach a working threshold τ*: ~10 e-folds from 1e-6 to 1e-2,
+    # ~100 steps at err ≈ 0.5. In the toy gate simulation of tests/test_budget.py, gains 0.1–0.4 all
+    # settle on the target without oscillating (also with gate dynamics 10× slower than the test's),
+    # 0.2 still lands in a 300-step run where 0.1 does not, and 0.05 is too slow to climb the decades
+    # within 500 steps. A larger gain only adds step-to-step jitter to τ, hence 0.2 rather than 0.4.
     gain: float = 0.2,
     # τ_min 1e-6: the floor must sit below any threshold a run needs, since τ never goes under it, and
     # each decade below costs ~ln(10)/(gain·err) steps of climb. Next to O(1) gates 1e-6 is negligible
@@ -135,11 +135,11 @@ def budget_threshold(
     """Next threshold τ from an integral controller on ``log τ`` that steers ``kept`` to the wanted count.
 
     ``want = budget_trajectory(initial, target, progress, final_fraction)`` (``= target`` without ``initial``),
-    ``τ' = clip(max(τ, τ_min)·exp(gain·(kept − want) / want), τ_min, τ_max)``.
+    ``err = (kept − want) / want``,  ``τ' = clip(max(τ, τ_min)·exp(gain·err), τ_min, τ_max)``.
 
     Too many parameters kept raise τ (gates shrink faster and die), too few lower it (dead gates whose
-    gradient beats τ come back). The update is multiplicative, so the controller is blind to the scale of
-    the gates and needs no tuning per model: τ moves by at most a factor ``e^{gain·err}`` a step.
+    gradient beats τ come back). The update is multiplicative, so it works the same at any scale of τ;
+    the scale only enters through the floor τ_min. Call it once per optimizer step, after the gate step.
     """
     if not 0 < gain:
         raise ValueError(f"gain must be > 0, got {gain!r}")

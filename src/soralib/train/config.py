@@ -113,8 +113,9 @@ class TrainConfig:
     """Adapt the threshold so that the final adapter has this many parameters (±5%)."""
     target_rank: Optional[float] = None
     """Same, as a mean kept rank per module."""
-    min_rank: int = 0
-    """With a budget: every module keeps at least this many ranks."""
+    min_rank: Optional[int] = None
+    """Every module keeps at least this many ranks (the prox step spares its largest gates). None: 1 with
+    a budget (no module collapses unless asked with 0), 0 otherwise (the paper's SoRA)."""
     adalora_target_r: Optional[int] = None
     """AdaLoRA's final mean rank per module; None: from target_params/target_rank, else r // 2."""
     # --- output
@@ -143,11 +144,13 @@ class TrainConfig:
         for name in ("lr", "lora_alpha"):
             if not getattr(self, name) > 0:
                 bad(name, "> 0")
-        for name in ("threshold", "weight_decay", "warmup_ratio", "l1_coef", "max_grad_norm", "min_rank"):
+        for name in ("threshold", "weight_decay", "warmup_ratio", "l1_coef", "max_grad_norm"):
             if not getattr(self, name) >= 0:
                 bad(name, ">= 0")
         if not self.epochs > 0 and self.max_steps <= 0:
             bad("epochs", "> 0 (or set max_steps)")
+        if self.min_rank is not None and self.min_rank < 0:
+            bad("min_rank", ">= 0")
         if self.target_params is not None and self.target_rank is not None:
             raise InputError("give target_params or target_rank, not both")
         if (self.target_params is not None or self.target_rank is not None) and (self.schedule or self.thresholds):
@@ -158,6 +161,10 @@ class TrainConfig:
         if self.task == "custom" and not (self.train_file and self.validation_file and self.text_columns):
             raise InputError("task custom needs train_file, validation_file and text_columns")
         return self
+
+    def effective_min_rank(self) -> int:
+        budget = self.target_params is not None or self.target_rank is not None
+        return self.min_rank if self.min_rank is not None else int(budget)
 
     def stage_thresholds(self) -> list[float]:
         """The threshold of each stage: one stage at `threshold` unless a schedule is set."""

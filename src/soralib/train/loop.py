@@ -72,19 +72,21 @@ class AdaLoraAllocator(TrainerCallback):
 
 
 class BudgetController(TrainerCallback):
-    """Steer the threshold after each step so that kept parameters follow a path down to the budget."""
+    """Steer the threshold after each step so that the kept size follows a ramp down to the budget.
+
+    `measure` is a key of `sparsity_report`: "kept_params" (for --target-params) or "kept_rank" (for
+    --target-rank, the budget then being mean rank × modules).
+    """
 
     def __init__(self, target: float, measure: str):
         self.target, self.measure = target, measure
-        self.initial: float | None = None
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        kept = soralib.sparsity_report(_unwrap(model))[self.measure]
-        if self.initial is None:
-            self.initial = soralib.sparsity_report(_unwrap(model))["r_max_total" if self.measure == "kept_rank"
-                                                                   else "lora_params_at_r_max"]
-        progress = state.global_step / max(state.max_steps, 1)
-        tau = budget_threshold(soralib.get_threshold(optimizer), kept, self.target, progress)
+        report = soralib.sparsity_report(_unwrap(model))
+        initial = report["r_max_total" if self.measure == "kept_rank" else "lora_params_at_r_max"]
+        progress = min(state.global_step / max(state.max_steps, 1), 1.0)
+        tau = budget_threshold(soralib.get_threshold(optimizer), report[self.measure], min(self.target, initial),
+                               progress, initial=initial)
         soralib.set_threshold(optimizer, tau)
 
 

@@ -116,8 +116,11 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
                                                  min(config.memorization_samples, len(features["train"])))
     steps = _steps_per_stage(config, len(features["train"]))
     seed_everything(config.seed)  # the adapter's init must not depend on how much tokenizing happened
-    budget = _budget(config)
-    model = wrap(config, model, total_steps=steps, adapter_budget=budget[0] if budget else None)
+    if config.method == "adalora":
+        model = wrap(config, model, total_steps=steps, adapter_budget=config.target_params)
+    else:
+        model = wrap(config, model, total_steps=steps)
+    budget = _budget(config, model) if config.method == "sora" else None
 
     trainer = None
     for stage, threshold in enumerate(thresholds, start=1):
@@ -132,7 +135,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
         trainer.train(resume_from_checkpoint=latest_checkpoint(Path(trainer.args.output_dir)) if resume else None)
         state["train_seconds"] += time.perf_counter() - started
         if budget:
-            _trim(model, budget, config.min_rank)
+            _trim(model, budget, config.effective_min_rank())
         if len(thresholds) > 1:
             _finish_stage(trainer, model, spec, features, memorize, stage, threshold, stage_dir, out)
         state["stages_done"] = stage
@@ -208,11 +211,12 @@ def _steps_per_stage(config: TrainConfig, n_train: int) -> int:
     return max(1, int(per_epoch * config.epochs))
 
 
-def _budget(config: TrainConfig) -> tuple[float, str] | None:
+def _budget(config: TrainConfig, model) -> tuple[float, str] | None:
+    """(target, sparsity_report key) of a --target-params / --target-rank run, else None."""
     if config.target_params is not None:
         return float(config.target_params), "kept_params"
     if config.target_rank is not None:
-        return float(config.target_rank), "mean_rank"
+        return config.target_rank * len(soralib.sparsity_report(model)["modules"]), "kept_rank"
     return None
 
 
@@ -220,11 +224,8 @@ def _trim(model, budget: tuple[float, str], min_rank: int) -> None:
     """Guarantee the budget at the end: drop the smallest live gates beyond it."""
     layers = [layer for _, layer in soralib.optim.sora_layers(model)]
     gates = [layer.sora_gate["default"] for layer in layers]
-    if budget[1] == "kept_params":
-        costs, limit = [layer.in_features + layer.out_features for layer in layers], int(budget[0])
-    else:
-        costs, limit = [1] * len(layers), int(round(budget[0] * len(layers)))
-    apply_masks_(gates, trim_to_budget([g.detach() for g in gates], costs, limit, min_rank))
+    per_rank = [layer.in_features + layer.out_features if budget[1] == "kept_params" else 1 for layer in layers]
+    apply_masks_(gates, trim_to_budget([g.detach() for g in gates], per_rank, int(budget[0]), min_rank))
 
 
 def _load_adapter(model, path: Path) -> None:

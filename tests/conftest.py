@@ -97,7 +97,7 @@ def scramble(model, seed: int = 2, zero_fraction: float = 0.5) -> None:
     import soralib
 
     g = torch.Generator().manual_seed(seed)
-    for layer in soralib.SoraModel and (m for m in model.modules() if isinstance(m, soralib.SoraLayer)):
+    for layer in (m for m in model.modules() if isinstance(m, soralib.SoraLayer)):
         for name in layer.sora_gate:
             B = layer.sora_B[name].weight
             B.copy_(torch.randn(B.shape, generator=g) * 0.3)

@@ -107,3 +107,23 @@ def test_export_replaces_an_existing_adapter_directory_whole(tmp_path):
 def test_export_rejects_an_unknown_layout(tmp_path):
     with pytest.raises(ValueError, match="layout must be one of exact, uniform, got 'ragged'"):
         soralib.export_lora(sora_model("mlp"), tmp_path, layout="ragged")
+
+
+def test_exact_export_of_nested_paths_that_end_alike_loads_with_the_right_ranks(tmp_path):
+    import copy
+
+    import peft
+    from torch import nn
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.Linear(6, 5)))  # paths "0" and "1.0"
+    model = peft.get_peft_model(copy.deepcopy(base), soralib.SoraConfig(r=4, target_modules=["0", "1.0"]))
+    scramble(model, zero_fraction=0.0)
+    with torch.no_grad():
+        gates = soralib.gate_parameters(model)
+        gates[0][1:] = 0  # "0" keeps 1 rank, "1.0" keeps 4
+    x = torch.randn(3, 4)
+    expected = output(model, {"input": x})
+    soralib.export_lora(model, tmp_path / "a")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    torch.testing.assert_close(output(loaded, {"input": x}), expected, atol=1e-5, rtol=0)

@@ -232,3 +232,38 @@ def test_an_occupied_output_directory_is_refused_and_kept(glue_dir, tiny_model, 
     _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out), "is not empty; pass --overwrite")
     _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--overwrite"), "not a soralib run directory")
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_weights_finite(glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    # lr 1e30: the first step blows the weights up, after which every loss and gradient is non-finite
+    args = train_args(glue_dir, tiny_model, out, "--lr", "1e30", "--max-bad-steps", "3", "--save-steps", "1",
+                      "--max-steps", "20")
+    assert main(args) == 1
+    # the message follows the progress bar on stderr; it is one line of its own
+    errors = [x[x.index("sora train: error"):] for x in capsys.readouterr().err.splitlines() if "sora train: error" in x]
+    assert len(errors) == 1
+    err = errors[0].strip()
+    assert "3 consecutive non-finite steps" in err and "checkpoint-" in err
+    checkpoint = Path(err.rsplit("last good checkpoint: ", 1)[1])
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    assert all(bool(t.isfinite().all()) for t in weights.values())
+
+
+def test_a_deepspeed_config_with_its_own_optimizer_is_refused(glue_dir, tiny_model, tmp_path, capsys):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}))
+    out = tmp_path / "run"
+    _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--deepspeed", str(ds)),
+                   'has an "optimizer" block: DeepSpeed would build its own optimizer and silently drop', out)
+
+
+def test_same_seed_gives_bitwise_identical_adapters_and_metrics(glue_dir, tiny_model, tmp_path):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        assert main(train_args(glue_dir, tiny_model, out, "--max-steps", "8", "--threshold", "0.01")) == 0
+    a, b = ((json.loads((out / "metrics.json").read_text())) for out in runs)
+    a.pop("train_seconds"), b.pop("train_seconds")
+    assert a == b
+    assert (runs[0] / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (runs[1] / "adapter" / "adapter_model.safetensors").read_bytes()

@@ -22,6 +22,7 @@ from .optim import (
     trainer_optimizer_cls_and_kwargs,
 )
 from .prune import prune, sparsity_report
+from .verify import load_adapter_safely, verify_adapter
 
 register()
 
@@ -30,5 +31,5 @@ __all__ = [
     "SoraConfig", "SoraPeftType", "SoraModel", "SoraLayer", "SoraLinear", "register",
     "create_sora_optimizer", "add_prox_step", "set_threshold", "get_threshold", "soft_threshold",
     "trainer_optimizer_cls_and_kwargs", "gate_l1", "gate_parameters",
-    "sparsity_report", "prune", "export_lora",
+    "sparsity_report", "prune", "export_lora", "verify_adapter", "load_adapter_safely",
 ]

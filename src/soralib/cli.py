@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Sequence
 
-from .errors import InputError
+from .errors import InputError, TrainingDiverged
 
 RUN_CONTROL = ("config", "resume", "overwrite")
 
@@ -114,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "export": cmd_export}
     try:
         return commands[args.command](args)
+    except TrainingDiverged as err:
+        print(f"sora {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except InputError as err:
         print(f"sora {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -73,8 +73,10 @@ class SoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.gate_init not in GATE_INITS:
             raise ValueError(f"gate_init must be one of {', '.join(GATE_INITS)}, got {self.gate_init!r}")
+        if not isinstance(self.kept_ranks, dict):
+            raise ValueError(f"kept_ranks must be a dict of module path -> rank, got {self.kept_ranks!r}")
         for name, rank in self.kept_ranks.items():
-            if not isinstance(rank, int) or not 0 <= rank <= self.r:
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= self.r:
                 raise ValueError(f"kept_ranks[{name!r}] must be an integer in [0, r={self.r}], got {rank!r}")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)

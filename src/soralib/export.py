@@ -82,11 +82,18 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
             tensors[key] = value.detach().contiguous()
 
     is_conv1d = {n for n, layer in sora_layers(model) if adapter in layer.sora_gate and layer.fan_in_fan_out}
+    # PEFT matches pattern keys and listed targets as *suffixes* of module paths: anchor the patterns, and
+    # when one adapted path is the tail of another module's path ("0" and "1.0"), name targets by one regex.
+    names = sorted(factors)
+    paths = {_strip(n) for n, _ in model.named_modules()}
+    ambiguous = any(p != t and p.endswith("." + t) for t in names for p in paths)
+    targets = "|".join(map(re.escape, names)) if ambiguous else names
+    pattern = {"^" + re.escape(name): ranks[name] for name in names if ranks[name] != top}
     lora_config = LoraConfig(
         r=top, lora_alpha=top,
-        target_modules=sorted(factors),
-        rank_pattern={re.escape(name): ranks[name] for name in factors if ranks[name] != top},
-        alpha_pattern={re.escape(name): ranks[name] for name in factors if ranks[name] != top},
+        target_modules=targets,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
         modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
         fan_in_fan_out=bool(is_conv1d),
         base_model_name_or_path=config.base_model_name_or_path,

@@ -9,7 +9,8 @@ with τ = ξ ("fixed", the reference code) or τ = η_t · λ ("lr_scaled", the 
 group's current learning rate). The threshold lives in the gate param group (keys ``sora_threshold`` and
 ``sora_threshold_mode``), so it is saved by ``optimizer.state_dict()`` and changed by writing the group.
 The step is a post-step hook of the optimizer itself: whenever AMP or gradient accumulation skips
-``optimizer.step()``, the prox step is skipped with it.
+``optimizer.step()``, the prox step is skipped with it; like torch's optimizers it leaves parameters whose
+``.grad`` is None alone.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def prox_step(optimizer: torch.optim.Optimizer) -> None:
             continue
         keep = group.get("sora_min_rank", 0)
         for p in group["params"]:
+            if p.grad is None:  # not stepped by the optimizer either (e.g. a step skipped for non-finite grads)
+                continue
             shrunk = soft_threshold(p, tau)
             if keep > 0:
                 # The ℓ1 penalty spares each module's `keep` largest gates, so no module can vanish.

@@ -44,6 +44,8 @@ class TrainConfig:
     """default: train on train, evaluate on dev. paper: the SoRA code's split (dev halves, or 1k held-out train)."""
     max_length: int = 128
     """Tokens per example at most; batches are padded to their own longest example, never to this."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding, faster); false: plain random order."""
     max_train_samples: Optional[int] = None
     """Use only the first N training examples (after the protocol's split)."""
     max_eval_samples: Optional[int] = None
@@ -73,6 +75,11 @@ class TrainConfig:
     """Steps between logged scalars (loss, lr, threshold, kept rank, kept parameters)."""
     save_steps: int = 0
     """Steps between resumable checkpoints; 0: once per epoch."""
+    max_bad_steps: int = 10
+    """Non-finite loss or gradients skip the step (counted); this many in a row stop the run."""
+    deepspeed: Optional[str] = None
+    """A DeepSpeed JSON config (ZeRO-1/2); it must not hold an "optimizer" block, which would replace
+    soralib's optimizer and silently drop the prox step."""
     # --- adapter
     r: int = 8
     """LoRA rank; r_max for SoRA; initial rank for AdaLoRA."""
@@ -158,6 +165,10 @@ class TrainConfig:
         if self.method not in ("sora", "adalora") and (self.schedule or self.thresholds or self.target_params
                                                         or self.target_rank):
             raise InputError(f"schedules and budgets need method sora (or adalora for a budget), got {self.method!r}")
+        if self.max_bad_steps < 1:
+            bad("max_bad_steps", "an integer >= 1")
+        if self.deepspeed is not None:
+            check_deepspeed_config(self.deepspeed)
         if self.task == "custom" and not (self.train_file and self.validation_file and self.text_columns):
             raise InputError("task custom needs train_file, validation_file and text_columns")
         return self
@@ -184,6 +195,18 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def check_deepspeed_config(path: str) -> None:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"deepspeed config {path} cannot be read as JSON: {err}") from None
+    if "optimizer" in data:
+        raise InputError(f"deepspeed config {path} has an \"optimizer\" block: DeepSpeed would build its own "
+                         "optimizer and silently drop the SoRA prox step; remove the block")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -215,6 +238,12 @@ def coerce(name: str, value: Any) -> Any:
             items = value.split(",") if isinstance(value, str) else list(value)
             cast = float if "float" in kind else str
             return [cast(str(v).strip()) for v in items if str(v).strip()]
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return str(value).lower() in ("true", "1", "yes", "on")
+            raise ValueError
         if kind == "int":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -20,6 +20,7 @@ from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, Trai
 
 import soralib
 
+from ..errors import TrainingDiverged
 from ..io import atomic_write_text
 from ..schedule import budget_threshold
 from .config import TrainConfig
@@ -51,6 +52,9 @@ class SoraTrainer(Trainer):
             report = soralib.sparsity_report(self.model)
             logs = {**logs, "threshold": soralib.get_threshold(self.optimizer), "kept_rank": report["kept_rank"],
                     "kept_params": report["kept_params"]}
+        guard = next((c for c in self.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
+        if guard is not None and guard.skipped and "loss" in logs:
+            logs = {**logs, "skipped_steps": guard.skipped}
         if self.args.should_save:
             line = {"step": self.state.global_step, "stage": self.stage, **logs}
             with open(self.history, "a") as f:  # append-only log: a torn last line is skipped by readers
@@ -62,6 +66,34 @@ class SoraTrainer(Trainer):
         if self.args.should_save:
             path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / COMPLETE
             atomic_write_text(path, "ok\n")
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Skip a step whose gradients hold NaN or Inf, and stop after `limit` such steps in a row.
+
+    Dropping every `.grad` makes torch's optimizers (and the prox step) leave all parameters alone, so
+    weights and gates never take a non-finite value. Under DDP the all-reduced gradients are identical on
+    every rank, so every rank skips the same steps.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.skipped = limit, 0, 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if all(bool(torch.isfinite(g).all()) for g in grads):
+            self.in_a_row = 0
+            return
+        for p in model.parameters():
+            p.grad = None
+        self.in_a_row += 1
+        self.skipped += 1
+        logger.warning("step %d: non-finite gradients, step skipped (%d in a row)", state.global_step + 1,
+                       self.in_a_row)
+        if self.in_a_row >= self.limit:
+            last = latest_checkpoint(Path(args.output_dir))
+            raise TrainingDiverged(f"stopped after {self.in_a_row} consecutive non-finite steps (step "
+                                   f"{state.global_step + 1}); last good checkpoint: {last or 'none'}")
 
 
 class AdaLoraAllocator(TrainerCallback):
@@ -121,11 +153,12 @@ def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) ->
         eval_strategy="no",
         seed=config.seed,
         data_seed=config.seed,
-        train_sampling_strategy="group_by_length",
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         report_to=[],
         disable_tqdm=not show_progress,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        deepspeed=config.deepspeed,
     )
 
 
@@ -146,16 +179,18 @@ def make_trainer(config: TrainConfig, model, tokenizer, train_features, spec, ru
     optimizer = make_optimizer(config, model)
     if config.method == "sora":
         soralib.set_threshold(optimizer, threshold)
-    callbacks: list[TrainerCallback] = []
+    callbacks: list[TrainerCallback] = [NonFiniteGuard(config.max_bad_steps)]
     if config.method == "adalora":
         callbacks.append(AdaLoraAllocator())
     if budget is not None:
         callbacks.append(BudgetController(*budget))
     if args.should_save:
-        from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
-        callbacks.append(TensorBoardCallback(SummaryWriter(str(run_dir / "logs" / f"stage-{stage}"))))
+        tensorboard = TensorBoardCallback()
+        # Its own writer, reopened after training for the evaluation lines, must stay in the run's logs/.
+        tensorboard.logging_dir = str(run_dir / "logs" / f"stage-{stage}")
+        callbacks.append(tensorboard)
     trainer = SoraTrainer(
         model=model, args=args, train_dataset=train_features, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_fn(spec),

@@ -24,6 +24,7 @@ def load_trained_model(run_dir: str | Path, config: TrainConfig, num_labels: int
     import peft
     from safetensors.torch import load_file
 
+    from ..verify import load_adapter_safely
     from .methods import load_base
 
     run = Path(run_dir)
@@ -31,7 +32,10 @@ def load_trained_model(run_dir: str | Path, config: TrainConfig, num_labels: int
     if config.method in ("sora", "lora", "adalora"):
         if not (run / "adapter" / "adapter_config.json").is_file():
             raise InputError(f"{run} has no finished adapter (adapter/adapter_config.json)")
-        model = peft.PeftModel.from_pretrained(model, str(run / "adapter"))
+        if config.method == "adalora":  # verify_adapter knows LoRA and SoRA; AdaLoRA loads as PEFT saved it
+            model = peft.PeftModel.from_pretrained(model, str(run / "adapter"))
+        else:
+            model = load_adapter_safely(model, run / "adapter")
     else:
         trained = load_file(str(run / "model" / "trainable.safetensors"))
         missing = set(trained) - {n for n, _ in model.named_parameters()}
@@ -84,7 +88,7 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
         raise InputError(f"layout must be one of {', '.join(soralib.export.LAYOUTS)}, got {layout!r}")
     num_labels = get_task(config.task).num_labels if config.task != "custom" else _custom_labels(run)
     base, _ = load_base(config, num_labels)
-    model = peft.PeftModel.from_pretrained(base, str(run / "sora_adapter"))
+    model = soralib.load_adapter_safely(base, run / "sora_adapter")
     return soralib.export_lora(model, out_dir or run / f"adapter-{layout}", layout=layout)
 
 

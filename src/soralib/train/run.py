@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 import soralib
 
@@ -106,12 +107,15 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
     features = {name: data_mod.tokenize_rows(rows, tokenizer, spec.text_columns, config.max_length, cache_dir())
                 for name, rows in splits.items() if rows}
     out = Path(config.output_dir)
-    if replace_old:  # only now, with data and model loaded: a failed start must not cost the old run
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        save_yaml(config, out / "config.yaml")
-    state = _read_json(out / "state.json", {"stages_done": 0, "train_seconds": 0.0})
+    processes = PartialState()  # under torchrun: one per rank, and only rank 0 writes
+    if processes.is_main_process:
+        if replace_old:  # only now, with data and model loaded: a failed start must not cost the old run
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            save_yaml(config, out / "config.yaml")
+    processes.wait_for_everyone()
+    state = _read_json(out / "state.json", {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0})
     memorize = random.Random(config.seed).sample(range(len(features["train"])),
                                                  min(config.memorization_samples, len(features["train"])))
     steps = _steps_per_stage(config, len(features["train"]))
@@ -134,12 +138,14 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=latest_checkpoint(Path(trainer.args.output_dir)) if resume else None)
         state["train_seconds"] += time.perf_counter() - started
+        state["skipped_steps"] = state.get("skipped_steps", 0) + _guard(trainer).skipped
         if budget:
             _trim(model, budget, config.effective_min_rank())
         if len(thresholds) > 1:
             _finish_stage(trainer, model, spec, features, memorize, stage, threshold, stage_dir, out)
         state["stages_done"] = stage
-        atomic_write_json(out / "state.json", state)
+        if processes.is_main_process:
+            atomic_write_json(out / "state.json", state)
     if trainer is None:  # every stage was done: evaluate the last stage's model
         _load_adapter(model, out / "stages" / f"stage-{len(thresholds)}" / "adapter")
         trainer = make_trainer(config, model, tokenizer, features["train"], spec, out, len(thresholds),
@@ -174,6 +180,7 @@ def _finish_run(trainer, model, config, spec, features, out, state) -> dict:
         **adapter_size(config, model),
         "train_seconds": round(state["train_seconds"], 3),
         "steps": trainer.state.global_step,
+        "skipped_steps": state.get("skipped_steps", 0),
         "num_labels": spec.num_labels,
     }
     for name in features:
@@ -226,6 +233,12 @@ def _trim(model, budget: tuple[float, str], min_rank: int) -> None:
     gates = [layer.sora_gate["default"] for layer in layers]
     per_rank = [layer.in_features + layer.out_features if budget[1] == "kept_params" else 1 for layer in layers]
     apply_masks_(gates, trim_to_budget([g.detach() for g in gates], per_rank, int(budget[0]), min_rank))
+
+
+def _guard(trainer):
+    from .loop import NonFiniteGuard
+
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard))
 
 
 def _load_adapter(model, path: Path) -> None:

@@ -1,0 +1,249 @@
+"""Check an adapter directory from an untrusted source before any of it reaches a model.
+
+    config = soralib.verify_adapter(base_model, "adapter/", expected_base="bert-base-uncased")
+    model = soralib.load_adapter_safely(base_model, "adapter/")
+
+Everything is read as data: the config with `json`, the weights with `safetensors` (the header first, for
+keys, shapes and dtypes; then tensor by tensor, for NaN and Inf). A pickle is never opened. The expected
+key -> shape map is computed from the base model's modules and the config, with PEFT's own matching rules,
+so whatever passes is exactly what `peft.PeftModel.from_pretrained` will load. The base model is only read.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import peft
+import torch
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .errors import InputError
+from .layer import Conv1D
+from .model import _closest_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+PEFT_TYPES = ("LORA", "SORA")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+PREFIX = "base_model.model."
+# The LoRA fields a plain LoRA uses. Every other one (DoRA, bias, Megatron, PiSSA and other initialisations, ...)
+# must keep its default: they add tensors, change the layers or base weights, or make PEFT import a named module.
+LORA_FIELDS = {"peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
+               "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+               "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
+               "fan_in_fan_out", "use_rslora"}
+
+logger = logging.getLogger(__name__)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _strings(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# JSON can put any type anywhere, and the config classes do not check types: the fields used here must have these.
+_NAMES = (lambda v: v is None or isinstance(v, str) or _strings(v), "null, a string or a list of strings")
+_NUMBER_MAP = (lambda v: isinstance(v, dict) and all(map(_number, v.values())), "an object of module name -> number")
+FIELD_TYPES = {
+    "target_modules": (lambda v: isinstance(v, str) or _strings(v), "a string or a list of strings"),
+    "exclude_modules": _NAMES,
+    "layers_pattern": _NAMES,
+    "modules_to_save": (lambda v: v is None or _strings(v), "null or a list of strings"),
+    "layers_to_transform": (lambda v: v is None or type(v) is int or isinstance(v, list)
+                            and all(type(x) is int for x in v), "null, an integer or a list of integers"),
+    "lora_alpha": (_number, "a number"),
+    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "rank_pattern": _NUMBER_MAP,
+    "alpha_pattern": _NUMBER_MAP,
+    "kept_ranks": _NUMBER_MAP,
+}
+
+
+def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, expected_base: str | None = None
+                   ) -> peft.PeftConfig:
+    """Check `adapter_dir` against `base_model` and return its parsed config; raise `InputError` if anything is off.
+
+    Checked: the files (adapter_config.json and adapter_model.safetensors present; no pickle-only weights),
+    the config (valid JSON without NaN/Infinity, peft_type LORA or SORA, known fields, the base model named
+    `expected_base` when both are set, every target_modules entry matching a Linear/Conv1D module), and the
+    weights (a parseable safetensors file with exactly the expected keys and shapes, float dtypes, finite values).
+
+    Pickle files (*.bin, *.pt, *.pth, *.pkl, *.ckpt) are refused when there is no adapter_model.safetensors:
+    unpickling can run arbitrary code. When the safetensors file is there too, the pickles are ignored with a
+    logged warning: PEFT loads adapter_model.safetensors first and never opens them.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
+    _check_files(adapter_dir, config_path, weights_path)
+    config = _read_config(config_path, expected_base)
+    _check_weights(weights_path, _expected_tensors(base_model, config, config_path))
+    return config
+
+
+def load_adapter_safely(base_model: nn.Module, adapter_dir: str | os.PathLike, expected_base: str | None = None,
+                        is_trainable: bool = False) -> peft.PeftModel:
+    """`verify_adapter`, then `peft.PeftModel.from_pretrained`. The directory must not change in between:
+    verify a local copy that only you can write."""
+    verify_adapter(base_model, adapter_dir, expected_base)
+    return peft.PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _check_files(adapter_dir: Path, config_path: Path, weights_path: Path) -> None:
+    if not adapter_dir.is_dir():
+        raise InputError(f"{adapter_dir}: not a directory; expected a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles and not weights_path.is_file():
+        raise InputError(f"{adapter_dir / pickles[0]}: pickle weights refused (unpickling can run arbitrary code); "
+                         f"expected {WEIGHTS_NAME}: convert on a trusted machine with safetensors.torch.save_file")
+    if pickles:
+        logger.warning("%s: ignoring pickle file(s) %s; only %s is read", adapter_dir, ", ".join(pickles), WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise InputError(f"{path}: missing; expected an adapter directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
+
+
+def _read_config(path: Path, expected_base: str | None) -> peft.PeftConfig:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"{path}: not valid JSON ({_one_line(err)}); expected a PEFT adapter config") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: the JSON is a {type(data).__name__}; expected an object")
+    peft_type = data.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        raise InputError(f"{path}: peft_type {peft_type!r}; expected one of {', '.join(PEFT_TYPES)}")
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    _check_fields(data, config_cls, path)
+    try:
+        config = config_cls(**data)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{path}: invalid {peft_type} config: {_one_line(err)}") from None
+    base = config.base_model_name_or_path
+    if expected_base is not None and base and base != expected_base:
+        raise InputError(f"{path}: base_model_name_or_path is {base!r}; expected {expected_base!r}")
+    return config
+
+
+def _check_fields(data: dict, config_cls: type, path: Path) -> None:
+    """Known fields only, of the types used here; a LoRA uses no field beyond plain LoRA's."""
+    fields = dataclasses.fields(config_cls)
+    unknown = sorted(set(data) - {field.name for field in fields})
+    if unknown:
+        raise InputError(f"{path}: unknown field {unknown[0]!r}; expected only {config_cls.__name__} fields")
+    for name, (valid, kind) in FIELD_TYPES.items():
+        if name in data and not valid(data[name]):
+            raise InputError(f"{path}: {name} is {data[name]!r}; expected {kind}")
+    for field in fields if data["peft_type"] == "LORA" else ():
+        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
+        value = data.get(field.name, default)
+        if field.name not in LORA_FIELDS and (type(value), value) != (type(default), default):  # 1 is not True
+            raise InputError(f"{path}: {field.name} is {value!r}; expected {default!r}, its default "
+                             "(only plain LoRA adapters are verified)")
+
+
+def _matches(config: peft.PeftConfig, key: str) -> bool:
+    return bool(check_target_module_exists(config, key))  # an excluded module is falsy too
+
+
+def _targets(model: nn.Module, config: peft.PeftConfig, path: Path) -> list[str]:
+    """The module paths PEFT will adapt; every target_modules entry must match at least one."""
+    targets = config.target_modules
+    if not targets:
+        raise InputError(f"{path}: target_modules is empty; expected the module names the adapter was saved with")
+    names = [name for name, _ in model.named_modules() if name]
+    for entry in [targets] if isinstance(targets, str) else sorted(targets):
+        probe = copy.copy(config)
+        probe.target_modules = entry if isinstance(targets, str) else {entry}
+        if not any(_matches(probe, name) for name in names):
+            raise InputError(f"{path}: target_modules entry {entry!r} matches no module of the base model "
+                             f"{type(model).__name__}; {_closest_names(model, [entry])}")
+    return [name for name in names if _matches(config, name)]
+
+
+def _rank(config: peft.PeftConfig, name: str, path: Path) -> int:
+    if config.peft_type == "SORA":
+        return config.kept_ranks.get(name, config.r)  # SoraConfig has checked it is in [0, r]
+    rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InputError(f"{path}: LoRA rank of {name!r} is {rank!r}; expected a positive integer")
+    return rank
+
+
+def _in_out(module: nn.Module, name: str, path: Path) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if Conv1D and isinstance(module, Conv1D):
+        return tuple(module.weight.shape)  # Conv1D stores (in, out)
+    raise InputError(f"{path}: target module {name!r} is a {type(module).__name__}; expected nn.Linear or Conv1D")
+
+
+def _expected_tensors(model: nn.Module, config: peft.PeftConfig, path: Path) -> dict[str, tuple[tuple, bool]]:
+    """Saved key -> (shape, is float) of every tensor the adapter must hold, and no other."""
+    modules = dict(model.named_modules())
+    kind = "sora" if config.peft_type == "SORA" else "lora"
+    expected, targets = {}, _targets(model, config, path)
+    for name in targets:
+        (n_in, n_out), rank = _in_out(modules[name], name, path), _rank(config, name, path)
+        expected[f"{PREFIX}{name}.{kind}_A.weight"] = ((rank, n_in), True)
+        expected[f"{PREFIX}{name}.{kind}_B.weight"] = ((n_out, rank), True)
+        if kind == "sora":
+            expected[f"{PREFIX}{name}.sora_gate"] = ((rank,), True)
+    stray = sorted(set(getattr(config, "kept_ranks", {})) - set(targets))
+    if stray:
+        raise InputError(f"{path}: kept_ranks names {stray[0]!r}, which is not adapted; expected only target modules")
+    for name, module in modules.items():  # PEFT's own modules_to_save rule: a plain suffix match
+        if name and any(name.endswith(m) for m in config.modules_to_save or ()):
+            for key, tensor in module.state_dict().items():
+                expected[f"{PREFIX}{name}.{key}"] = (tuple(tensor.shape), tensor.is_floating_point())
+    return expected
+
+
+def _check_weights(path: Path, expected: dict[str, tuple[tuple, bool]]) -> None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise InputError(f"{path}: not a valid safetensors file ({_one_line(err)})") from None
+    missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing:
+        raise InputError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all); "
+                         f"expected shape {expected[missing[0]][0]} for this base model and config")
+    if extra:
+        raise InputError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all); "
+                         f"expected only the {len(expected)} keys this base model and config give")
+    for key, (shape, dtype) in sorted(header.items()):
+        want_shape, want_float = expected[key]
+        if shape != want_shape:
+            raise InputError(f"{path}: tensor {key!r} has shape {shape}; expected {want_shape}")
+        if (dtype in FLOAT_DTYPES) != want_float:
+            kind = f"a float dtype ({', '.join(FLOAT_DTYPES)})" if want_float else "the base model's non-float dtype"
+            raise InputError(f"{path}: tensor {key!r} has dtype {dtype}; expected {kind}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in sorted(header):
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise InputError(f"{path}: tensor {key!r} has NaN or Inf values; expected finite numbers")
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{path}: not a valid safetensors file ({_one_line(err)})") from None

@@ -86,6 +86,15 @@ def test_each_method_trains_evaluates_and_writes_its_outputs(glue_dir, tiny_mode
         assert all({"threshold", "kept_rank", "kept_params", "loss"} <= set(h) for h in history if "loss" in h)
 
 
+def test_eval_each_epoch_writes_a_validation_curve_with_elapsed_time(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--eval-each-epoch", "true")) == 0
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    evals = [h for h in history if "eval_accuracy" in h]
+    assert len(evals) == 3  # after epoch 1, after epoch 2, and the final evaluation
+    assert evals[0]["step"] < evals[1]["step"] and evals[0]["elapsed"] < evals[1]["elapsed"]
+
+
 def test_regression_task_reports_pearson_and_spearman(glue_dir, tiny_model, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(glue_dir, tiny_model, out, task="stsb")) == 0

@@ -73,6 +73,8 @@ class TrainConfig:
     """Seed of initialisation, data order and splits."""
     logging_steps: int = 10
     """Steps between logged scalars (loss, lr, threshold, kept rank, kept parameters)."""
+    eval_each_epoch: bool = False
+    """Also evaluate the validation set after every epoch (history.jsonl gets eval_* lines)."""
     save_steps: int = 0
     """Steps between resumable checkpoints; 0: once per epoch."""
     max_bad_steps: int = 10

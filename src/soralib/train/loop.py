@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,11 @@ class SoraTrainer(Trainer):
     def __init__(self, *args, run: TrainConfig, history: Path, stage: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.run, self.history, self.stage = run, history, stage
+        self.started = time.perf_counter()
+
+    def train(self, *args, **kwargs):
+        self.started = time.perf_counter()
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -56,7 +62,8 @@ class SoraTrainer(Trainer):
         if guard is not None and guard.skipped and "loss" in logs:
             logs = {**logs, "skipped_steps": guard.skipped}
         if self.args.should_save:
-            line = {"step": self.state.global_step, "stage": self.stage, **logs}
+            elapsed = round(time.perf_counter() - self.started, 3)  # wall time of this stage, evaluations included
+            line = {"step": self.state.global_step, "stage": self.stage, "elapsed": elapsed, **logs}
             with open(self.history, "a") as f:  # append-only log: a torn last line is skipped by readers
                 f.write(json.dumps(line) + "\n")
         super().log(logs, start_time)
@@ -150,7 +157,7 @@ def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) ->
         save_strategy="steps" if config.save_steps else "epoch",
         save_steps=config.save_steps or 500,
         save_total_limit=2,
-        eval_strategy="no",
+        eval_strategy="epoch" if config.eval_each_epoch else "no",
         seed=config.seed,
         data_seed=config.seed,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
@@ -173,7 +180,8 @@ def metrics_fn(spec):
 
 
 def make_trainer(config: TrainConfig, model, tokenizer, train_features, spec, run_dir: Path, stage: int,
-                 threshold: float, show_progress: bool = False, budget: tuple[float, str] | None = None) -> SoraTrainer:
+                 threshold: float, show_progress: bool = False, budget: tuple[float, str] | None = None,
+                 eval_features: list | None = None) -> SoraTrainer:
     """A Trainer for one stage: a fresh optimizer (at `threshold`), warm-up and decay, its own checkpoints."""
     args = training_args(config, run_dir / "checkpoints" / f"stage-{stage}", show_progress)
     optimizer = make_optimizer(config, model)
@@ -192,7 +200,7 @@ def make_trainer(config: TrainConfig, model, tokenizer, train_features, spec, ru
         tensorboard.logging_dir = str(run_dir / "logs" / f"stage-{stage}")
         callbacks.append(tensorboard)
     trainer = SoraTrainer(
-        model=model, args=args, train_dataset=train_features, processing_class=tokenizer,
+        model=model, args=args, train_dataset=train_features, eval_dataset=eval_features, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_fn(spec),
         optimizers=(optimizer, None), callbacks=callbacks, run=config, history=run_dir / "history.jsonl",
         stage=stage)

@@ -134,7 +134,8 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
         if stage > 1 and state["stages_done"] == stage - 1 and resume:
             _load_adapter(model, out / "stages" / f"stage-{stage - 1}" / "adapter")
         trainer = make_trainer(config, model, tokenizer, features["train"], spec, out, stage, threshold,
-                               show_progress, budget if stage == len(thresholds) else None)
+                               show_progress, budget if stage == len(thresholds) else None,
+                               eval_features=features["validation"])
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=latest_checkpoint(Path(trainer.args.output_dir)) if resume else None)
         state["train_seconds"] += time.perf_counter() - started

@@ -61,6 +61,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    old_copy = path.with_name(f".{path.name}.old")
+    if not path.exists() and old_copy.exists():  # killed between the two renames last time: restore
+        os.replace(old_copy, path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
@@ -70,7 +73,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
                     os.fsync(f.fileno())
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = old_copy
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -68,11 +69,33 @@ class SoraTrainer(Trainer):
                 f.write(json.dumps(line) + "\n")
         super().log(logs, start_time)
 
+    # Checkpoints are written whole into a hidden staging directory, marked COMPLETE, then renamed into
+    # place: a run killed at any moment leaves only complete `checkpoint-N` directories behind.
+    _staging: Path | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        final = Path(self.args.output_dir)
+        staging = final / ".staging"
         if self.args.should_save:
-            path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / COMPLETE
-            atomic_write_text(path, "ok\n")
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging copy
+        if self.args.should_save:
+            name = f"checkpoint-{self.state.global_step}"
+            atomic_write_text(staging / name / COMPLETE, "ok\n")
+            shutil.rmtree(final / name, ignore_errors=True)
+            os.replace(staging / name, final / name)
+            for old in _complete_checkpoints(final)[:-2]:  # keep the newest two
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -133,12 +156,15 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def _complete_checkpoints(directory: Path) -> list[Path]:
+    done = [p for p in directory.glob("checkpoint-*") if p.name[11:].isdigit() and (p / COMPLETE).is_file()]
+    return sorted(done, key=lambda p: int(p.name[11:]))
+
+
 def latest_checkpoint(directory: Path) -> str | None:
     """The newest checkpoint that was completely written (has the COMPLETE marker), or None."""
-    if not directory.is_dir():
-        return None
-    done = [p for p in directory.glob("checkpoint-*") if (p / COMPLETE).is_file() and p.name[11:].isdigit()]
-    return str(max(done, key=lambda p: int(p.name[11:]))) if done else None
+    done = _complete_checkpoints(directory) if directory.is_dir() else []
+    return str(done[-1]) if done else None
 
 
 def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) -> TrainingArguments:
@@ -156,7 +182,7 @@ def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) ->
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps else "epoch",
         save_steps=config.save_steps or 500,
-        save_total_limit=2,
+        save_total_limit=None,  # SoraTrainer keeps the newest two complete checkpoints itself
         eval_strategy="epoch" if config.eval_each_epoch else "no",
         seed=config.seed,
         data_seed=config.seed,

@@ -1,0 +1,90 @@
+"""SIGKILL a real training process at several moments: files are complete or absent, and --resume finishes
+the run with exactly the uninterrupted run's result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soralib.cli import main
+from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
+
+COMMON = ["--max-steps", "24", "--save-steps", "4", "--batch-size", "4", "--threshold", "0.005",
+          "--schedule", "linear", "--schedule-start", "0.002", "--schedule-end", "0.01", "--num-stages", "2"]
+
+
+def _incomplete_checkpoint(run: Path) -> bool:
+    return any(p.is_dir() and not (p / "COMPLETE").exists() for p in run.glob("checkpoints/*/.staging/checkpoint-*"))
+
+
+# When to kill, as a condition polled every millisecond on the run directory.
+MOMENTS = {
+    "during_first_steps": lambda run: (run / "history.jsonl").exists(),
+    "while_writing_a_checkpoint": _incomplete_checkpoint,
+    "right_after_a_checkpoint": lambda run: any(run.glob("checkpoints/*/checkpoint-*/COMPLETE")),
+    "in_the_second_stage": lambda run: any(run.glob("checkpoints/stage-2/checkpoint-*/COMPLETE")),
+}
+
+
+def assert_every_visible_file_is_complete(run: Path) -> None:
+    """Each file under a non-hidden path parses in full; hidden names are temporaries by design."""
+    for path in run.rglob("*"):
+        rel = path.relative_to(run)
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts) or rel.parts[0] == "logs":
+            continue  # TensorBoard event files are an append-only record format its readers tolerate torn
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".jsonl":
+            [json.loads(line) for line in path.read_text().splitlines()]
+        elif path.suffix == ".safetensors":
+            load_file(str(path))
+        elif path.suffix in (".pt", ".pth"):  # torch's zip format: every member's CRC must check out
+            with zipfile.ZipFile(path) as archive:
+                assert archive.testzip() is None, path
+    for checkpoint in run.glob("checkpoints/*/checkpoint-*"):
+        assert (checkpoint / "COMPLETE").is_file(), f"incomplete checkpoint in place: {checkpoint}"
+
+
+@pytest.fixture(scope="module")
+def straight(glue_dir, tiny_model, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("straight") / "run"
+    os.environ["SORALIB_CACHE"] = str(out.parent / "cache")
+    assert main(train_args(glue_dir, tiny_model, out, *COMMON)) == 0
+    return out
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_a_run_killed_at_any_moment_leaves_complete_files_and_resumes_to_the_same_result(
+        glue_dir, tiny_model, straight, tmp_path, moment):  # noqa: F811
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "soralib.cli", *train_args(glue_dir, tiny_model, run, *COMMON)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    reached = False
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if MOMENTS[moment](run):
+            reached = True
+            break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert reached, f"the run ended before the moment {moment!r} was seen"
+    assert not (run / "metrics.json").exists()
+    assert_every_visible_file_is_complete(run)
+
+    assert main(train_args(glue_dir, tiny_model, run, *COMMON, "--resume")) == 0
+    assert_every_visible_file_is_complete(run)
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, run))
+    assert a["eval"] == b["eval"] and a["kept_params"] == b["kept_params"]
+    ta, tb = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, run))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    sa, sb = ((d / "stages.jsonl").read_text().splitlines() for d in (straight, run))
+    assert [json.loads(x)["kept_params"] for x in sa] == [json.loads(x)["kept_params"] for x in sb]

@@ -276,3 +276,33 @@ def test_same_seed_gives_bitwise_identical_adapters_and_metrics(glue_dir, tiny_m
     assert a == b
     assert (runs[0] / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (runs[1] / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_custom_csv_task_trains_and_a_report_is_written(tiny_model, tmp_path, capsys):
+    rng = random.Random(1)
+    for name, n in (("train.csv", 40), ("dev.jsonl", 16)):
+        rows = [{"q": _sentence(rng), "a": _sentence(rng, 3), "y": rng.choice(["yes", "no", "maybe"])} for _ in range(n)]
+        path = tmp_path / name
+        if name.endswith(".csv"):
+            path.write_text("q,a,y\n" + "".join(f"{r['q']},{r['a']},{r['y']}\n" for r in rows))
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = ["train", "--task", "custom", "--train-file", str(tmp_path / "train.csv"), "--validation-file",
+            str(tmp_path / "dev.jsonl"), "--text-columns", "q,a", "--label-column", "y", "--model", str(tiny_model),
+            "--output-dir", str(out), "--epochs", "1", "--batch-size", "8"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "custom" and "accuracy" in metrics["eval"] and metrics["num_labels"] == 3
+    assert main(["report", str(out)]) == 0
+    report = (out / "report" / "report.md").read_text()
+    assert "custom" in report and (out / "report" / "kept_rank_heatmap.png").is_file()
+
+
+def test_adalora_baseline_prunes_to_its_target_rank(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--method", "adalora", "--adalora-target-r", "2",
+                           "--epochs", "4")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # update_and_allocate ran: ranks were masked down from r = 8 towards a mean of 2
+    assert metrics["kept_params"] <= 0.5 * metrics["lora_params_at_r_max"], metrics

@@ -306,3 +306,12 @@ def test_adalora_baseline_prunes_to_its_target_rank(glue_dir, tiny_model, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     # update_and_allocate ran: ranks were masked down from r = 8 towards a mean of 2
     assert metrics["kept_params"] <= 0.5 * metrics["lora_params_at_r_max"], metrics
+
+
+def test_resuming_a_finished_run_is_refused(glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--max-steps", "2")) == 0
+    before = (out / "metrics.json").read_bytes()
+    capsys.readouterr()
+    _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--resume"), "is finished (metrics.json exists)")
+    assert (out / "metrics.json").read_bytes() == before

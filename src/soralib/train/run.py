@@ -50,6 +50,8 @@ def check_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> bool
     if resume:
         if not is_run:
             raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
+        if (out / "metrics.json").exists():
+            raise InputError(f"the run in {out} is finished (metrics.json exists); nothing to resume")
         return False
     if out.exists() and not out.is_dir():
         raise InputError(f"output directory {out} is a file")
@@ -126,7 +128,6 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
         model = wrap(config, model, total_steps=steps)
     budget = _budget(config, model) if config.method == "sora" else None
 
-    trainer = None
     for stage, threshold in enumerate(thresholds, start=1):
         stage_dir = out / "stages" / f"stage-{stage}"
         if stage <= state["stages_done"]:
@@ -144,13 +145,11 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
             _trim(model, budget, config.effective_min_rank())
         if len(thresholds) > 1:
             _finish_stage(trainer, model, spec, features, memorize, stage, threshold, stage_dir, out)
-        state["stages_done"] = stage
-        if processes.is_main_process:
+        if stage < len(thresholds) and processes.is_main_process:
+            # The last stage is never marked done: metrics.json marks the run done, and a run killed
+            # before writing it resumes the last stage from its newest checkpoint.
+            state["stages_done"] = stage
             atomic_write_json(out / "state.json", state)
-    if trainer is None:  # every stage was done: evaluate the last stage's model
-        _load_adapter(model, out / "stages" / f"stage-{len(thresholds)}" / "adapter")
-        trainer = make_trainer(config, model, tokenizer, features["train"], spec, out, len(thresholds),
-                               thresholds[-1])
     return _finish_run(trainer, model, config, spec, features, out, state)
 
 

@@ -8,18 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from soralib.errors import InputError
 from soralib.train import data
 from soralib.train.data import (
-    length_grouped_batches,
     load_custom,
     load_glue_dir,
     load_hub,
     make_splits,
-    pad_batch,
     paper_split,
     tokenize_rows,
 )
@@ -404,51 +400,3 @@ def test_tokenize_cache_write_is_atomic_and_corrupt_cache_is_rebuilt(tokenizer, 
     cache_file.write_text('{"format": 1, "features": [')
     assert tokenize_rows(PAIRS, tokenizer, ("sentence1",), 32, cache_dir=tmp_path) == expected
     assert json.loads(cache_file.read_text())["features"] == expected
-
-
-# ---------------------------------------------------------------------------------------- batching
-
-
-@settings(max_examples=60, deadline=None)
-@given(lengths=st.lists(st.integers(1, 512), max_size=300), batch_size=st.integers(1, 9),
-       seed=st.integers(0, 2**31), epoch=st.integers(0, 50))
-def test_length_grouped_batches_use_every_index_exactly_once(lengths, batch_size, seed, epoch):
-    batches = length_grouped_batches(lengths, batch_size, seed, epoch)
-    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
-    assert all(1 <= len(batch) <= batch_size for batch in batches)
-    assert sum(len(batch) < batch_size for batch in batches) <= 1
-
-
-def test_length_grouped_batches_group_similar_lengths():
-    lengths = [(i * 37) % 200 + 1 for i in range(400)]  # 400 < 50 * 8: one mega-batch, fully sorted
-    batches = length_grouped_batches(lengths, 8, seed=0, epoch=0)
-    spans = [(min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches]
-    ordered = sorted(spans)
-    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(ordered, ordered[1:]))  # batches don't overlap in length
-    assert spans != ordered and spans != ordered[::-1]  # but the batch order is shuffled
-
-
-def test_length_grouped_batches_are_deterministic_and_reshuffled_each_epoch():
-    lengths = list(range(1000))
-    assert length_grouped_batches(lengths, 4, seed=7, epoch=2) == length_grouped_batches(lengths, 4, seed=7, epoch=2)
-    assert length_grouped_batches(lengths, 4, seed=7, epoch=2) != length_grouped_batches(lengths, 4, seed=7, epoch=3)
-    assert length_grouped_batches(lengths, 4, seed=7, epoch=2) != length_grouped_batches(lengths, 4, seed=8, epoch=2)
-
-
-def test_pad_batch_pads_to_the_longest_sequence_in_the_batch():
-    features = [
-        {"input_ids": [101, 7, 102], "attention_mask": [1, 1, 1], "token_type_ids": [0, 0, 0], "labels": 1},
-        {"input_ids": [101, 102], "attention_mask": [1, 1], "token_type_ids": [0, 0], "labels": 0},
-    ]
-    batch = pad_batch(features, pad_token_id=9)
-    assert batch["input_ids"].tolist() == [[101, 7, 102], [101, 102, 9]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert batch["token_type_ids"].tolist() == [[0, 0, 0], [0, 0, 0]]
-    assert batch["labels"].dtype == torch.long and batch["labels"].tolist() == [1, 0]
-
-
-def test_pad_batch_regression_labels_are_float_and_no_token_types_when_absent():
-    batch = pad_batch([{"input_ids": [5], "attention_mask": [1], "labels": 2.5},
-                       {"input_ids": [5, 6], "attention_mask": [1, 1], "labels": 4.0}], pad_token_id=0)
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [2.5, 4.0]

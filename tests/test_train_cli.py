@@ -90,9 +90,11 @@ def test_eval_each_epoch_writes_a_validation_curve_with_elapsed_time(glue_dir, t
     out = tmp_path / "run"
     assert main(train_args(glue_dir, tiny_model, out, "--eval-each-epoch", "true")) == 0
     history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
-    evals = [h for h in history if "eval_accuracy" in h]
-    assert len(evals) == 3  # after epoch 1, after epoch 2, and the final evaluation
-    assert evals[0]["step"] < evals[1]["step"] and evals[0]["elapsed"] < evals[1]["elapsed"]
+    evals = [h for h in history if h.get("split") == "validation"]
+    assert len(evals) == 2 and all("eval_accuracy" in h for h in evals)  # after epoch 1 and epoch 2
+    assert evals[0]["step"] < evals[1]["step"] and 0 < evals[0]["elapsed_seconds"] < evals[1]["elapsed_seconds"]
+    final = [h for h in history if "validation_accuracy" in h]
+    assert len(final) == 1 and "split" not in final[0]  # the final evaluation, told apart by its prefix
 
 
 def test_regression_task_reports_pearson_and_spearman(glue_dir, tiny_model, tmp_path):

@@ -4,6 +4,7 @@
     sora report RUN_DIR
     sora eval RUN_DIR [--data-dir DIR]
     sora export RUN_DIR --layout uniform [--out DIR]
+    sora bench speed|quality|tables [ARGS]   (repository checkout only: runs python -m bench.<tool> ARGS)
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Delegate to the repository's bench/ package (not installed): found next to src/ in an editable checkout."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "bench" / "__init__.py").is_file():
+        raise InputError(f"no bench/ directory next to {root / 'src'}: `sora bench` needs an editable install of a "
+                         "soralib checkout (or run `python -m bench.<tool>` from the repository root)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"bench.{args.tool}").main(args.args) or 0
+
+
 def _progress_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "peft", "httpx", "urllib3"):
@@ -106,12 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--layout", default="uniform", help="exact or uniform (default uniform)")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/adapter-LAYOUT)")
+    p = sub.add_parser("bench", add_help=False, help="benchmarks (repository checkout): speed, quality, tables; "
+                       "`sora bench TOOL -h` for each")
+    p.add_argument("tool", choices=("speed", "quality", "tables"))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m bench.TOOL")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "export": cmd_export}
+    commands = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except TrainingDiverged as err:

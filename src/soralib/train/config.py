@@ -6,7 +6,7 @@ Precedence: the method's shipped YAML (`soralib/configs/<method>.yaml`) < `--con
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 

@@ -7,21 +7,19 @@ splits ``"train"`` and ``TaskSpec.eval_splits`` (``"validation"``, or MNLI's mat
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from soralib.errors import InputError
+from soralib.io import atomic_write_json
 from soralib.train.custom import Rows, as_float, load_custom  # load_custom is part of this module's API
 from soralib.train.tasks import TaskSpec, get_task
 
@@ -29,11 +27,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "load_glue_dir", "load_hub", "load_custom", "paper_split", "make_splits",
-    "tokenize_rows", "length_grouped_batches", "pad_batch",
+    "tokenize_rows",
 ]
 
 PAPER_LARGE_VALIDATION_ROWS = 1000  # training rows held out for model selection on large tasks
-MEGA_BATCH_FACTOR = 50  # length_grouped_batches sorts within groups of this many batches
 CACHE_FORMAT = 1  # bump when the layout of cached tokenized features changes
 
 
@@ -265,7 +262,7 @@ def tokenize_rows(
         for i, row in enumerate(chunk):
             features.append({**{k: list(encoded[k][i]) for k in keys}, "labels": row["label"]})
     if path is not None:
-        _write_json_atomic(path, {"format": CACHE_FORMAT, "features": features})
+        atomic_write_json(path, {"format": CACHE_FORMAT, "features": features})
         logger.info("cached %d tokenized rows in %s", len(features), path)
     return features
 
@@ -299,54 +296,3 @@ def _read_cache(path: Path) -> list[dict[str, Any]] | None:
     return None
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file next to `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-# ---------------------------------------------------------------------------------------- batching
-
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of indices with similar lengths; every index exactly once, deterministic in (seed, epoch).
-
-    Shuffle all indices, sort each mega-batch of ``50 * batch_size`` by length, cut it into batches,
-    then shuffle the order of the batches.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths)).tolist()
-    mega = MEGA_BATCH_FACTOR * batch_size
-    batches = []
-    for start in range(0, len(order), mega):
-        group = sorted(order[start : start + mega], key=lambda i: lengths[i], reverse=True)
-        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def pad_batch(features: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad features to the batch's longest sequence; labels long (classes) or float (regression)."""
-    if not features:
-        raise ValueError("pad_batch needs at least one feature")
-    if pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token id")
-    longest = max(len(f["input_ids"]) for f in features)
-    batch = {}
-    for key, pad in (("input_ids", pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
-        if key in features[0]:
-            padded = [list(f[key]) + [pad] * (longest - len(f[key])) for f in features]
-            batch[key] = torch.tensor(padded, dtype=torch.long)
-    labels = [f["labels"] for f in features]
-    regression = any(isinstance(label, float) for label in labels)
-    batch["labels"] = torch.tensor(labels, dtype=torch.float32 if regression else torch.long)
-    return batch

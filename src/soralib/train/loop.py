@@ -35,14 +35,19 @@ COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked chec
 class SoraTrainer(Trainer):
     """Trainer + the optional ℓ1 gate term + SoRA scalars in every log line (TensorBoard and history.jsonl)."""
 
-    def __init__(self, *args, run: TrainConfig, history: Path, stage: int, **kwargs):
+    def __init__(self, *args, run: TrainConfig, history: Path, stage: int, seconds_before: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.run, self.history, self.stage = run, history, stage
-        self.started = time.perf_counter()
+        self.seconds_before = seconds_before  # training seconds of the earlier stages
+        self.started, self.eval_seconds = time.perf_counter(), 0.0
 
     def train(self, *args, **kwargs):
-        self.started = time.perf_counter()
+        self.started, self.eval_seconds = time.perf_counter(), 0.0
         return super().train(*args, **kwargs)
+
+    def training_seconds(self) -> float:
+        """Seconds spent training so far in the run, evaluations excluded: the x axis of time-to-score."""
+        return self.seconds_before + time.perf_counter() - self.started - self.eval_seconds
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -63,8 +68,11 @@ class SoraTrainer(Trainer):
         if guard is not None and guard.skipped and "loss" in logs:
             logs = {**logs, "skipped_steps": guard.skipped}
         if self.args.should_save:
-            elapsed = round(time.perf_counter() - self.started, 3)  # wall time of this stage, evaluations included
-            line = {"step": self.state.global_step, "stage": self.stage, "elapsed": elapsed, **logs}
+            self.eval_seconds += sum(v for k, v in logs.items() if k.endswith("_runtime") and k != "train_runtime")
+            line = {"step": self.state.global_step, "stage": self.stage,
+                    "elapsed_seconds": round(self.training_seconds(), 3), **logs}
+            if "eval_runtime" in logs:  # Trainer's own per-epoch evaluation (the final ones use other prefixes)
+                line["split"] = "validation"
             with open(self.history, "a") as f:  # append-only log: a torn last line is skipped by readers
                 f.write(json.dumps(line) + "\n")
         super().log(logs, start_time)
@@ -207,7 +215,7 @@ def metrics_fn(spec):
 
 def make_trainer(config: TrainConfig, model, tokenizer, train_features, spec, run_dir: Path, stage: int,
                  threshold: float, show_progress: bool = False, budget: tuple[float, str] | None = None,
-                 eval_features: list | None = None) -> SoraTrainer:
+                 eval_features: list | None = None, seconds_before: float = 0.0) -> SoraTrainer:
     """A Trainer for one stage: a fresh optimizer (at `threshold`), warm-up and decay, its own checkpoints."""
     args = training_args(config, run_dir / "checkpoints" / f"stage-{stage}", show_progress)
     optimizer = make_optimizer(config, model)
@@ -229,17 +237,17 @@ def make_trainer(config: TrainConfig, model, tokenizer, train_features, spec, ru
         model=model, args=args, train_dataset=train_features, eval_dataset=eval_features, processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_fn(spec),
         optimizers=(optimizer, None), callbacks=callbacks, run=config, history=run_dir / "history.jsonl",
-        stage=stage)
+        stage=stage, seconds_before=seconds_before)
     trainer.remove_callback(PrinterCallback)  # library code does not print; history.jsonl has every line
     return trainer
 
 
-def evaluate(trainer: Trainer, features: list[dict[str, Any]]) -> dict[str, float]:
-    """The task metrics of `features` (prefix-free), rounded so that reruns compare equal in JSON."""
-    out = trainer.evaluate(eval_dataset=features, metric_key_prefix="eval")
-    return {k[5:]: float(v) for k, v in out.items()
-            if k.startswith("eval_") and k[5:] not in ("runtime", "samples_per_second", "steps_per_second", "epoch",
-                                                   "model_preparation_time")
+def evaluate(trainer: Trainer, features: list[dict[str, Any]], split: str) -> dict[str, float]:
+    """The task metrics of `features`, logged with `split` as prefix (history.jsonl) and returned without."""
+    out = trainer.evaluate(eval_dataset=features, metric_key_prefix=split)
+    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time")
+    return {k[len(split) + 1:]: float(v) for k, v in out.items()
+            if k.startswith(split + "_") and k[len(split) + 1:] not in skip
             and not (isinstance(v, float) and math.isnan(v))}
 
 

@@ -87,13 +87,15 @@ def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget
         return peft.get_peft_model(model, peft.LoraConfig(
             r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, **common))
     if config.method == "adalora":
+        if config.r < 2:
+            raise InputError(f"adalora needs r >= 2 (it prunes from r down to a smaller target), got {config.r}")
         probe = peft.get_peft_model(model, peft.LoraConfig(r=1, **common))  # to learn the targeted shapes
         costs = [m.in_features + m.out_features for m in probe.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
         model = probe.unload()
         target_r = config.adalora_target_r or (round(adapter_budget / (sum(costs) / len(costs)) / len(costs))
                                                if adapter_budget else max(config.r // 2, 1))
         return peft.get_peft_model(model, peft.AdaLoraConfig(
-            init_r=config.r, target_r=max(1, min(target_r, config.r)), lora_alpha=config.lora_alpha,
+            init_r=config.r, target_r=max(1, min(target_r, config.r - 1)),  # PEFT needs target_r < init_r lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout, total_step=total_steps, tinit=int(0.1 * total_steps),
             tfinal=int(0.2 * total_steps), deltaT=max(1, total_steps // 100), **common))
     head = {"classifier", "score"} | set(config.modules_to_save or [])

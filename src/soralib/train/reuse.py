@@ -67,14 +67,12 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
                           compute_metrics=metrics_fn(spec))
         trainer.remove_callback(PrinterCallback)
         return {name: evaluate(trainer, data_mod.tokenize_rows(rows, tokenizer, spec.text_columns,
-                                                               config.max_length, cache_dir()))
+                                                               config.max_length, cache_dir()), name)
                 for name, rows in splits.items() if rows and name != "train"}
 
 
 def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> Path:
     """Re-export a SoRA run's gated adapter (sora_adapter/) as a standard LoRA with `layout`."""
-    import peft
-
     import soralib
 
     from .methods import load_base

@@ -136,7 +136,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
             _load_adapter(model, out / "stages" / f"stage-{stage - 1}" / "adapter")
         trainer = make_trainer(config, model, tokenizer, features["train"], spec, out, stage, threshold,
                                show_progress, budget if stage == len(thresholds) else None,
-                               eval_features=features["validation"])
+                               eval_features=features["validation"], seconds_before=state["train_seconds"])
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=latest_checkpoint(Path(trainer.args.output_dir)) if resume else None)
         state["train_seconds"] += time.perf_counter() - started
@@ -159,8 +159,8 @@ def _finish_stage(trainer, model, spec, features, memorize, stage, threshold, st
         "stage": stage, "threshold": threshold, "kept_params": report["kept_params"],
         "kept_rank": report["kept_rank"], "kept_fraction": report["kept_fraction"],
         "main_metric": spec.main_metric,
-        "generalization": evaluate(trainer, features["validation"]),
-        "memorization": evaluate(trainer, [features["train"][i] for i in memorize]),
+        "generalization": evaluate(trainer, features["validation"], "validation"),
+        "memorization": evaluate(trainer, [features["train"][i] for i in memorize], "memorization"),
         "checkpoint": f"stages/stage-{stage}",
     }
     if trainer.args.should_save:
@@ -176,7 +176,7 @@ def _finish_run(trainer, model, config, spec, features, out, state) -> dict:
     metrics: dict[str, Any] = {
         "task": config.task, "method": config.method, "seed": config.seed, "model": config.model,
         "main_metric": spec.main_metric,
-        "eval": evaluate(trainer, features["validation"]),
+        "eval": evaluate(trainer, features["validation"], "validation"),
         **adapter_size(config, model),
         "train_seconds": round(state["train_seconds"], 3),
         "steps": trainer.state.global_step,
@@ -185,7 +185,7 @@ def _finish_run(trainer, model, config, spec, features, out, state) -> dict:
     }
     for name in features:
         if name not in ("train", "validation"):
-            metrics[name] = evaluate(trainer, features[name])
+            metrics[name] = evaluate(trainer, features[name], name)
     if trainer.args.should_save:
         _export(model, config, out)
         if config.method == "sora":

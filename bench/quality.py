@@ -1,0 +1,184 @@
+"""Quality benchmark: a resumable matrix of `sora train` runs, task × method variant × seed.
+
+    python -m bench.quality [--tasks rte,mrpc,cola,stsb] [--seeds 0,1,2] [--methods sora,lora,...]
+                            [--epochs 20] [--dry-run] [--set FIELD=VALUE ...]
+
+Every cell is one `sora train` subprocess into bench/runs/<key>/ under one protocol (MiniLM, protocol paper:
+the dev set's first shuffled half selects, the second half is the test set; max length 128; batch 8; each
+method family's shipped learning rate). A finished cell (its key in the results JSONL) is skipped, an
+interrupted one resumed; each finished cell appends one line: the run's metrics.json, wall time, the exact
+command, the commit and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import common
+
+# variant -> (method, TrainConfig overrides). r_max / r is 8 everywhere (the YAMLs' default, stated here too).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sora": ("sora", {"r": 8, "threshold": 3e-4, "threshold_mode": "fixed"}),
+    "sora-schedule": ("sora", {"r": 8, "schedule": "linear", "num_stages": 3}),
+    "sora-budget": ("sora", {"r": 8, "target_rank": 4}),
+    "lora": ("lora", {"r": 8}),
+    "adalora": ("adalora", {"r": 8}),  # budget: the matching sora cell's kept_params, else target_r 4
+    "full": ("full", {}),
+}
+TASKS = ("rte", "mrpc", "cola", "stsb")
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    variant: str
+    seed: int
+    epochs: float
+    model: str = "minilm"
+    extra: tuple[tuple[str, str], ...] = ()  # --set FIELD=VALUE overrides, part of the key
+
+    @property
+    def key(self) -> str:
+        key = f"{self.task}-{self.variant}-s{self.seed}-e{self.epochs:g}"
+        if self.model != "minilm" or self.extra:  # anything else that changes the run changes the key
+            key += "-" + common.short_hash([self.model, list(self.extra)])
+        return key
+
+    def sibling(self, variant: str) -> "Cell":
+        return Cell(self.task, variant, self.seed, self.epochs, self.model, self.extra)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated GLUE tasks")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--methods", default=",".join(VARIANTS), help=f"variants among {', '.join(VARIANTS)}")
+    p.add_argument("--epochs", type=float, default=20.0, help="training epochs of every method (default 20); "
+                   "sora-schedule spreads them over its 3 stages")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--data-dir", default=str(common.GLUE_DIR) if common.GLUE_DIR.is_dir() else None,
+                   help="GLUE TSV directory (default: ../shared/data/glue when present, else the hub)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="extra TrainConfig override for every cell (part of the cell key), e.g. max_steps=5")
+    p.add_argument("--results", default=str(common.RESULTS / "quality.jsonl"), help="results JSONL")
+    p.add_argument("--runs-dir", default=str(common.RUNS), help="where the run directories go")
+    p.add_argument("--dry-run", action="store_true", help="list what would run and what is skipped; run nothing")
+    args = p.parse_args(argv)
+    unknown = [v for v in args.methods.split(",") if v not in VARIANTS]
+    if unknown or any("=" not in s for s in args.set):
+        p.error(f"unknown variant(s) {unknown}" if unknown else "--set takes FIELD=VALUE")
+    return args
+
+
+def cells(args: argparse.Namespace) -> list[Cell]:
+    """The matrix in run order: per task and seed, the SoRA variants first (AdaLoRA's budget comes from sora)."""
+    extra = tuple(sorted(tuple(s.split("=", 1)) for s in args.set))
+    variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
+    return [Cell(t, v, int(s), args.epochs, args.model, extra)
+            for t in args.tasks.split(",") for s in args.seeds.split(",") for v in variants]
+
+
+def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> tuple[list[str], dict[str, Any]]:
+    """(argv of the `sora train` subprocess, budget note) for `cell`."""
+    method, overrides = VARIANTS[cell.variant]
+    overrides = dict(overrides)
+    epochs = cell.epochs
+    budget: dict[str, Any] = {}
+    if cell.variant == "sora-schedule":
+        epochs = cell.epochs / overrides["num_stages"]  # the same total training as every other method
+    if cell.variant == "adalora":
+        kept = records.get(cell.sibling("sora").key, {}).get("metrics", {})
+        # A budget of every rank is no budget: PEFT AdaLoRA fails (kthvalue out of range) at target_r == init_r.
+        if kept.get("kept_params") and kept["kept_params"] < (kept.get("lora_params_at_r_max") or float("inf")):
+            overrides["target_params"] = kept["kept_params"]
+            budget = {"source": cell.sibling("sora").key, "target_params": kept["kept_params"]}
+        else:
+            overrides["adalora_target_r"] = 4
+            budget = {"source": "default", "adalora_target_r": 4}
+    overrides.update({"task": cell.task, "model": cell.model, "protocol": "paper", "seed": cell.seed,
+                      "eval_each_epoch": "true",  # the validation curve behind the time-to-score column
+                      "epochs": epochs, "output_dir": str(Path(args.runs_dir) / cell.key)})
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    overrides.update(dict(cell.extra))
+    argv = [sys.executable, "-m", "soralib.cli", "train", "--method", method]
+    for name, value in overrides.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv, budget
+
+
+def validation_curve(history: Path, main_metric: str) -> tuple[list[list[float]] | None, str]:
+    """[[elapsed training seconds, validation score], ...] from history.jsonl, or (None, why not).
+
+    Reads the per-epoch validation lines that `--eval-each-epoch true` makes the harness write: "split":
+    "validation", "elapsed_seconds" (training seconds so far, evaluations excluded, summed over stages)
+    and "eval_<metric>".
+    """
+    rows = common.read_jsonl(history)
+    points = [[r["elapsed_seconds"], r[f"eval_{main_metric}"]] for r in rows
+              if r.get("split") == "validation" and "elapsed_seconds" in r and f"eval_{main_metric}" in r]
+    if not points:
+        return None, "no per-epoch validation in history.jsonl (run without --eval-each-epoch)"
+    return points, "per-epoch validation from history.jsonl"
+
+
+def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> dict[str, Any] | None:
+    """Train (or resume) one cell; its record, or None if `sora train` failed (the cell stays open)."""
+    argv, budget = command(cell, args, records)
+    run_dir = Path(args.runs_dir) / cell.key
+    resumed = (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.json").is_file()
+    if resumed:
+        argv.append("--resume")
+    wall = None
+    if not (run_dir / "metrics.json").is_file():  # else: trained earlier, only the JSONL line was lost
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        with open(run_dir.parent / f"{cell.key}.log", "a") as log:  # outside run_dir: sora train wants it empty
+            done = subprocess.run(argv, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT)
+        wall = round(time.perf_counter() - started, 3)
+        if done.returncode != 0 or not (run_dir / "metrics.json").is_file():
+            return None
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    curve, curve_note = validation_curve(run_dir / "history.jsonl", metrics.get("main_metric", ""))
+    return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "method": metrics["method"],
+            "seed": cell.seed, "epochs": cell.epochs, "model": cell.model, "protocol": "paper",
+            "extra": dict(cell.extra), "metrics": metrics, "wall_seconds": wall, "resumed": resumed,
+            "budget": budget or None, "curve": curve, "curve_note": curve_note, "run_command": shlex.join(argv)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    records = {r["key"]: r for r in common.read_jsonl(args.results) if "key" in r}
+    failed = 0
+    for cell in cells(args):
+        if cell.key in records:
+            print(f"skip  {cell.key} (done)")
+            continue
+        if args.dry_run:
+            print(f"run   {cell.key}: {shlex.join(command(cell, args, records)[0])}")
+            continue
+        print(f"train {cell.key} ...", flush=True)
+        record = run_cell(cell, args, records)
+        if record is None:
+            failed += 1
+            print(f"FAIL  {cell.key}: see {Path(args.runs_dir) / (cell.key + '.log')}", flush=True)
+            continue
+        record.update(common.provenance("bench.quality", argv))  # the bench command, commit, machine
+        common.append_jsonl(args.results, record)
+        records[cell.key] = record
+        main_metric = record["metrics"].get("main_metric")
+        print(f"done  {cell.key}: test {main_metric} {record['metrics'].get('test', {}).get(main_metric)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

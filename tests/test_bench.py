@@ -1,0 +1,94 @@
+"""Smoke test of the benchmark harness in bench/: a tiny BERT, one step per block. No timing is checked
+(the numbers of a smoke run mean nothing); only that every measurement runs and lands in the record."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # bench/ is a package at the repository root, not part of the installed soralib
+    sys.path.insert(0, str(ROOT))
+
+from bench import common, quality, speed, tables  # noqa: E402
+
+
+def test_speed_smoke_records_every_ratio_and_the_machine(tmp_path, capsys):
+    out = tmp_path / "speed.jsonl"
+    argv = ["--tiny", "--json", "--steps", "1", "--blocks", "1", "--batch", "4", "--seq", "16", "--matmul-size", "64",
+            "--pad-examples", "16", "--out", str(out)]
+    assert speed.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["ratios"]) == set(speed.LABELS)
+    assert set(result["targets"]) == set(common.TARGETS) == set(result["met"])
+    data_free = set(speed.LABELS) - {"padded_over_ours_epoch"}  # that one needs the shared GLUE copy
+    assert all(isinstance(result["ratios"][k], float) for k in data_free - {"sora_over_lora_memory_above_base"})
+    assert {"cores", "torch", "threads", "platform"} <= set(result["machine"])
+    assert result["command"].startswith("python -m bench.speed --tiny")
+    assert result["commit"] is None or len(result["commit"]) == 40
+    assert {"sora.step", "lora.step", "adalora.step", "sora.prox", "matmul.matmul"} <= set(result["medians_ms"])
+    assert common.read_jsonl(out) == [result]
+    assert speed.main(argv) == 0  # the same cell again: skipped, nothing appended
+    assert common.read_jsonl(out) == [result]
+
+
+def _quality_record(task, variant, seed, test, kept, wall=100.0, val=None):
+    metric = {"mrpc": "f1", "rte": "accuracy"}[task]
+    return {"kind": "quality", "key": f"{task}-{variant}-s{seed}-e20", "task": task, "variant": variant,
+            "method": variant.split("-")[0], "seed": seed, "epochs": 20.0, "model": "minilm", "protocol": "paper",
+            "extra": {}, "wall_seconds": wall, "curve": None, "commit": "a" * 40, "machine": {"cores": 2},
+            "metrics": {"main_metric": metric, "eval": {metric: val if val is not None else test},
+                        "test": {metric: test}, "kept_params": kept, "lora_params_at_r_max": 2000,
+                        "train_seconds": wall}}
+
+
+def test_quality_dry_run_skips_finished_cells(tmp_path, capsys):
+    results, runs = tmp_path / "quality.jsonl", tmp_path / "runs"
+    argv = ["--dry-run", "--tasks", "rte", "--seeds", "0,1", "--methods", "lora,sora,adalora", "--results",
+            str(results), "--runs-dir", str(runs)]
+    assert quality.main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.count("run   ") == 6 and "skip  " not in first
+    assert first.index("rte-sora-s0") < first.index("rte-adalora-s0")  # sora first: it sets AdaLoRA's budget
+    assert "--adalora-target-r 4" in first and "--protocol paper" in first
+    assert not results.exists() and not runs.exists()  # a dry run writes nothing
+    common.append_jsonl(results, _quality_record("rte", "sora", 0, 0.6, kept=1000))
+    assert quality.main(argv) == 0
+    second = capsys.readouterr().out
+    assert "skip  rte-sora-s0-e20 (done)" in second and second.count("run   ") == 5
+    adalora = next(line for line in second.splitlines() if "rte-adalora-s0" in line)
+    assert "--target-params 1000" in adalora  # the matching sora cell's final size
+
+
+def _speed_record():
+    ratios = {k: 1.0 for k in speed.LABELS}
+    return {"kind": "speed", "key": "speed-x", "params": {"model": "minilm", "batch": 32, "seq": 128, "steps": 10,
+                                                          "blocks": 5},
+            "ratios": ratios, "targets": {k: t for k, (t, _) in common.TARGETS.items()},
+            "met": {k: common.target_met(k, 1.0) for k in common.TARGETS}, "medians_ms": {"sora.step": 10.0},
+            "memory_mb": {"sora": 500.0}, "flops": {"method": "FlopCounterMode", "train_flops_per_step": 1e9,
+                                                    "achieved_flops_per_s": 1e10, "matmul_peak_flops_per_s": 2e10},
+            "notes": [], "machine": {"cores": 2, "threads": 2, "torch": "x", "platform": "y"}, "commit": "b" * 40,
+            "command": "python -m bench.speed", "time": "2026-01-01T00:00:00"}
+
+
+def test_tables_regenerate_the_readme_between_markers(tmp_path):
+    results = tmp_path / "results"
+    common.append_jsonl(results / "speed.jsonl", _speed_record())
+    for seed, (lora, sora) in enumerate([(0.80, 0.82), (0.84, 0.84)]):
+        common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "lora", seed, lora, kept=2000))
+        common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "sora", seed, sora, kept=1200))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Benchmarks\n\nHand-written.\n\n{tables.BEGIN}\nstale table\n{tables.END}\n")
+    assert tables.main(["--results-dir", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Benchmarks\n\nHand-written.\n\n" + tables.BEGIN) and "stale table" not in text
+    assert "| mrpc (f1) | sora | 2 | 83.00 ± 1.41 | 1,200 | 60.0 |" in text
+    assert "| mrpc (f1) | lora | 2 | 82.00 ± 2.83 | 2,000 | 100.0 |" in text
+    met, missed, unmeasured = (line for line in text.splitlines() if line.startswith("- **"))
+    assert "score ≥ LoRA: mrpc, sora" in met and "params ≤ 70% of LoRA: mrpc, sora" in met
+    assert "speed merged_over_base_latency" in met and "speed sora_over_adalora_step" in missed
+    assert "LoRA's score in ≤ 70% of LoRA's time: mrpc, sora" in unmeasured  # no validation curve yet
+    from soralib.cli import main as sora
+
+    assert sora(["bench", "tables", "--results-dir", str(results), "--readme", str(readme)]) == 0  # `sora bench`
+    assert readme.read_text() == text  # regenerating is idempotent

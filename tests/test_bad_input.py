@@ -17,7 +17,7 @@ def one_line(excinfo) -> str:
     ("r", 0, "r must be a positive integer (r_max), got 0"),
     ("r", -3, "r must be a positive integer (r_max), got -3"),
     ("r", 2.5, "r must be a positive integer (r_max), got 2.5"),
-    ("lora_alpha", 0, "lora_alpha must be > 0, got 0"),
+    ("lora_alpha", 0, "lora_alpha must be a finite number > 0, got 0"),
     ("lora_dropout", 1.0, "lora_dropout must be in [0, 1), got 1.0"),
     ("gate_init", "zeros", "gate_init must be one of randn, ones, got 'zeros'"),
 ])
@@ -31,8 +31,8 @@ def test_config_rejects_bad_field_values(field, value, expected):
     ({"threshold": -1e-3}, "threshold must be a finite number >= 0, got -0.001"),
     ({"threshold": float("nan")}, "threshold must be a finite number >= 0, got nan"),
     ({"threshold_mode": "adaptive"}, "threshold_mode must be one of fixed, lr_scaled, got 'adaptive'"),
-    ({"lr": 0.0}, "lr must be > 0, got 0.0"),
-    ({"weight_decay": -0.1}, "weight_decay must be >= 0, got -0.1"),
+    ({"lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
+    ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0, got -0.1"),
 ])
 def test_optimizer_rejects_bad_thresholds_and_rates(kwargs, expected):
     args = {"lr": 1e-3, **kwargs}

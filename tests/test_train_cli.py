@@ -200,7 +200,7 @@ def _fails_cleanly(capsys, argv, expected: str, out: Path | None = None) -> None
     (["--task", "wnli"], "unknown task 'wnli'; allowed: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte"),
     (["--method", "prefix"], "method must be one of sora, lora, adalora, full, bitfit, got 'prefix'"),
     (["--schedule", "cosine"], "schedule must be one of linear, log_linear, exp_linear, got 'cosine'"),
-    (["--threshold", "-1"], "threshold must be >= 0, got -1.0"),
+    (["--threshold", "-1"], "threshold must be a finite number >= 0, got -1.0"),
     (["--r", "0"], "r must be an integer >= 1, got 0"),
     (["--lr", "fast"], "lr must be a float, got 'fast'"),
     (["--target-params", "100", "--schedule", "linear"], "exclude each other"),

@@ -28,7 +28,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", help="a YAML of config fields (overrides the method's defaults)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
-    p.add_argument("--method", default="sora", help=f"one of {', '.join(METHODS)} (default sora)")
+    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: the --config file's, else sora)")
     for name, field in FIELDS.items():
         if name == "method":
             continue

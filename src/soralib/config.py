@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
 
 GATE_INITS = ("randn", "ones")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class SoraPeftType(str, enum.Enum):
@@ -67,9 +72,9 @@ class SoraConfig(PeftConfig):
         self.peft_type = SoraPeftType.SORA
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer (r_max), got {self.r!r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
+        if not _is_number(self.lora_alpha) or not 0 < self.lora_alpha < math.inf:
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.gate_init not in GATE_INITS:
             raise ValueError(f"gate_init must be one of {', '.join(GATE_INITS)}, got {self.gate_init!r}")

@@ -56,7 +56,11 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     adapter = _adapter_name(model, adapter)
-    config = model.peft_config[adapter]
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or adapter not in configs:
+        have = ", ".join(configs) if isinstance(configs, dict) else "none (not a PEFT model)"
+        raise ValueError(f"no SoRA adapter {adapter!r} to export; adapters: {have}")
+    config = configs[adapter]
     factors = {_strip(name): lora_factors(layer, adapter) for name, layer in sora_layers(model)
                if adapter in layer.sora_gate}
     if not factors:

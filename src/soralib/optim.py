@@ -15,6 +15,7 @@ The step is a post-step hook of the optimizer itself: whenever AMP or gradient a
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator
 
 import torch
@@ -55,7 +56,7 @@ def gate_l1(model: nn.Module) -> torch.Tensor:
 def check_threshold(threshold: float, mode: str) -> None:
     if mode not in THRESHOLD_MODES:
         raise ValueError(f"threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {mode!r}")
-    if not isinstance(threshold, (int, float)) or not threshold >= 0 or threshold == float("inf"):
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
 
 
@@ -100,7 +101,10 @@ def set_threshold(optimizer: torch.optim.Optimizer, threshold: float) -> None:
 
 
 def get_threshold(optimizer: torch.optim.Optimizer) -> float:
-    return next(g["sora_threshold"] for g in optimizer.param_groups if "sora_threshold" in g)
+    for group in optimizer.param_groups:
+        if "sora_threshold" in group:
+            return group["sora_threshold"]
+    raise ValueError("this optimizer has no SoRA gate group; build it with soralib.create_sora_optimizer")
 
 
 def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, threshold: float = 0.0,
@@ -114,10 +118,12 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
     check_threshold(threshold, threshold_mode)
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:
         raise ValueError(f"min_rank must be an integer >= 0, got {min_rank!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if gate_lr is not None and not 0 < gate_lr < math.inf:
+        raise ValueError(f"gate_lr must be a finite number > 0 (or None: lr), got {gate_lr!r}")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     gates = gate_parameters(model)
     if not gates:
         raise ValueError("the model has no trainable SoRA gates; wrap it with peft.get_peft_model(model, SoraConfig(...))")

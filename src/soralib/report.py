@@ -50,6 +50,7 @@ def write_report(run_dir: str | Path) -> Path:
     sparsity = _read_json(run_dir / "sparsity.json") or {}
     history = [row for row in _read_jsonl(run_dir / "history.jsonl") if _is_number(row.get("step"))]
     stages = _read_jsonl(run_dir / "stages.jsonl")
+    _check_structure(run_dir, sparsity, stages)
     main = metrics.get("main_metric") or next((s["main_metric"] for s in stages if s.get("main_metric")), None)
 
     out = run_dir / "report"
@@ -76,6 +77,17 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------- reading
+
+def _check_structure(run_dir: Path, sparsity: dict[str, Any], stages: list[dict[str, Any]]) -> None:
+    """Refuse files of the right syntax but the wrong shape, before any plot is drawn."""
+    modules = sparsity.get("modules", [])
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and "module" in m for m in modules):
+        raise InputError(f"{run_dir / 'sparsity.json'}: 'modules' must be a list of objects with a 'module' key")
+    for stage in stages:
+        for key in ("generalization", "memorization"):
+            if not isinstance(stage.get(key, {}), dict):
+                raise InputError(f"{run_dir / 'stages.jsonl'}: stage {stage.get('stage')!r} has a non-object {key!r}")
+
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in `path`, None if the file is missing; a broken file is a one-line InputError."""

@@ -6,6 +6,7 @@ Precedence: the method's shipped YAML (`soralib/configs/<method>.yaml`) < `--con
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -150,23 +151,42 @@ class TrainConfig:
         for name in ("r", "batch_size", "eval_batch_size", "max_length", "num_stages", "logging_steps"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
-        for name in ("lr", "lora_alpha"):
-            if not getattr(self, name) > 0:
-                bad(name, "> 0")
-        for name in ("threshold", "weight_decay", "warmup_ratio", "l1_coef", "max_grad_norm"):
-            if not getattr(self, name) >= 0:
-                bad(name, ">= 0")
-        if not self.epochs > 0 and self.max_steps <= 0:
-            bad("epochs", "> 0 (or set max_steps)")
+        for name in ("lr", "lora_alpha", "gate_eps"):
+            if not 0 < getattr(self, name) < math.inf:
+                bad(name, "a finite number > 0")
+        if self.gate_lr is not None and not 0 < self.gate_lr < math.inf:
+            bad("gate_lr", "a finite number > 0 (or unset: lr)")
+        for name in ("threshold", "weight_decay", "l1_coef", "max_grad_norm"):
+            if not 0 <= getattr(self, name) < math.inf:
+                bad(name, "a finite number >= 0")
+        if not 0 <= self.warmup_ratio < 1:
+            bad("warmup_ratio", "in [0, 1)")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "in [0, 1)")
+        if not (0 < self.epochs < math.inf or self.max_steps > 0):
+            bad("epochs", "a finite number > 0 (or set max_steps)")
+        for name in ("max_train_samples", "max_eval_samples", "target_params", "adalora_target_r"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                bad(name, "an integer >= 1 (or unset)")
+        if self.target_rank is not None and not 0 < self.target_rank < math.inf:
+            bad("target_rank", "a finite number > 0 (or unset)")
+        for name in ("save_steps", "memorization_samples"):
+            if getattr(self, name) < 0:
+                bad(name, "an integer >= 0")
+        if self.method == "adalora" and self.r < 2:
+            raise InputError(f"adalora needs r >= 2 (it prunes from r down to a smaller target), got {self.r}")
+        if self.method == "adalora" and self.target_rank is not None:
+            raise InputError("adalora takes its budget as target_params or adalora_target_r, not target_rank")
         if self.min_rank is not None and self.min_rank < 0:
             bad("min_rank", ">= 0")
         if self.target_params is not None and self.target_rank is not None:
             raise InputError("give target_params or target_rank, not both")
         if (self.target_params is not None or self.target_rank is not None) and (self.schedule or self.thresholds):
             raise InputError("a parameter budget (target_params/target_rank) and a threshold schedule exclude each other")
-        if self.method not in ("sora", "adalora") and (self.schedule or self.thresholds or self.target_params
-                                                        or self.target_rank):
-            raise InputError(f"schedules and budgets need method sora (or adalora for a budget), got {self.method!r}")
+        if self.method != "sora" and (self.schedule or self.thresholds):
+            raise InputError(f"a threshold schedule needs method sora, got {self.method!r}")
+        if self.method not in ("sora", "adalora") and (self.target_params or self.target_rank):
+            raise InputError(f"a parameter budget needs method sora or adalora, got {self.method!r}")
         if self.max_bad_steps < 1:
             bad("max_bad_steps", "an integer >= 1")
         if self.deepspeed is not None:
@@ -206,6 +226,8 @@ def check_deepspeed_config(path: str) -> None:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise InputError(f"deepspeed config {path} cannot be read as JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"deepspeed config {path} must be a JSON object, got {type(data).__name__}")
     if "optimizer" in data:
         raise InputError(f"deepspeed config {path} has an \"optimizer\" block: DeepSpeed would build its own "
                          "optimizer and silently drop the SoRA prox step; remove the block")
@@ -257,13 +279,17 @@ def coerce(name: str, value: Any) -> Any:
         raise InputError(f"{name} must be {'a list' if kind.startswith('list') else 'a ' + kind}, got {value!r}") from None
 
 
-def build_config(method: str, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Method defaults < config file < explicit overrides (None values in overrides are ignored)."""
+def build_config(method: str | None, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Method defaults < config file < explicit overrides (None values in overrides are ignored).
+
+    The method is `method` if given, else the config file's `method`, else "sora".
+    """
+    from_file = load_yaml(config_file) if config_file else {}
+    method = method or from_file.get("method") or "sora"
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     values = load_yaml(CONFIG_DIR / f"{method}.yaml")
-    if config_file:
-        values.update(load_yaml(config_file))
+    values.update(from_file)
     values.update({k: v for k, v in overrides.items() if v is not None})
     values["method"] = method
     return TrainConfig(**{k: coerce(k, v) for k, v in values.items()}).validate()

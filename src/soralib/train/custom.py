@@ -67,6 +67,16 @@ def load_custom(
     return splits, spec
 
 
+def check_utf8(path: Path) -> None:
+    """Name the file and line of a byte that is not UTF-8, instead of the codec's anonymous message."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise InputError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8") from None
+
+
 def _read_records(path: Path, text_columns: tuple[str, ...], label_column: str) -> list[tuple]:
     """Return ``(path, line, {text column: text}, raw label)`` for each data row of a CSV/JSONL file."""
     suffix = path.suffix.lower()
@@ -74,6 +84,7 @@ def _read_records(path: Path, text_columns: tuple[str, ...], label_column: str) 
         raise InputError(f"{path}: unsupported file type {suffix or '(none)'!r}; allowed: .csv, .jsonl")
     if not path.is_file():
         raise InputError(f"{path}: file not found")
+    check_utf8(path)
     wanted = (*text_columns, label_column)
     out = []
     with open(path, encoding="utf-8-sig", newline="") as f:

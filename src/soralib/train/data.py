@@ -20,7 +20,7 @@ import torch
 
 from soralib.errors import InputError
 from soralib.io import atomic_write_json
-from soralib.train.custom import Rows, as_float, load_custom  # load_custom is part of this module's API
+from soralib.train.custom import Rows, as_float, check_utf8, load_custom  # load_custom is part of this module's API
 from soralib.train.tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def load_glue_dir(task: str | TaskSpec, data_dir: str | os.PathLike) -> dict[str
 def _read_glue_tsv(path: Path, fmt: _TsvFormat) -> Rows:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
+    check_utf8(path)
     rows: Rows = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)

@@ -53,13 +53,15 @@ def load_base(config: TrainConfig, num_labels: int):
     """(model, tokenizer) for sequence classification (num_labels 1: regression)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    if not config.model:
+        raise InputError("--model is required: a local directory, a hub id, or 'minilm'")
     path = resolve_model_path(config.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, problem_type="regression" if num_labels == 1 else None,
             ignore_mismatched_sizes=True)  # a head of another size is re-initialised, as run_glue does
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise InputError(f"cannot load model {config.model!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # decoder-only models (Llama, GPT-2) have no pad token
         tokenizer.pad_token = tokenizer.eos_token
@@ -77,6 +79,10 @@ def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget
     """Make `model` trainable the method's way. `adapter_budget` (parameters) sets AdaLoRA's final rank."""
     import peft
 
+    names = {n for n, _ in model.named_modules()}
+    for wanted in config.modules_to_save or []:  # PEFT silently ignores a name that matches nothing
+        if not any(n == wanted or n.endswith("." + wanted) for n in names):
+            raise InputError(f"modules_to_save entry {wanted!r} matches no module of the model")
     common = dict(task_type="SEQ_CLS", target_modules=target_modules(config, model),
                   modules_to_save=config.modules_to_save)
     if config.method == "sora":
@@ -95,7 +101,8 @@ def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget
         target_r = config.adalora_target_r or (round(adapter_budget / (sum(costs) / len(costs)) / len(costs))
                                                if adapter_budget else max(config.r // 2, 1))
         return peft.get_peft_model(model, peft.AdaLoraConfig(
-            init_r=config.r, target_r=max(1, min(target_r, config.r - 1)),  # PEFT needs target_r < init_r lora_alpha=config.lora_alpha,
+            # PEFT needs target_r < init_r
+            init_r=config.r, target_r=max(1, min(target_r, config.r - 1)), lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout, total_step=total_steps, tinit=int(0.1 * total_steps),
             tfinal=int(0.2 * total_steps), deltaT=max(1, total_steps // 100), **common))
     head = {"classifier", "score"} | set(config.modules_to_save or [])

@@ -37,6 +37,8 @@ def load_trained_model(run_dir: str | Path, config: TrainConfig, num_labels: int
         else:
             model = load_adapter_safely(model, run / "adapter")
     else:
+        if not (run / "model" / "trainable.safetensors").is_file():
+            raise InputError(f"{run} has no finished model (model/trainable.safetensors)")
         trained = load_file(str(run / "model" / "trainable.safetensors"))
         missing = set(trained) - {n for n, _ in model.named_parameters()}
         if missing:
@@ -84,10 +86,16 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
         raise InputError(f"{run} is not a finished SoRA run (no sora_adapter/)")
     if layout not in soralib.export.LAYOUTS:
         raise InputError(f"layout must be one of {', '.join(soralib.export.LAYOUTS)}, got {layout!r}")
+    out = Path(out_dir) if out_dir else run / f"adapter-{layout}"
+    inside = out.resolve() == run.resolve() or run.resolve() in out.resolve().parents
+    if inside and not (out.resolve().parent == run.resolve() and out.name.startswith("adapter-")):
+        raise InputError(f"--out {out} would overwrite part of the run {run}; use {run}/adapter-NAME or another dir")
+    if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
+        raise InputError(f"--out {out} is a non-empty directory that is not an adapter; choose another")
     num_labels = get_task(config.task).num_labels if config.task != "custom" else _custom_labels(run)
     base, _ = load_base(config, num_labels)
     model = soralib.load_adapter_safely(base, run / "sora_adapter")
-    return soralib.export_lora(model, out_dir or run / f"adapter-{layout}", layout=layout)
+    return soralib.export_lora(model, out, layout=layout)
 
 
 def _custom_labels(run: Path) -> int:

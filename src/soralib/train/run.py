@@ -53,8 +53,9 @@ def check_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> bool
         if (out / "metrics.json").exists():
             raise InputError(f"the run in {out} is finished (metrics.json exists); nothing to resume")
         return False
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output directory {out} is a file")
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"output directory {out}: {parent} is a file")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise InputError(f"output directory {out} is not empty; pass --overwrite to replace it or --resume")
@@ -108,6 +109,15 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
     model, tokenizer = load_base(config, spec.num_labels)
     features = {name: data_mod.tokenize_rows(rows, tokenizer, spec.text_columns, config.max_length, cache_dir())
                 for name, rows in splits.items() if rows}
+    memorize = random.Random(config.seed).sample(range(len(features["train"])),
+                                                 min(config.memorization_samples, len(features["train"])))
+    steps = _steps_per_stage(config, len(features["train"]))
+    seed_everything(config.seed)  # the adapter's init must not depend on how much tokenizing happened
+    if config.method == "adalora":
+        model = wrap(config, model, total_steps=steps, adapter_budget=config.target_params)
+    else:
+        model = wrap(config, model, total_steps=steps)  # bad target modules fail here, before any write
+    budget = _budget(config, model) if config.method == "sora" else None
     out = Path(config.output_dir)
     processes = PartialState()  # under torchrun: one per rank, and only rank 0 writes
     if processes.is_main_process:
@@ -118,15 +128,6 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
             save_yaml(config, out / "config.yaml")
     processes.wait_for_everyone()
     state = _read_json(out / "state.json", {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0})
-    memorize = random.Random(config.seed).sample(range(len(features["train"])),
-                                                 min(config.memorization_samples, len(features["train"])))
-    steps = _steps_per_stage(config, len(features["train"]))
-    seed_everything(config.seed)  # the adapter's init must not depend on how much tokenizing happened
-    if config.method == "adalora":
-        model = wrap(config, model, total_steps=steps, adapter_budget=config.target_params)
-    else:
-        model = wrap(config, model, total_steps=steps)
-    budget = _budget(config, model) if config.method == "sora" else None
 
     for stage, threshold in enumerate(thresholds, start=1):
         stage_dir = out / "stages" / f"stage-{stage}"

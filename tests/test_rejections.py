@@ -1,6 +1,6 @@
 """The rows of docs/errors.md that no other test file covers: each rejected input, its one-line message and,
-for the CLI, exit code 2 with nothing written. The strict xfails at the end are the rows marked "not rejected
-yet": each turns into a failure once the gap is fixed, so that the table gets updated with it."""
+for the CLI, exit code 2 with nothing written. The `test_gap_*` tests cover gaps found while the table was
+written, closed since."""
 
 import sys
 
@@ -259,6 +259,7 @@ BAD_FLAGS = [
 
 
 BAD_FLAGS += [  # rejected up front since docs/errors.md listed them as gaps
+    ("budget-with-lora", ["--method", "lora", "--target-params", "100"], "a parameter budget needs method sora or adalora, got 'lora'"),
     ("max-train-samples-negative", ["--max-train-samples", "-5"], "max_train_samples must be an integer >= 1 (or unset), got -5"),
     ("max-eval-samples-0", ["--max-eval-samples", "0"], "max_eval_samples must be an integer >= 1 (or unset), got 0"),
     ("save-steps-negative", ["--save-steps", "-1"], "save_steps must be an integer >= 0, got -1"),
@@ -605,3 +606,19 @@ def test_a_missing_model_flag_says_what_is_required(glue_dir, tiny_model, tmp_pa
     args = train_args(glue_dir, tiny_model, out)
     del args[args.index("--model"):args.index("--model") + 2]
     fails_cleanly(capsys, args, "--model is required: a local directory, a hub id, or 'minilm'", out)
+
+
+def test_a_stages_line_with_a_non_object_generalization_is_refused_before_any_plot(tmp_path):
+    (tmp_path / "stages.jsonl").write_text('{"stage": 1, "generalization": 5}\n')
+    with pytest.raises(InputError, match="stages.jsonl: stage 1 has a non-object 'generalization'"):
+        write_report(tmp_path)
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("where", ["run", "run/adapter"])
+def test_export_out_inside_the_run_is_refused_and_the_run_kept(glue_dir, tiny_model, tmp_path, capsys, where):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, **{"metrics.json": '{"task": "rte"}'})
+    (run / "sora_adapter").mkdir()
+    (run / "sora_adapter" / "adapter_config.json").write_text("{}")
+    fails_cleanly(capsys, ["export", run, "--out", tmp_path / where], "would overwrite part of the run")
+    assert (run / "metrics.json").read_text() == '{"task": "rte"}'

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -29,27 +30,26 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
     p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: the --config file's, else sora)")
-    for name, field in FIELDS.items():
+    for name in FIELDS:
         if name == "method":
             continue
-        doc = (field.metadata.get("help") if field.metadata else None) or _field_doc(name)
+        doc = _field_docs().get(name, "")
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(), help=doc)
 
 
-def _field_doc(name: str) -> str:
-    """The docstring under a TrainConfig field (litgpt style), for --help."""
+@functools.lru_cache(maxsize=1)
+def _field_docs() -> dict[str, str]:
+    """The docstring under each TrainConfig field (litgpt style), for --help."""
     import ast
     import inspect
 
     from .train import config as module
 
-    tree = ast.parse(inspect.getsource(module.TrainConfig))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == name:
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                return str(nxt.value.value).replace("%", "%%")
-    return ""
+    body = ast.parse(inspect.getsource(module.TrainConfig)).body[0].body
+    return {node.target.id: str(nxt.value.value).replace("%", "%%")
+            for node, nxt in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
 
 
 def cmd_train(args: argparse.Namespace) -> int:

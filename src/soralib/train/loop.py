@@ -45,6 +45,10 @@ class SoraTrainer(Trainer):
         self.started, self.eval_seconds = time.perf_counter(), 0.0
         return super().train(*args, **kwargs)
 
+    @property
+    def nonfinite(self) -> "NonFiniteGuard":
+        return next(c for c in self.callback_handler.callbacks if isinstance(c, NonFiniteGuard))
+
     def training_seconds(self) -> float:
         """Seconds spent training so far in the run, evaluations excluded: the x axis of time-to-score."""
         return self.seconds_before + time.perf_counter() - self.started - self.eval_seconds
@@ -64,9 +68,8 @@ class SoraTrainer(Trainer):
             report = soralib.sparsity_report(self.model)
             logs = {**logs, "threshold": soralib.get_threshold(self.optimizer), "kept_rank": report["kept_rank"],
                     "kept_params": report["kept_params"]}
-        guard = next((c for c in self.callback_handler.callbacks if isinstance(c, NonFiniteGuard)), None)
-        if guard is not None and guard.skipped and "loss" in logs:
-            logs = {**logs, "skipped_steps": guard.skipped}
+        if self.nonfinite.skipped and "loss" in logs:
+            logs = {**logs, "skipped_steps": self.nonfinite.skipped}
         if self.args.should_save:
             self.eval_seconds += sum(v for k, v in logs.items() if k.endswith("_runtime") and k != "train_runtime")
             line = {"step": self.state.global_step, "stage": self.stage,

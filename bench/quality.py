@@ -1,13 +1,18 @@
 """Quality benchmark: a resumable matrix of `sora train` runs, task × method variant × seed.
 
     python -m bench.quality [--tasks rte,mrpc,cola,stsb] [--seeds 0,1,2] [--methods sora,lora,...]
-                            [--epochs 20] [--dry-run] [--set FIELD=VALUE ...]
+                            [--epochs 20] [--jobs 1] [--dry-run] [--set FIELD=VALUE ...]
 
 Every cell is one `sora train` subprocess into bench/runs/<key>/ under one protocol (MiniLM, protocol paper:
 the dev set's first shuffled half selects, the second half is the test set; max length 128; batch 8; each
 method family's shipped learning rate). A finished cell (its key in the results JSONL) is skipped, an
 interrupted one resumed; each finished cell appends one line: the run's metrics.json, wall time, the exact
 command, the commit and the machine.
+
+`--jobs N` runs N cells at once, each with cores // N torch threads. On 2 cores two one-thread runs of
+MiniLM at batch 8 do 1.3x the steps per second of one two-thread run (small matmuls thread poorly), but
+every wall time then depends on its neighbour: the job count is part of the cell key, so cells run with
+different job counts are never mixed in one table.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import json
 import shlex
 import subprocess
 import sys
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,16 +51,21 @@ class Cell:
     epochs: float
     model: str = "minilm"
     extra: tuple[tuple[str, str], ...] = ()  # --set FIELD=VALUE overrides, part of the key
+    jobs: int = 1  # cells run at once: it changes every wall time, so it is part of the key
 
     @property
     def key(self) -> str:
         key = f"{self.task}-{self.variant}-s{self.seed}-e{self.epochs:g}"
         if self.model != "minilm" or self.extra:  # anything else that changes the run changes the key
             key += "-" + common.short_hash([self.model, list(self.extra)])
-        return key
+        return key + (f"-j{self.jobs}" if self.jobs > 1 else "")
+
+    @property
+    def threads(self) -> int:
+        return max(1, (os.cpu_count() or 1) // self.jobs)
 
     def sibling(self, variant: str) -> "Cell":
-        return Cell(self.task, variant, self.seed, self.epochs, self.model, self.extra)
+        return Cell(self.task, variant, self.seed, self.epochs, self.model, self.extra, self.jobs)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,6 +75,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(VARIANTS), help=f"variants among {', '.join(VARIANTS)}")
     p.add_argument("--epochs", type=float, default=20.0, help="training epochs of every method (default 20); "
                    "sora-schedule spreads them over its 3 stages")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each with cores // jobs threads")
     p.add_argument("--model", default="minilm")
     p.add_argument("--data-dir", default=str(common.GLUE_DIR) if common.GLUE_DIR.is_dir() else None,
                    help="GLUE TSV directory (default: ../shared/data/glue when present, else the hub)")
@@ -75,6 +88,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [v for v in args.methods.split(",") if v not in VARIANTS]
     if unknown or any("=" not in s for s in args.set):
         p.error(f"unknown variant(s) {unknown}" if unknown else "--set takes FIELD=VALUE")
+    if not 1 <= args.jobs <= (os.cpu_count() or 1):
+        p.error(f"--jobs {args.jobs}: allowed 1 to the number of cores ({os.cpu_count()})")
     return args
 
 
@@ -82,7 +97,7 @@ def cells(args: argparse.Namespace) -> list[Cell]:
     """The matrix in run order: per task and seed, the SoRA variants first (AdaLoRA's budget comes from sora)."""
     extra = tuple(sorted(tuple(s.split("=", 1)) for s in args.set))
     variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
-    return [Cell(t, v, int(s), args.epochs, args.model, extra)
+    return [Cell(t, v, int(s), args.epochs, args.model, extra, args.jobs)
             for t in args.tasks.split(",") for s in args.seeds.split(",") for v in variants]
 
 
@@ -116,14 +131,25 @@ def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> t
 
 
 def validation_curve(history: Path, main_metric: str) -> tuple[list[list[float]] | None, str]:
-    """[[elapsed training seconds, validation score], ...] from history.jsonl, or (None, why not).
+    """[[elapsed training seconds, validation score, training steps], ...] from history.jsonl, or (None, why).
 
     Reads the per-epoch validation lines that `--eval-each-epoch true` makes the harness write: "split":
     "validation", "elapsed_seconds" (training seconds so far, evaluations excluded, summed over stages)
-    and "eval_<metric>".
+    and "eval_<metric>". "step" restarts with each scheduler stage, so the steps of the earlier stages
+    (each stage's last logged step) are added: the third value counts every step since the start, a
+    time axis that no other process on the machine can disturb.
     """
     rows = common.read_jsonl(history)
-    points = [[r["elapsed_seconds"], r[f"eval_{main_metric}"]] for r in rows
+    last_step: dict[int, int] = {}
+    for r in rows:
+        stage = r.get("stage", 1)
+        last_step[stage] = max(last_step.get(stage, 0), r.get("step", 0))
+
+    def steps_so_far(r: dict) -> int:
+        stage = r.get("stage", 1)
+        return sum(n for s, n in last_step.items() if s < stage) + r.get("step", 0)
+
+    points = [[r["elapsed_seconds"], r[f"eval_{main_metric}"], steps_so_far(r)] for r in rows
               if r.get("split") == "validation" and "elapsed_seconds" in r and f"eval_{main_metric}" in r]
     if not points:
         return None, "no per-epoch validation in history.jsonl (run without --eval-each-epoch)"
@@ -141,8 +167,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
     if not (run_dir / "metrics.json").is_file():  # else: trained earlier, only the JSONL line was lost
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": str(cell.threads)}  # torch's intra-op threads
         with open(run_dir.parent / f"{cell.key}.log", "a") as log:  # outside run_dir: sora train wants it empty
-            done = subprocess.run(argv, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT)
+            done = subprocess.run(argv, cwd=common.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         wall = round(time.perf_counter() - started, 3)
         if done.returncode != 0 or not (run_dir / "metrics.json").is_file():
             return None
@@ -150,33 +177,51 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
     curve, curve_note = validation_curve(run_dir / "history.jsonl", metrics.get("main_metric", ""))
     return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "method": metrics["method"],
             "seed": cell.seed, "epochs": cell.epochs, "model": cell.model, "protocol": "paper",
+            "jobs": cell.jobs, "threads": cell.threads,
             "extra": dict(cell.extra), "metrics": metrics, "wall_seconds": wall, "resumed": resumed,
-            "budget": budget or None, "curve": curve, "curve_note": curve_note, "run_command": shlex.join(argv)}
+            "budget": budget or None, "curve": curve, "curve_note": curve_note,
+            "run_command": f"OMP_NUM_THREADS={cell.threads} {shlex.join(argv)}"}
+
+
+def ready(cell: Cell, waiting: set[str]) -> bool:
+    """AdaLoRA's budget is its sora sibling's final size: it waits while that cell is queued or running."""
+    return cell.variant != "adalora" or cell.sibling("sora").key not in waiting
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     records = {r["key"]: r for r in common.read_jsonl(args.results) if "key" in r}
-    failed = 0
+    queue = []
     for cell in cells(args):
         if cell.key in records:
             print(f"skip  {cell.key} (done)")
-            continue
-        if args.dry_run:
+        elif args.dry_run:
             print(f"run   {cell.key}: {shlex.join(command(cell, args, records)[0])}")
-            continue
-        print(f"train {cell.key} ...", flush=True)
-        record = run_cell(cell, args, records)
-        if record is None:
-            failed += 1
-            print(f"FAIL  {cell.key}: see {Path(args.runs_dir) / (cell.key + '.log')}", flush=True)
-            continue
-        record.update(common.provenance("bench.quality", argv))  # the bench command, commit, machine
-        common.append_jsonl(args.results, record)
-        records[cell.key] = record
-        main_metric = record["metrics"].get("main_metric")
-        print(f"done  {cell.key}: test {main_metric} {record['metrics'].get('test', {}).get(main_metric)}")
+        else:
+            queue.append(cell)
+    failed = 0
+    running: dict[Any, Cell] = {}
+    with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on `sora train` subprocesses
+        while queue or running:
+            waiting = {c.key for c in queue} | {c.key for c in running.values()}
+            for cell in [c for c in queue if ready(c, waiting)][: args.jobs - len(running)]:
+                queue.remove(cell)
+                print(f"train {cell.key} ...", flush=True)
+                running[pool.submit(run_cell, cell, args, records)] = cell
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:  # results are appended here, by one thread only
+                cell, record = running.pop(future), future.result()
+                if record is None:
+                    failed += 1
+                    print(f"FAIL  {cell.key}: see {Path(args.runs_dir) / (cell.key + '.log')}", flush=True)
+                    continue
+                record.update(common.provenance("bench.quality", argv))  # the bench command, commit, machine
+                common.append_jsonl(args.results, record)
+                records[cell.key] = record
+                main_metric = record["metrics"].get("main_metric")
+                print(f"done  {cell.key}: test {main_metric} {record['metrics'].get('test', {}).get(main_metric)}",
+                      flush=True)
     return 1 if failed else 0
 
 

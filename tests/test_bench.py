@@ -2,6 +2,7 @@
 (the numbers of a smoke run mean nothing); only that every measurement runs and lands in the record."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -92,3 +93,45 @@ def test_tables_regenerate_the_readme_between_markers(tmp_path):
 
     assert sora(["bench", "tables", "--results-dir", str(results), "--readme", str(readme)]) == 0  # `sora bench`
     assert readme.read_text() == text  # regenerating is idempotent
+
+
+def test_quality_jobs_run_cells_side_by_side_and_adalora_waits_for_its_sora_cell(tmp_path, monkeypatch, capsys):
+    import threading
+    import time
+
+    events, lock, running, most = [], threading.Lock(), [0], [0]
+
+    def fake_run_cell(cell, args, records):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            events.append(("start", cell.key, cell.threads, cell.sibling("sora").key in records))
+        time.sleep(0.3 if cell.variant == "sora" else 0.05)  # sora is slow: AdaLoRA must wait for it anyway
+        with lock:
+            running[0] -= 1
+        return {"key": cell.key, "metrics": {"main_metric": "accuracy", "test": {"accuracy": 0.5}}}
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    results = tmp_path / "quality.jsonl"
+    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "sora,lora,adalora,full", "--jobs", "2", "--results",
+            str(results), "--runs-dir", str(tmp_path / "runs")]
+    assert quality.main(argv) == 0
+    assert most[0] == 2  # two cells at a time
+    started = {key: (threads, sora_done) for _, key, threads, sora_done in events}
+    assert set(started) == {f"rte-{v}-s0-e20-j2" for v in ("sora", "lora", "adalora", "full")}
+    assert all(threads == max(1, (os.cpu_count() or 1) // 2) for threads, _ in started.values())
+    assert started["rte-adalora-s0-e20-j2"][1] is True  # it started only once the sora cell's record existed
+    assert [r["key"] for r in common.read_jsonl(results)][0] != "rte-adalora-s0-e20-j2"
+    assert len(common.read_jsonl(results)) == 4
+
+
+def test_quality_curve_counts_training_steps_across_scheduler_stages(tmp_path):
+    history = tmp_path / "history.jsonl"
+    lines = [{"step": 10, "stage": 1, "elapsed_seconds": 1.0, "loss": 0.5},
+             {"step": 50, "stage": 1, "elapsed_seconds": 5.0, "eval_f1": 0.6, "split": "validation"},
+             {"step": 50, "stage": 1, "elapsed_seconds": 5.0, "train_runtime": 5.0},
+             {"step": 50, "stage": 2, "elapsed_seconds": 9.0, "eval_f1": 0.7, "split": "validation"},
+             {"step": 40, "stage": 3, "elapsed_seconds": 12.0, "eval_f1": 0.8, "split": "validation"}]
+    history.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    curve, _ = quality.validation_curve(history, "f1")
+    assert curve == [[5.0, 0.6, 50], [9.0, 0.7, 100], [12.0, 0.8, 140]]

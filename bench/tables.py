@@ -89,9 +89,11 @@ def speed_section(records: list[dict[str, Any]]) -> list[str]:
 
 
 def setting(r: dict[str, Any]) -> str:
-    """Cells are compared only within one setting: model, epochs and extra overrides."""
+    """Cells are compared only within one setting: model, epochs, extra overrides and jobs side by side."""
     extra = ", ".join(f"{k}={v}" for k, v in sorted((r.get("extra") or {}).items()))
-    return f"{r['model']}, {r['epochs']:g} epochs, protocol {r.get('protocol')}" + (f", {extra}" if extra else "")
+    jobs = r.get("jobs", 1)
+    return (f"{r['model']}, {r['epochs']:g} epochs, protocol {r.get('protocol')}" + (f", {extra}" if extra else "")
+            + (f", {jobs} cells at a time × {r.get('threads')} thread(s)" if jobs > 1 else ""))
 
 
 def main_score(r: dict[str, Any], split: str = "test") -> float | None:
@@ -99,13 +101,17 @@ def main_score(r: dict[str, Any], split: str = "test") -> float | None:
     return metrics.get(split, {}).get(metrics.get("main_metric"))
 
 
-def time_to_score(sora: dict[str, Any], lora: dict[str, Any]) -> float | None:
-    """Share of LoRA's training time SoRA needed to first reach LoRA's final validation score, from
-    SoRA's validation curve; None when there is no curve (or SoRA never reached it: then inf)."""
-    goal, lora_seconds = main_score(lora, "eval"), lora["metrics"].get("train_seconds")
-    if not sora.get("curve") or goal is None or not lora_seconds:
+def time_to_score(sora: dict[str, Any], lora: dict[str, Any], axis: str = "seconds") -> float | None:
+    """Share of LoRA's training time (`axis` "seconds") or steps ("steps") that a method needed to first
+    reach LoRA's final validation score, from its validation curve; None when there is no curve (or no
+    step counts, in records older than them); inf when it never reached the score."""
+    goal = main_score(lora, "eval")
+    lora_total = lora["metrics"].get("train_seconds" if axis == "seconds" else "steps")
+    curve = sora.get("curve") or []
+    if not curve or goal is None or not lora_total or (axis == "steps" and len(curve[0]) < 3):
         return None
-    return next((t / lora_seconds for t, score in sora["curve"] if score >= goal), float("inf"))
+    at = 0 if axis == "seconds" else 2
+    return next((point[at] / lora_total for point in curve if point[1] >= goal), float("inf"))
 
 
 def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[tuple[str, bool | None]]]:
@@ -120,8 +126,8 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[tupl
         groups.setdefault((setting(r), r["task"], r["variant"]), []).append(r)
     for name in sorted({s for s, _, _ in groups}):
         lines += [f"### {name}", "", "| task | method | seeds | test metric (mean ± std, ×100) | adapter params "
-                  "| % of LoRA | wall time (s) | time to LoRA's score (share of LoRA's) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| Δ vs LoRA, paired by seed | % of LoRA | wall time (s) | time to LoRA's score (share of LoRA's) "
+                  "| steps to it (share) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for task in sorted({t for s, t, _ in groups if s == name}):
             lora = groups.get((name, task, "lora"), [])
             lora_params = statistics.mean(r["metrics"]["kept_params"] for r in lora) if lora else None
@@ -130,12 +136,13 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[tupl
                 scores = [s for s in map(main_score, rs) if s is not None]
                 params = statistics.mean(r["metrics"]["kept_params"] for r in rs)
                 walls = [r["wall_seconds"] for r in rs if r.get("wall_seconds") is not None]
-                share = _time_shares(rs, lora)
+                share, step_share = _time_shares(rs, lora), _time_shares(rs, lora, "steps")
                 lines.append(f"| {task} ({rs[0]['metrics'].get('main_metric')}) | {variant} | {len(rs)} | "
-                             f"{mean_std(scores, 100)} | {params:,.0f} | "
+                             f"{mean_std(scores, 100)} | {params:,.0f} | {mean_std(_paired_deltas(rs, lora), 100)} | "
                              f"{fmt(100 * params / lora_params, 1) if lora_params else '–'} | "
                              f"{fmt(statistics.mean(walls), 0) if walls else '–'} | "
-                             f"{fmt(statistics.mean(share), 2) if share else 'n/a (no validation curve)'} |")
+                             f"{fmt(statistics.mean(share), 2) if share else 'n/a (no validation curve)'} | "
+                             f"{fmt(statistics.mean(step_share), 2) if step_share else '–'} |")
                 if variant in SORA_VARIANTS and lora:
                     lora_scores = [s for s in map(main_score, lora) if s is not None]
                     at = f"{task}, {variant} ({name})"
@@ -144,16 +151,48 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[tupl
                     checks.append((f"params ≤ 70% of LoRA: {at}", params <= 0.7 * lora_params))
                     checks.append((f"LoRA's score in ≤ 70% of LoRA's time: {at}",
                                    statistics.mean(share) <= 0.7 if share else None))
-        lines += [""]
+        lines += [""] + _across_tasks(name, groups)
     commits = sorted({(r.get("commit") or "?")[:12] for r in quality})
     lines += [f"Commits: {', '.join(commits)}. Each line of bench/results/quality.jsonl holds its cell's exact "
               "`sora train` command (`run_command`), metrics.json and machine.", ""]
     return lines, checks
 
 
-def _time_shares(rs: list[dict[str, Any]], lora: list[dict[str, Any]]) -> list[float]:
+def _paired_deltas(rs: list[dict[str, Any]], lora: list[dict[str, Any]]) -> list[float]:
+    """Score minus LoRA's score of the same seed (same split and data order): less noisy than two means."""
+    by_seed = {r["seed"]: main_score(r) for r in lora}
+    return [main_score(r) - by_seed[r["seed"]] for r in rs
+            if by_seed.get(r["seed"]) is not None and main_score(r) is not None]
+
+
+def _across_tasks(name: str, groups: dict[tuple[str, str, str], list[dict[str, Any]]]) -> list[str]:
+    """Per method, the mean over the tasks of one setting (every task counts once, whatever its seeds)."""
+    tasks = sorted({t for s, t, _ in groups if s == name})
+    if len(tasks) < 2:
+        return []
+    lines = [f"Mean over the tasks that have both the method and LoRA ({', '.join(tasks)}):", "",
+             "| method | tasks | seeds per task | test metric (×100) | Δ vs LoRA | % of LoRA's params | "
+             "time to LoRA's score |", "|---|---|---|---|---|---|---|"]
+    for variant in VARIANTS:
+        rows = [(groups[(name, t, variant)], groups[(name, t, "lora")]) for t in tasks
+                if (name, t, variant) in groups and (name, t, "lora") in groups]
+        if not rows:
+            continue
+        score = [statistics.mean(s for s in map(main_score, rs) if s is not None) for rs, _ in rows]
+        delta = [statistics.mean(d) for d in (_paired_deltas(rs, lora) for rs, lora in rows) if d]
+        params = [statistics.mean(r["metrics"]["kept_params"] for r in rs)
+                  / statistics.mean(r["metrics"]["kept_params"] for r in lora) for rs, lora in rows]
+        share = [statistics.mean(x) for x in (_time_shares(rs, lora) for rs, lora in rows) if x]
+        seeds = sorted({len(rs) for rs, _ in rows})
+        lines.append(f"| {variant} | {len(rows)} | {'/'.join(map(str, seeds))} | {100 * statistics.mean(score):.2f} | "
+                     f"{100 * statistics.mean(delta):+.2f} | {100 * statistics.mean(params):.1f} | "
+                     f"{fmt(statistics.mean(share), 2) if share else '–'} |")
+    return lines + [""]
+
+
+def _time_shares(rs: list[dict[str, Any]], lora: list[dict[str, Any]], axis: str = "seconds") -> list[float]:
     by_seed = {r["seed"]: r for r in lora}
-    shares = [time_to_score(r, by_seed[r["seed"]]) for r in rs if r["seed"] in by_seed]
+    shares = [time_to_score(r, by_seed[r["seed"]], axis) for r in rs if r["seed"] in by_seed]
     return [s for s in shares if s is not None]
 
 

@@ -83,8 +83,8 @@ def test_tables_regenerate_the_readme_between_markers(tmp_path):
     assert tables.main(["--results-dir", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("# Benchmarks\n\nHand-written.\n\n" + tables.BEGIN) and "stale table" not in text
-    assert "| mrpc (f1) | sora | 2 | 83.00 ± 1.41 | 1,200 | 60.0 |" in text
-    assert "| mrpc (f1) | lora | 2 | 82.00 ± 2.83 | 2,000 | 100.0 |" in text
+    assert "| mrpc (f1) | sora | 2 | 83.00 ± 1.41 | 1,200 | 1.00 ± 1.41 | 60.0 |" in text
+    assert "| mrpc (f1) | lora | 2 | 82.00 ± 2.83 | 2,000 | 0.00 ± 0.00 | 100.0 |" in text
     met, missed, unmeasured = (line for line in text.splitlines() if line.startswith("- **"))
     assert "score ≥ LoRA: mrpc, sora" in met and "params ≤ 70% of LoRA: mrpc, sora" in met
     assert "speed merged_over_base_latency" in met and "speed sora_over_adalora_step" in missed
@@ -135,3 +135,30 @@ def test_quality_curve_counts_training_steps_across_scheduler_stages(tmp_path):
     history.write_text("".join(json.dumps(x) + "\n" for x in lines))
     curve, _ = quality.validation_curve(history, "f1")
     assert curve == [[5.0, 0.6, 50], [9.0, 0.7, 100], [12.0, 0.8, 140]]
+
+
+def test_tables_average_each_method_over_tasks_with_deltas_paired_by_seed(tmp_path):
+    results = tmp_path / "results"
+    cells = {("mrpc", "lora"): [(0.80, 2000), (0.84, 2000)], ("mrpc", "sora"): [(0.82, 1200), (0.83, 1200)],
+             ("rte", "lora"): [(0.60, 2000), (0.70, 2000)], ("rte", "sora"): [(0.64, 1000), (0.70, 1000)]}
+    for (task, variant), seeds in cells.items():
+        for seed, (score, kept) in enumerate(seeds):
+            common.append_jsonl(results / "quality.jsonl", _quality_record(task, variant, seed, score, kept))
+    readme = tmp_path / "README.md"
+    assert tables.main(["--results-dir", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    # mrpc: deltas +0.02 and -0.01 -> +0.50 ± 2.12; rte: +0.04 and 0.00 -> +2.00 ± 2.83 (×100)
+    assert "| mrpc (f1) | sora | 2 | 82.50 ± 0.71 | 1,200 | 0.50 ± 2.12 | 60.0 |" in text
+    assert "| rte (accuracy) | sora | 2 | 67.00 ± 4.24 | 1,000 | 2.00 ± 2.83 | 50.0 |" in text
+    # over tasks: score (82.5 + 67) / 2, delta (0.5 + 2) / 2, params (60 + 50) / 2
+    assert "| sora | 2 | 2 | 74.75 | +1.25 | 55.0 |" in text
+    assert "| lora | 2 | 2 | 73.50 | +0.00 | 100.0 |" in text
+
+
+def test_time_to_lora_score_is_measured_in_seconds_and_in_steps():
+    lora = {"metrics": {"main_metric": "f1", "eval": {"f1": 0.7}, "train_seconds": 50.0, "steps": 400}}
+    sora = {"curve": [[10.0, 0.5, 100], [20.0, 0.8, 200]]}
+    assert tables.time_to_score(sora, lora) == 20.0 / 50.0
+    assert tables.time_to_score(sora, lora, "steps") == 200 / 400
+    assert tables.time_to_score({"curve": [[10.0, 0.5, 100]]}, lora) == float("inf")  # never reached
+    assert tables.time_to_score({"curve": [[10.0, 0.8]]}, lora, "steps") is None  # a record from before step counts

@@ -201,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             queue.append(cell)
     failed = 0
+    origin = common.provenance("bench.quality", argv)  # the code the cells run: taken before the first starts
     running: dict[Any, Cell] = {}
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on `sora train` subprocesses
         while queue or running:
@@ -216,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     failed += 1
                     print(f"FAIL  {cell.key}: see {Path(args.runs_dir) / (cell.key + '.log')}", flush=True)
                     continue
-                record.update(common.provenance("bench.quality", argv))  # the bench command, commit, machine
+                record.update({**origin, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # command, commit, machine
                 common.append_jsonl(args.results, record)
                 records[cell.key] = record
                 main_metric = record["metrics"].get("main_metric")

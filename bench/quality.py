@@ -76,6 +76,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=20.0, help="training epochs of every method (default 20); "
                    "sora-schedule spreads them over its 3 stages")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each with cores // jobs threads")
+    p.add_argument("--start-within", type=float, default=None, metavar="MINUTES",
+                   help="start no cell after this many minutes (running ones finish): a sitting that ends on time "
+                        "instead of a killed cell, whose resumed run would lose the killed part's training time")
     p.add_argument("--model", default="minilm")
     p.add_argument("--data-dir", default=str(common.GLUE_DIR) if common.GLUE_DIR.is_dir() else None,
                    help="GLUE TSV directory (default: ../shared/data/glue when present, else the hub)")
@@ -203,8 +206,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = 0
     origin = common.provenance("bench.quality", argv)  # the code the cells run: taken before the first starts
     running: dict[Any, Cell] = {}
+    deadline = None if args.start_within is None else time.monotonic() + 60 * args.start_within
     with ThreadPoolExecutor(args.jobs) as pool:  # threads only wait on `sora train` subprocesses
         while queue or running:
+            if queue and deadline is not None and time.monotonic() > deadline:
+                print(f"stop  --start-within {args.start_within:g} minutes passed: {len(queue)} cell(s) left for "
+                      "the next run", flush=True)
+                queue.clear()
+                if not running:
+                    break
             waiting = {c.key for c in queue} | {c.key for c in running.values()}
             for cell in [c for c in queue if ready(c, waiting)][: args.jobs - len(running)]:
                 queue.remove(cell)

@@ -162,3 +162,12 @@ def test_time_to_lora_score_is_measured_in_seconds_and_in_steps():
     assert tables.time_to_score(sora, lora, "steps") == 200 / 400
     assert tables.time_to_score({"curve": [[10.0, 0.5, 100]]}, lora) == float("inf")  # never reached
     assert tables.time_to_score({"curve": [[10.0, 0.8]]}, lora, "steps") is None  # a record from before step counts
+
+
+def test_quality_starts_no_cell_after_its_time_is_up(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quality, "run_cell", lambda *a: (_ for _ in ()).throw(AssertionError("a cell started")))
+    results = tmp_path / "quality.jsonl"
+    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "sora,lora", "--start-within", "0", "--results",
+            str(results), "--runs-dir", str(tmp_path / "runs")]
+    assert quality.main(argv) == 0
+    assert "2 cell(s) left for the next run" in capsys.readouterr().out and not results.exists()

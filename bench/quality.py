@@ -1,7 +1,8 @@
 """Quality benchmark: a resumable matrix of `sora train` runs, task × method variant × seed.
 
     python -m bench.quality [--tasks rte,mrpc,cola,stsb] [--seeds 0,1,2] [--methods sora,lora,...]
-                            [--epochs 20] [--jobs 1] [--dry-run] [--set FIELD=VALUE ...]
+                            [--epochs 20] [--jobs 1] [--start-within MINUTES] [--dry-run]
+                            [--set FIELD=VALUE ...]
 
 Every cell is one `sora train` subprocess into bench/runs/<key>/ under one protocol (MiniLM, protocol paper:
 the dev set's first shuffled half selects, the second half is the test set; max length 128; batch 8; each
@@ -20,9 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import os
 import subprocess
 import sys
-import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass

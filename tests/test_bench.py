@@ -162,6 +162,8 @@ def test_time_to_lora_score_is_measured_in_seconds_and_in_steps():
     assert tables.time_to_score(sora, lora, "steps") == 200 / 400
     assert tables.time_to_score({"curve": [[10.0, 0.5, 100]]}, lora) == float("inf")  # never reached
     assert tables.time_to_score({"curve": [[10.0, 0.8]]}, lora, "steps") is None  # a record from before step counts
+    timed = {**lora, "curve": [[20.0, 0.6, 200], [40.0, 0.7, 400]]}  # its clock: evaluations left out
+    assert tables.time_to_score(sora, timed) == 20.0 / 40.0
 
 
 def test_quality_starts_no_cell_after_its_time_is_up(tmp_path, monkeypatch, capsys):

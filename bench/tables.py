@@ -144,8 +144,8 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[tupl
                              f"{mean_std(scores, 100)} | {params:,.0f} | {mean_std(_paired_deltas(rs, lora), 100)} | "
                              f"{fmt(100 * params / lora_params, 1) if lora_params else '–'} | "
                              f"{fmt(statistics.mean(walls), 0) if walls else '–'} | "
-                             f"{fmt(statistics.mean(share), 2) if share else 'n/a (no validation curve)'} | "
-                             f"{fmt(statistics.mean(step_share), 2) if step_share else '–'} |")
+                             f"{share_text(share) if share else 'n/a (no validation curve)'} | "
+                             f"{share_text(step_share)} |")
                 if variant in SORA_VARIANTS and lora:
                     lora_scores = [s for s in map(main_score, lora) if s is not None]
                     at = f"{task}, {variant} ({name})"
@@ -159,6 +159,17 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[tupl
     lines += [f"Commits: {', '.join(commits)}. Each line of bench/results/quality.jsonl holds its cell's exact "
               "`sora train` command (`run_command`), metrics.json and machine.", ""]
     return lines, checks
+
+
+def share_text(shares: list[float]) -> str:
+    """Mean share over seeds; seeds that never reached LoRA's score are counted, not averaged in as inf."""
+    reached = [s for s in shares if s != float("inf")]
+    if not shares:
+        return "–"
+    if not reached:
+        return "never"
+    never = len(shares) - len(reached)
+    return fmt(statistics.mean(reached), 2) + (f" (never in {never} of {len(shares)})" if never else "")
 
 
 def _paired_deltas(rs: list[dict[str, Any]], lora: list[dict[str, Any]]) -> list[float]:
@@ -189,7 +200,7 @@ def _across_tasks(name: str, groups: dict[tuple[str, str, str], list[dict[str, A
         seeds = sorted({len(rs) for rs, _ in rows})
         lines.append(f"| {variant} | {len(rows)} | {'/'.join(map(str, seeds))} | {100 * statistics.mean(score):.2f} | "
                      f"{100 * statistics.mean(delta):+.2f} | {100 * statistics.mean(params):.1f} | "
-                     f"{fmt(statistics.mean(share), 2) if share else '–'} |")
+                     f"{share_text(share)} |")
     return lines + [""]
 
 

@@ -173,3 +173,9 @@ def test_quality_starts_no_cell_after_its_time_is_up(tmp_path, monkeypatch, caps
             str(results), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 0
     assert "2 cell(s) left for the next run" in capsys.readouterr().out and not results.exists()
+
+
+def test_seeds_that_never_reach_lora_score_are_counted_not_averaged():
+    assert tables.share_text([0.5, float("inf"), 0.7]) == "0.60 (never in 1 of 3)"
+    assert tables.share_text([float("inf")]) == "never"
+    assert tables.share_text([]) == "–"

@@ -144,7 +144,7 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[tupl
                              f"{mean_std(scores, 100)} | {params:,.0f} | {mean_std(_paired_deltas(rs, lora), 100)} | "
                              f"{fmt(100 * params / lora_params, 1) if lora_params else '–'} | "
                              f"{fmt(statistics.mean(walls), 0) if walls else '–'} | "
-                             f"{share_text(share) if share else 'n/a (no validation curve)'} | "
+                             f"{share_text(share) if share or not lora else 'n/a (no validation curve)'} | "
                              f"{share_text(step_share)} |")
                 if variant in SORA_VARIANTS and lora:
                     lora_scores = [s for s in map(main_score, lora) if s is not None]
@@ -184,7 +184,8 @@ def _across_tasks(name: str, groups: dict[tuple[str, str, str], list[dict[str, A
     tasks = sorted({t for s, t, _ in groups if s == name})
     if len(tasks) < 2:
         return []
-    lines = [f"Mean over the tasks that have both the method and LoRA ({', '.join(tasks)}):", "",
+    lines = ["Mean over tasks: each method over the tasks where it and LoRA both have results "
+             "(every task counts once, whatever its number of seeds):", "",
              "| method | tasks | seeds per task | test metric (×100) | Δ vs LoRA | % of LoRA's params | "
              "time to LoRA's score |", "|---|---|---|---|---|---|---|"]
     for variant in VARIANTS:

@@ -88,3 +88,26 @@ def test_a_run_killed_at_any_moment_leaves_complete_files_and_resumes_to_the_sam
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     sa, sb = ((d / "stages.jsonl").read_text().splitlines() for d in (straight, run))
     assert [json.loads(x)["kept_params"] for x in sa] == [json.loads(x)["kept_params"] for x in sb]
+
+
+def test_a_resumed_run_keeps_the_training_time_spent_before_the_kill(glue_dir, tiny_model, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    args = ["--max-steps", "12", "--save-steps", "4", "--batch-size", "4", "--eval-each-epoch", "true"]
+    cmd = [sys.executable, "-m", "soralib.cli", *train_args(glue_dir, tiny_model, run, *args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not MOMENTS["right_after_a_checkpoint"](run):
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    checkpoints = sorted(run.glob("checkpoints/stage-1/checkpoint-*/COMPLETE"))
+    assert checkpoints and not (run / "metrics.json").exists()
+    clock = checkpoints[-1].parent / "training_seconds.json"
+    assert json.loads(clock.read_text())["training_seconds"] > 0
+    # Pretend the run had trained for 1000 s before the kill: the resumed clock must go on from there.
+    clock.write_text(json.dumps({"training_seconds": 1000.0}))
+    assert main(train_args(glue_dir, tiny_model, run, *args, "--resume")) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 1000.0 < metrics["train_seconds"] < 1000.0 + 180
+    last = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()][-1]
+    assert last["elapsed_seconds"] > 1000.0

@@ -30,6 +30,7 @@ from .methods import make_optimizer
 
 logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked checkpoints are resumed
+CLOCK = "training_seconds.json"  # in each checkpoint: the training time up to it, so a resumed run keeps it
 
 
 class SoraTrainer(Trainer):
@@ -41,9 +42,12 @@ class SoraTrainer(Trainer):
         self.seconds_before = seconds_before  # training seconds of the earlier stages
         self.started, self.eval_seconds = time.perf_counter(), 0.0
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         self.started, self.eval_seconds = time.perf_counter(), 0.0
-        return super().train(*args, **kwargs)
+        clock = Path(resume_from_checkpoint) / CLOCK if resume_from_checkpoint else None
+        if clock is not None and clock.is_file():  # the work after that checkpoint is redone, and counted again
+            self.seconds_before = json.loads(clock.read_text())["training_seconds"]
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     @property
     def nonfinite(self) -> "NonFiniteGuard":
@@ -101,6 +105,7 @@ class SoraTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging copy
         if self.args.should_save:
             name = f"checkpoint-{self.state.global_step}"
+            atomic_write_text(staging / name / CLOCK, json.dumps({"training_seconds": self.training_seconds()}))
             atomic_write_text(staging / name / COMPLETE, "ok\n")
             shutil.rmtree(final / name, ignore_errors=True)
             os.replace(staging / name, final / name)

@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -138,9 +137,8 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
         trainer = make_trainer(config, model, tokenizer, features["train"], spec, out, stage, threshold,
                                show_progress, budget if stage == len(thresholds) else None,
                                eval_features=features["validation"], seconds_before=state["train_seconds"])
-        started = time.perf_counter()
         trainer.train(resume_from_checkpoint=latest_checkpoint(Path(trainer.args.output_dir)) if resume else None)
-        state["train_seconds"] += time.perf_counter() - started
+        state["train_seconds"] = trainer.training_seconds()  # evaluations excluded; a resume keeps the time before
         state["skipped_steps"] = state.get("skipped_steps", 0) + trainer.nonfinite.skipped
         if budget:
             _trim(model, budget, config.effective_min_rank())

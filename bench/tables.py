@@ -185,7 +185,8 @@ def _across_tasks(name: str, groups: dict[tuple[str, str, str], list[dict[str, A
     if len(tasks) < 2:
         return []
     lines = ["Mean over tasks: each method over the tasks where it and LoRA both have results "
-             "(every task counts once, whatever its number of seeds):", "",
+             "(every task counts once, whatever its number of seeds; in the time column, \"never in k\" counts "
+             "tasks where some seed never reached LoRA's score):", "",
              "| method | tasks | seeds per task | test metric (×100) | Δ vs LoRA | % of LoRA's params | "
              "time to LoRA's score |", "|---|---|---|---|---|---|---|"]
     for variant in VARIANTS:

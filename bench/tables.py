@@ -106,10 +106,12 @@ def time_to_score(sora: dict[str, Any], lora: dict[str, Any], axis: str = "secon
     reach LoRA's final validation score, from its validation curve; None when there is no curve (or no
     step counts, in records older than them); inf when it never reached the score."""
     goal = main_score(lora, "eval")
-    # LoRA's total on the curve's own clock: metrics' train_seconds also counts the per-epoch evaluations,
-    # which the curve's elapsed seconds leave out; LoRA's last curve point is the end of its training.
-    lora_total = lora["curve"][-1][0] if axis == "seconds" and lora.get("curve") else \
-        lora["metrics"].get("train_seconds" if axis == "seconds" else "steps")
+    if axis == "steps":
+        lora_total = lora["metrics"].get("steps")
+    elif lora.get("curve"):  # the curve's own clock: metrics' train_seconds may count the evaluations too
+        lora_total = lora["curve"][-1][0]
+    else:
+        lora_total = lora["metrics"].get("train_seconds")
     curve = sora.get("curve") or []
     if not curve or goal is None or not lora_total or (axis == "steps" and len(curve[0]) < 3):
         return None

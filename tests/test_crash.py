@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from soralib.cli import main
+from soralib.train.loop import latest_checkpoint
 from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
 
 COMMON = ["--max-steps", "24", "--save-steps", "4", "--batch-size", "4", "--threshold", "0.005",
@@ -100,9 +101,9 @@ def test_a_resumed_run_keeps_the_training_time_spent_before_the_kill(glue_dir, t
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    checkpoints = sorted(run.glob("checkpoints/stage-1/checkpoint-*/COMPLETE"))
-    assert checkpoints and not (run / "metrics.json").exists()
-    clock = checkpoints[-1].parent / "training_seconds.json"
+    resumed_from = latest_checkpoint(run / "checkpoints" / "stage-1")  # the one --resume picks (numeric order)
+    assert resumed_from and not (run / "metrics.json").exists()
+    clock = Path(resumed_from) / "training_seconds.json"
     assert json.loads(clock.read_text())["training_seconds"] > 0
     # Pretend the run had trained for 1000 s before the kill: the resumed clock must go on from there.
     clock.write_text(json.dumps({"training_seconds": 1000.0}))

@@ -6,7 +6,7 @@
 
 Every cell is one `sora train` subprocess into bench/runs/<key>/ under one protocol (MiniLM, protocol paper:
 the dev set's first shuffled half selects, the second half is the test set; max length 128; batch 8; each
-method family's shipped learning rate). A finished cell (its key in the results JSONL) is skipped, an
+method family's learning rate chosen on the validation half by a search, see bench/lr.py, else its shipped one). A finished cell (its key in the results JSONL) is skipped, an
 interrupted one resumed; each finished cell appends one line: the run's metrics.json, wall time, the exact
 command, the commit and the machine.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import common
+from . import common, lr
 
 # variant -> (method, TrainConfig overrides). r_max / r is 8 everywhere (the YAMLs' default, stated here too).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -51,8 +51,9 @@ class Cell:
     seed: int
     epochs: float
     model: str = "minilm"
-    extra: tuple[tuple[str, str], ...] = ()  # --set FIELD=VALUE overrides, part of the key
+    extra: tuple[tuple[str, str], ...] = ()  # --set FIELD=VALUE overrides and the searched lr, part of the key
     jobs: int = 1  # cells run at once: it changes every wall time, so it is part of the key
+    budget_from: str | None = None  # adalora: the key of the sora cell whose final size is its budget
 
     @property
     def key(self) -> str:
@@ -64,10 +65,6 @@ class Cell:
     @property
     def threads(self) -> int:
         return max(1, (os.cpu_count() or 1) // self.jobs)
-
-    def sibling(self, variant: str) -> "Cell":
-        return Cell(self.task, variant, self.seed, self.epochs, self.model, self.extra, self.jobs)
-
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
@@ -97,12 +94,22 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def cells(args: argparse.Namespace) -> list[Cell]:
-    """The matrix in run order: per task and seed, the SoRA variants first (AdaLoRA's budget comes from sora)."""
-    extra = tuple(sorted(tuple(s.split("=", 1)) for s in args.set))
+def cells(args: argparse.Namespace, records: dict[str, dict]) -> list[Cell]:
+    """The matrix in run order: per task and seed, the SoRA variants first (AdaLoRA's budget comes from sora).
+
+    Each method family trains at the lr its validation search chose (bench/lr.py), unless `--set lr=` fixes
+    one lr for all (which is how the search's own cells are run)."""
+    given = dict(s.split("=", 1) for s in args.set)
+    lrs = {} if "lr" in given else lr.chosen(records.values(), args.model, args.epochs, args.jobs)
+
+    def cell(task: str, variant: str, seed: int) -> Cell:
+        fam_lr = lrs.get(lr.family(variant) or "")
+        extra = tuple(sorted({**given, **({"lr": fam_lr} if fam_lr else {})}.items()))
+        budget_from = cell(task, "sora", seed).key if variant == "adalora" else None
+        return Cell(task, variant, seed, args.epochs, args.model, extra, args.jobs, budget_from)
+
     variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
-    return [Cell(t, v, int(s), args.epochs, args.model, extra, args.jobs)
-            for t in args.tasks.split(",") for s in args.seeds.split(",") for v in variants]
+    return [cell(t, v, int(s)) for t in args.tasks.split(",") for s in args.seeds.split(",") for v in variants]
 
 
 def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> tuple[list[str], dict[str, Any]]:
@@ -114,11 +121,11 @@ def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> t
     if cell.variant == "sora-schedule":
         epochs = cell.epochs / overrides["num_stages"]  # the same total training as every other method
     if cell.variant == "adalora":
-        kept = records.get(cell.sibling("sora").key, {}).get("metrics", {})
+        kept = records.get(cell.budget_from or "", {}).get("metrics", {})
         # A budget of every rank is no budget: PEFT AdaLoRA fails (kthvalue out of range) at target_r == init_r.
         if kept.get("kept_params") and kept["kept_params"] < (kept.get("lora_params_at_r_max") or float("inf")):
             overrides["target_params"] = kept["kept_params"]
-            budget = {"source": cell.sibling("sora").key, "target_params": kept["kept_params"]}
+            budget = {"source": cell.budget_from, "target_params": kept["kept_params"]}
         else:
             overrides["adalora_target_r"] = 4
             budget = {"source": "default", "adalora_target_r": 4}
@@ -189,7 +196,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
 
 def ready(cell: Cell, waiting: set[str]) -> bool:
     """AdaLoRA's budget is its sora sibling's final size: it waits while that cell is queued or running."""
-    return cell.variant != "adalora" or cell.sibling("sora").key not in waiting
+    return cell.budget_from is None or cell.budget_from not in waiting
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,7 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     records = {r["key"]: r for r in common.read_jsonl(args.results) if "key" in r}
     queue = []
-    for cell in cells(args):
+    matrix = cells(args, records)
+    for variant in sorted({c.variant for c in matrix}, key=list(VARIANTS).index):
+        extra = dict(next(c.extra for c in matrix if c.variant == variant))
+        print(f"lr    {variant}: {extra['lr'] if 'lr' in extra else 'shipped'}")
+    for cell in matrix:
         if cell.key in records:
             print(f"skip  {cell.key} (done)")
         elif args.dry_run:

@@ -1,0 +1,100 @@
+"""Which learning rate each method family trains with: its shipped one, or the winner of a validation search.
+
+The search is plain quality cells of seed 0 run with `--set lr=VALUE` (the shipped lr's cells have no `lr`):
+
+    python -m bench.quality --tasks cola,mrpc --seeds 0 --methods sora,lora,adalora --epochs 3 --jobs 2 --set lr=2e-4
+
+Per family (sora, lora, adalora; the SoRA variants share sora's), the winner is the lr with the best validation
+score (the dev set's first half: the test half is never looked at) averaged over the tasks that every tried lr
+of that family has a seed-0 cell on. Full fine-tuning is not searched: it keeps its shipped 2e-5. Searches are
+separate per setting (model, epochs, jobs): a cell's wall time and steps depend on them, and so may the best lr.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Iterable
+
+SEARCHED = ("sora", "lora", "adalora")
+SEARCH_SEED = 0
+
+
+def text(value: float) -> str:
+    """8e-4, not 0.0008: the spelling of the `--set lr=` values beside it."""
+    mantissa, exponent = f"{value:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def family(variant: str) -> str | None:
+    """The searched family whose lr `variant` trains with (None: not searched, its shipped lr)."""
+    base = "sora" if variant.startswith("sora") else variant
+    return base if base in SEARCHED else None
+
+
+def same_setting(r: dict[str, Any], model: str, epochs: float, jobs: int) -> bool:
+    return (r.get("kind") == "quality" and r["model"] == model and r["epochs"] == epochs
+            and r.get("jobs", 1) == jobs)
+
+
+def points(records: Iterable[dict[str, Any]], model: str, epochs: float, jobs: int
+           ) -> dict[str, dict[str | None, dict[str, float]]]:
+    """{family: {lr (None: shipped): {task: validation score of seed 0}}} of one setting's search cells."""
+    found: dict[str, dict[str | None, dict[str, float]]] = {}
+    for r in records:
+        extra = r.get("extra") or {}
+        if (not same_setting(r, model, epochs, jobs) or r["seed"] != SEARCH_SEED or set(extra) - {"lr"}
+                or r["variant"] not in SEARCHED):
+            continue
+        metrics = r["metrics"]
+        score = metrics.get("eval", {}).get(metrics.get("main_metric"))
+        if score is not None:
+            found.setdefault(r["variant"], {}).setdefault(extra.get("lr"), {})[r["task"]] = score
+    return found
+
+
+def chosen(records: Iterable[dict[str, Any]], model: str, epochs: float, jobs: int) -> dict[str, str | None]:
+    """{family: the lr it trains with}: the best mean validation score over the tasks all its lrs share;
+    None (its shipped lr) when fewer than two lrs were tried or they share no task. Ties keep the shipped lr."""
+    best: dict[str, str | None] = {}
+    for fam, by_lr in points(records, model, epochs, jobs).items():
+        tasks = set.intersection(*(set(scores) for scores in by_lr.values()))
+        if len(by_lr) < 2 or not tasks:
+            continue
+        mean = {lr: statistics.mean(scores[t] for t in tasks) for lr, scores in by_lr.items()}
+        best[fam] = max(sorted(mean, key=lambda lr: lr is not None), key=mean.__getitem__)  # shipped first
+    return {fam: best.get(fam) for fam in SEARCHED}
+
+
+def in_protocol(r: dict[str, Any], lrs: dict[str, str | None]) -> bool:
+    """Whether a cell ran at its family's chosen lr (a cell of another lr is a search point only)."""
+    fam = family(r["variant"])
+    return fam is None or (r.get("extra") or {}).get("lr") == lrs.get(fam)
+
+
+def settings(records: Iterable[dict[str, Any]]) -> list[tuple[str, float, int]]:
+    """The (model, epochs, jobs) settings that have quality cells."""
+    return sorted({(r["model"], r["epochs"], r.get("jobs", 1)) for r in records if r.get("kind") == "quality"})
+
+
+def search_tables(records: list[dict[str, Any]], shipped: dict[str, float]) -> list[str]:
+    """Markdown: per setting with a search, each family's validation score per lr and task, and the winner."""
+    lines: list[str] = []
+    for model, epochs, jobs in settings(records):
+        found = {fam: by_lr for fam, by_lr in points(records, model, epochs, jobs).items() if len(by_lr) > 1}
+        if not found:
+            continue
+        picked = chosen(records, model, epochs, jobs)
+        tasks = sorted({t for by_lr in found.values() for scores in by_lr.values() for t in scores})
+        lines += [f"### lr search: {model}, {epochs:g} epochs, {jobs} cell(s) at a time; seed {SEARCH_SEED}, "
+                  "validation half (×100)", "", f"| method | lr | {' | '.join(tasks)} | mean over shared tasks | |",
+                  "|---|---|" + "---|" * (len(tasks) + 2)]
+        for fam, by_lr in found.items():
+            shared = set.intersection(*(set(scores) for scores in by_lr.values()))
+            for value in sorted(by_lr, key=lambda v: shipped[fam] if v is None else float(v)):
+                scores = by_lr[value]
+                mean = f"{100 * statistics.mean(scores[t] for t in shared):.2f}" if shared else "–"
+                cells = " | ".join(f"{100 * scores[t]:.2f}" if t in scores else "–" for t in tasks)
+                name = f"{text(shipped[fam])} (shipped)" if value is None else value
+                lines.append(f"| {fam} | {name} | {cells} | {mean} | {'chosen' if value == picked[fam] else ''} |")
+        lines.append("")
+    return lines

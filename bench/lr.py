@@ -52,23 +52,30 @@ def points(records: Iterable[dict[str, Any]], model: str, epochs: float, jobs: i
     return found
 
 
+def searched_tasks(by_lr: dict[str | None, dict[str, float]]) -> tuple[set[str], bool]:
+    """(the tasks a family's search lrs were tried on, whether every lr - the shipped one too - has them all)."""
+    tasks = set().union(*(set(scores) for value, scores in by_lr.items() if value is not None))
+    return tasks, bool(tasks) and all(tasks <= set(scores) for scores in by_lr.values())
+
+
 def chosen(records: Iterable[dict[str, Any]], model: str, epochs: float, jobs: int) -> dict[str, str | None]:
-    """{family: the lr it trains with}: the best mean validation score over the tasks all its lrs share;
-    None (its shipped lr) when fewer than two lrs were tried or they share no task. Ties keep the shipped lr."""
+    """{family: the lr it trains with}: the best mean validation score over the searched tasks; None (its
+    shipped lr) while a search is incomplete, so cells arriving mid-search never switch the matrix's lr.
+    Ties go to the shipped lr, then to the smaller lr."""
     best: dict[str, str | None] = {}
     for fam, by_lr in points(records, model, epochs, jobs).items():
-        tasks = set.intersection(*(set(scores) for scores in by_lr.values()))
-        if len(by_lr) < 2 or not tasks:
-            continue
-        mean = {lr: statistics.mean(scores[t] for t in tasks) for lr, scores in by_lr.items()}
-        best[fam] = max(sorted(mean, key=lambda lr: lr is not None), key=mean.__getitem__)  # shipped first
+        tasks, complete = searched_tasks(by_lr)
+        if complete:
+            mean = {value: statistics.mean(scores[t] for t in tasks) for value, scores in by_lr.items()}
+            order = sorted(by_lr, key=lambda v: (v is not None, 0.0 if v is None else float(v)))
+            best[fam] = max(order, key=mean.__getitem__)  # max keeps the first of equals
     return {fam: best.get(fam) for fam in SEARCHED}
 
 
 def in_protocol(r: dict[str, Any], lrs: dict[str, str | None]) -> bool:
     """Whether a cell ran at its family's chosen lr (a cell of another lr is a search point only)."""
-    fam = family(r["variant"])
-    return fam is None or (r.get("extra") or {}).get("lr") == lrs.get(fam)
+    fam, extra = family(r["variant"]), r.get("extra") or {}
+    return "lr" not in extra if fam is None else extra.get("lr") == lrs.get(fam)
 
 
 def settings(records: Iterable[dict[str, Any]]) -> list[tuple[str, float, int]]:
@@ -86,15 +93,16 @@ def search_tables(records: list[dict[str, Any]], shipped: dict[str, float]) -> l
         picked = chosen(records, model, epochs, jobs)
         tasks = sorted({t for by_lr in found.values() for scores in by_lr.values() for t in scores})
         lines += [f"### lr search: {model}, {epochs:g} epochs, {jobs} cell(s) at a time; seed {SEARCH_SEED}, "
-                  "validation half (×100)", "", f"| method | lr | {' | '.join(tasks)} | mean over shared tasks | |",
+                  "validation half (×100)", "", f"| method | lr | {' | '.join(tasks)} | mean over searched tasks | |",
                   "|---|---|" + "---|" * (len(tasks) + 2)]
         for fam, by_lr in found.items():
-            shared = set.intersection(*(set(scores) for scores in by_lr.values()))
+            searched, complete = searched_tasks(by_lr)
             for value in sorted(by_lr, key=lambda v: shipped[fam] if v is None else float(v)):
                 scores = by_lr[value]
-                mean = f"{100 * statistics.mean(scores[t] for t in shared):.2f}" if shared else "–"
+                mean = f"{100 * statistics.mean(scores[t] for t in searched):.2f}" if searched <= set(scores) else "–"
                 cells = " | ".join(f"{100 * scores[t]:.2f}" if t in scores else "–" for t in tasks)
                 name = f"{text(shipped[fam])} (shipped)" if value is None else value
-                lines.append(f"| {fam} | {name} | {cells} | {mean} | {'chosen' if value == picked[fam] else ''} |")
+                verdict = ("chosen" if value == picked[fam] else "") if complete else "search incomplete"
+                lines.append(f"| {fam} | {name} | {cells} | {mean} | {verdict} |")
         lines.append("")
     return lines

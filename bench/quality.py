@@ -6,9 +6,9 @@
 
 Every cell is one `sora train` subprocess into bench/runs/<key>/ under one protocol (MiniLM, protocol paper:
 the dev set's first shuffled half selects, the second half is the test set; max length 128; batch 8; each
-method family's learning rate chosen on the validation half by a search, see bench/lr.py, else its shipped one). A finished cell (its key in the results JSONL) is skipped, an
-interrupted one resumed; each finished cell appends one line: the run's metrics.json, wall time, the exact
-command, the commit and the machine.
+method family's lr chosen on the validation half by a search, see bench/lr.py, else its shipped one). A
+finished cell (its key in the results JSONL) is skipped, an interrupted one resumed; each finished cell
+appends one line: the run's metrics.json, wall time, the exact command, the commit and the machine.
 
 `--jobs N` runs N cells at once, each with cores // N torch threads. On 2 cores two one-thread runs of
 MiniLM at batch 8 do 1.3x the steps per second of one two-thread run (small matmuls thread poorly), but
@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,11 +60,14 @@ class Cell:
         key = f"{self.task}-{self.variant}-s{self.seed}-e{self.epochs:g}"
         if self.model != "minilm" or self.extra:  # anything else that changes the run changes the key
             key += "-" + common.short_hash([self.model, list(self.extra)])
+        if self.budget_from and self.budget_from != replace(self, variant="sora", budget_from=None).key:
+            key += "-b" + common.short_hash(self.budget_from)  # sized by a sora cell of another lr
         return key + (f"-j{self.jobs}" if self.jobs > 1 else "")
 
     @property
     def threads(self) -> int:
         return max(1, (os.cpu_count() or 1) // self.jobs)
+
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
@@ -98,7 +101,8 @@ def cells(args: argparse.Namespace, records: dict[str, dict]) -> list[Cell]:
     """The matrix in run order: per task and seed, the SoRA variants first (AdaLoRA's budget comes from sora).
 
     Each method family trains at the lr its validation search chose (bench/lr.py), unless `--set lr=` fixes
-    one lr for all (which is how the search's own cells are run)."""
+    one lr for all (which is how the search's own cells are run). AdaLoRA's budget is the final size of the
+    sora cell of its task and seed at sora's lr: in a search the same lr as its own, in the matrix sora's."""
     given = dict(s.split("=", 1) for s in args.set)
     lrs = {} if "lr" in given else lr.chosen(records.values(), args.model, args.epochs, args.jobs)
 

@@ -137,7 +137,8 @@ class Check:
     def cells(self) -> list[str]:
         """Each claim's value, followed by met / missed once MIN_SEEDS seeds are in."""
         share = statistics.mean(self.shares) if self.shares else None  # inf when a seed never got there
-        claims = [(None if self.delta is None else f"{100 * self.delta:+.2f}", self.delta is not None and self.delta >= 0),
+        delta = None if self.delta is None else f"{100 * self.delta:+.2f}"
+        claims = [(delta, self.delta is not None and self.delta >= 0),
                   (f"{100 * self.params:.1f} %", self.params <= 0.7),
                   (share_text(self.shares) if self.shares else None, share is not None and share <= 0.7)]
         return ["–" if text is None else text + (f" {STATUS[ok]}" if self.seeds >= MIN_SEEDS else "")
@@ -160,10 +161,16 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
         if lr.in_protocol(r, chosen[where]):  # the other lrs of a search are in its own table only
             groups.setdefault((setting(r), r["task"], r["variant"]), []).append(r)
             heads[setting(r)] = lr_line(chosen[where])
+    for (name, task, variant), rs in groups.items():  # AdaLoRA sized by the sora cell of the table's seed
+        if variant == "adalora":
+            sora = {r["seed"]: r["key"] for r in groups.get((name, task, "sora"), [])}
+            sized_by = (lambda r: (r.get("budget") or {}).get("source", "default"))
+            rs[:] = [r for r in rs if sized_by(r) in (sora.get(r["seed"]), "default")]
+    groups = {where: rs for where, rs in groups.items() if rs}
     for name in sorted({s for s, _, _ in groups}):
-        lines += [f"### {name}", "", heads[name], "", "| task | method | seeds | test metric (mean ± std, ×100) | adapter params "
-                  "| Δ vs LoRA, paired by seed | % of LoRA | wall time (s) | time to LoRA's score (share of LoRA's) "
-                  "| steps to it (share) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {name}", "", heads[name], "", "| task | method | seeds | test metric (mean ± std, ×100) "
+                  "| adapter params | Δ vs LoRA, paired by seed | % of LoRA | wall time (s) "
+                  "| time to LoRA's score (share of LoRA's) | steps to it (share) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for task in sorted({t for s, t, _ in groups if s == name}):
             lora = groups.get((name, task, "lora"), [])
             lora_params = statistics.mean(r["metrics"]["kept_params"] for r in lora) if lora else None
@@ -273,8 +280,9 @@ def targets_section(records: list[dict[str, Any]], checks: list[Check]) -> list[
     where = f" ({newest['params']['model']}, {newest.get('time', '')})" if newest else ""
     lines.append(f"Speed{where}: {met} of {len(speed)} met" + (f"; missed: {', '.join(missed)}" if missed else "")
                  + (f"; not yet measured: {', '.join(open_)}" if open_ else "") + ".")
-    lines += ["", "Quality, against LoRA in the same setting: score ≥ LoRA's, ≤ 70 % of LoRA's parameters, LoRA's "
-              f"final validation score reached in ≤ 70 % of LoRA's training time (judged from {MIN_SEEDS} seeds):", ""]
+    lines += ["", "Quality, against LoRA in the same setting: score ≥ LoRA's, ≤ 70 % of LoRA's parameters, "
+              "LoRA's final validation score reached in ≤ 70 % of LoRA's training time "
+              f"(judged from {MIN_SEEDS} seeds):", ""]
     if not checks:
         return lines + ["Not yet measured.", ""]
     lines += ["| setting | task | method | seeds | Δ score vs LoRA (×100) | % of LoRA's params | time share |",

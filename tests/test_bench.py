@@ -200,20 +200,25 @@ def _lr_record(task, variant, seed, val, lr=None, kept=1000):
     extra = (("lr", lr),) if lr else ()
     record = _quality_record(task, variant, seed, test=val, kept=kept, val=val)
     record.update(key=quality.Cell(task, variant, seed, 20.0, extra=extra).key, extra=dict(extra))
+    if variant == "adalora":  # a search cell: sized by the sora cell of its own lr
+        record["budget"] = {"source": quality.Cell(task, "sora", seed, 20.0, extra=extra).key}
     return record
 
 
 def _lr_search():
-    """lora: 2e-4 wins on the mean (0.72 against 0.70) though it loses on mrpc; sora: the shipped lr wins."""
+    """lora: 2e-4 wins on the mean (0.72 against 0.70) though it loses on mrpc; sora: the shipped lr wins;
+    adalora: 2e-4 wins on rte, the one task it was searched on."""
     return [_lr_record("rte", "lora", 0, 0.60), _lr_record("mrpc", "lora", 0, 0.80),
             _lr_record("rte", "lora", 0, 0.66, "2e-4"), _lr_record("mrpc", "lora", 0, 0.78, "2e-4"),
             _lr_record("rte", "sora", 0, 0.70), _lr_record("mrpc", "sora", 0, 0.85),
-            _lr_record("rte", "sora", 0, 0.65, "2e-4"), _lr_record("mrpc", "sora", 0, 0.80, "2e-4"),
-            _lr_record("rte", "adalora", 0, 0.50, "2e-4")]  # one lr tried: nothing to choose from
+            _lr_record("rte", "sora", 0, 0.65, "2e-4", kept=700), _lr_record("mrpc", "sora", 0, 0.80, "2e-4"),
+            _lr_record("rte", "adalora", 0, 0.45), _lr_record("rte", "adalora", 0, 0.50, "2e-4")]
 
 
 def test_each_family_trains_at_the_lr_with_the_best_mean_validation_score():
-    assert lr.chosen(_lr_search(), "minilm", 20.0, 1) == {"sora": None, "lora": "2e-4", "adalora": None}
+    assert lr.chosen(_lr_search(), "minilm", 20.0, 1) == {"sora": None, "lora": "2e-4", "adalora": "2e-4"}
+    running = _lr_search() + [_lr_record("rte", "lora", 0, 0.90, "2e-3")]  # best so far, but mrpc not yet run
+    assert lr.chosen(running, "minilm", 20.0, 1)["lora"] is None  # an incomplete search chooses nothing yet
     tie = [_lr_record("rte", "lora", 0, 0.6), _lr_record("rte", "lora", 0, 0.6, "5e-4")]
     assert lr.chosen(tie, "minilm", 20.0, 1)["lora"] is None  # a tie keeps the shipped lr
     assert lr.chosen(_lr_search(), "minilm", 20.0, 2) == {"sora": None, "lora": None, "adalora": None}  # other jobs
@@ -231,13 +236,14 @@ def test_the_matrix_runs_each_family_at_its_searched_lr_unless_one_lr_is_set(tmp
             str(results), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 0
     out = capsys.readouterr().out
-    assert "lr    lora: 2e-4" in out and "lr    sora: shipped" in out
+    assert "lr    lora: 2e-4" in out and "lr    sora: shipped" in out and "lr    adalora: 2e-4" in out
     runs = {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith("run ")}
     assert "skip  " + quality.Cell("rte", "lora", 0, 20.0, extra=(("lr", "2e-4"),)).key in out  # the search cell
     lora1 = next(line for key, line in runs.items() if key.startswith("rte-lora-s1"))
     assert "--lr 2e-4" in lora1 and all("--lr" not in line for key, line in runs.items() if "sora" in key)
+    # AdaLoRA's search cell was sized by sora at 2e-4 (700 parameters); the matrix sizes it by sora at sora's lr
     adalora0 = next(line for key, line in runs.items() if key.startswith("rte-adalora-s0"))
-    assert "--target-params 1000" in adalora0  # budget: the sora cell at sora's lr, whatever AdaLoRA's lr
+    assert "--lr 2e-4" in adalora0 and "--target-params 1000" in adalora0
     assert quality.main(argv + ["--set", "lr=5e-4"]) == 0  # one lr for all: how a search's cells are run
     out = capsys.readouterr().out
     assert out.count("run   ") == 6 and out.count("--lr 5e-4") == 6
@@ -245,12 +251,16 @@ def test_the_matrix_runs_each_family_at_its_searched_lr_unless_one_lr_is_set(tmp
 
 def test_tables_show_each_family_at_its_chosen_lr_and_the_search_apart(tmp_path):
     results = tmp_path / "results"
-    for record in _lr_search():
+    full = [_lr_record("rte", "full", 0, 0.75), _lr_record("rte", "full", 1, 0.20, "5e-4")]  # full: not searched
+    for record in _lr_search() + full:
         common.append_jsonl(results / "quality.jsonl", record)
     readme = tmp_path / "README.md"
     assert tables.main(["--results-dir", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "Learning rates: sora 8e-4 (shipped), lora 2e-4 (validation search), adalora 8e-4 (shipped)" in text
+    assert ("Learning rates: sora 8e-4 (shipped), lora 2e-4 (validation search), adalora 2e-4 (validation search)"
+            in text)
+    assert "| rte (accuracy) | full | 1 | 75.00 |" in text  # its cell at another lr is left out, not averaged in
     assert "| rte (accuracy) | lora | 1 | 66.00 |" in text and "| rte (accuracy) | lora | 1 | 60.00 |" not in text
-    assert "| rte (accuracy) | adalora |" not in text  # its only cell is at a search lr, not its shipped one
-    assert "| lora | 2e-4 | 78.00 | 66.00 | 72.00 | chosen |\n| lora | 8e-4 (shipped) | 80.00 | 60.00 | 70.00 |  |" in text
+    assert "| rte (accuracy) | adalora |" not in text  # its 2e-4 cell was sized by a sora cell not in the table
+    search = "| lora | 2e-4 | 78.00 | 66.00 | 72.00 | chosen |\n| lora | 8e-4 (shipped) | 80.00 | 60.00 | 70.00 |  |"
+    assert search in text

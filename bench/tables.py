@@ -170,7 +170,7 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
     for name in sorted({s for s, _, _ in groups}):
         lines += [f"### {name}", "", heads[name], "", "| task | method | seeds | test metric (mean ± std, ×100) "
                   "| adapter params | Δ vs LoRA, paired by seed | % of LoRA | wall time (s) "
-                  "| time to LoRA's score (share of LoRA's) | steps to it (share) |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| time to LoRA's score (share of LoRA's) | steps to it (share) |", "|---" * 10 + "|"]
         for task in sorted({t for s, t, _ in groups if s == name}):
             lora = groups.get((name, task, "lora"), [])
             lora_params = statistics.mean(r["metrics"]["kept_params"] for r in lora) if lora else None

@@ -30,6 +30,9 @@ TARGETS: dict[str, tuple[str, Any]] = {
 }
 
 
+STATUS = {True: "met", False: "missed", None: "not yet measured"}  # target_met's answers, as tables print them
+
+
 def target_met(key: str, value: float | None) -> bool | None:
     """True/False against the target of `key`; None when there is no target or no value."""
     if key not in TARGETS or value is None:

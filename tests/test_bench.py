@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is a package at the repository root, not part of the installed soralib
     sys.path.insert(0, str(ROOT))
 
-from bench import common, lr, quality, speed, tables  # noqa: E402
+from bench import common, lr, quality, quality_tables, speed, tables  # noqa: E402
 
 
 def test_speed_smoke_records_every_ratio_and_the_machine(tmp_path, capsys):
@@ -157,12 +157,12 @@ def test_tables_average_each_method_over_tasks_with_deltas_paired_by_seed(tmp_pa
 def test_time_to_lora_score_is_measured_in_seconds_and_in_steps():
     lora = {"metrics": {"main_metric": "f1", "eval": {"f1": 0.7}, "train_seconds": 50.0, "steps": 400}}
     sora = {"curve": [[10.0, 0.5, 100], [20.0, 0.8, 200]]}
-    assert tables.time_to_score(sora, lora) == 20.0 / 50.0
-    assert tables.time_to_score(sora, lora, "steps") == 200 / 400
-    assert tables.time_to_score({"curve": [[10.0, 0.5, 100]]}, lora) == float("inf")  # never reached
-    assert tables.time_to_score({"curve": [[10.0, 0.8]]}, lora, "steps") is None  # a record from before step counts
+    assert quality_tables.time_to_score(sora, lora) == 20.0 / 50.0
+    assert quality_tables.time_to_score(sora, lora, "steps") == 200 / 400
+    assert quality_tables.time_to_score({"curve": [[10.0, 0.5, 100]]}, lora) == float("inf")  # never reached
+    assert quality_tables.time_to_score({"curve": [[10.0, 0.8]]}, lora, "steps") is None  # a record from before step counts
     timed = {**lora, "curve": [[20.0, 0.6, 200], [40.0, 0.7, 400]]}  # its clock: evaluations left out
-    assert tables.time_to_score(sora, timed) == 20.0 / 40.0
+    assert quality_tables.time_to_score(sora, timed) == 20.0 / 40.0
 
 
 def test_quality_starts_no_cell_after_its_time_is_up(tmp_path, monkeypatch, capsys):
@@ -175,9 +175,9 @@ def test_quality_starts_no_cell_after_its_time_is_up(tmp_path, monkeypatch, caps
 
 
 def test_seeds_that_never_reach_lora_score_are_counted_not_averaged():
-    assert tables.share_text([0.5, float("inf"), 0.7]) == "0.60 (never in 1 of 3)"
-    assert tables.share_text([float("inf")]) == "never"
-    assert tables.share_text([]) == "–"
+    assert quality_tables.share_text([0.5, float("inf"), 0.7]) == "0.60 (never in 1 of 3)"
+    assert quality_tables.share_text([float("inf")]) == "never"
+    assert quality_tables.share_text([]) == "–"
 
 
 def test_claims_are_judged_only_once_sora_and_lora_both_have_three_seeds(tmp_path):
@@ -225,7 +225,7 @@ def test_each_family_trains_at_the_lr_with_the_best_mean_validation_score():
     assert [lr.family(v) for v in ("sora-budget", "sora-schedule", "lora", "full")] == ["sora", "sora", "lora", None]
     from soralib.train.config import build_config
 
-    assert tables.SHIPPED_LR == {m: build_config(m, None, {}).lr for m in tables.SHIPPED_LR}
+    assert quality_tables.SHIPPED_LR == {m: build_config(m, None, {}).lr for m in quality_tables.SHIPPED_LR}
 
 
 def test_the_matrix_runs_each_family_at_its_searched_lr_unless_one_lr_is_set(tmp_path, capsys):

@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is a package at the repository root, not part of the installed soralib
     sys.path.insert(0, str(ROOT))
 
-from bench import common, lr, quality, quality_tables, speed, tables  # noqa: E402
+from bench import common, gates, lr, quality, quality_tables, speed, tables  # noqa: E402
+from test_train_cli import glue_dir, tiny_model, train_args  # noqa: E402,F401  (fixtures)
 
 
 def test_speed_smoke_records_every_ratio_and_the_machine(tmp_path, capsys):
@@ -160,7 +161,8 @@ def test_time_to_lora_score_is_measured_in_seconds_and_in_steps():
     assert quality_tables.time_to_score(sora, lora) == 20.0 / 50.0
     assert quality_tables.time_to_score(sora, lora, "steps") == 200 / 400
     assert quality_tables.time_to_score({"curve": [[10.0, 0.5, 100]]}, lora) == float("inf")  # never reached
-    assert quality_tables.time_to_score({"curve": [[10.0, 0.8]]}, lora, "steps") is None  # a record from before step counts
+    old = {"curve": [[10.0, 0.8]]}  # a record from before step counts
+    assert quality_tables.time_to_score(old, lora, "steps") is None
     timed = {**lora, "curve": [[20.0, 0.6, 200], [40.0, 0.7, 400]]}  # its clock: evaluations left out
     assert quality_tables.time_to_score(sora, timed) == 20.0 / 40.0
 
@@ -264,3 +266,22 @@ def test_tables_show_each_family_at_its_chosen_lr_and_the_search_apart(tmp_path)
     assert "| rte (accuracy) | adalora |" not in text  # its 2e-4 cell was sized by a sora cell not in the table
     search = "| lora | 2e-4 | 78.00 | 66.00 | 72.00 | chosen |\n| lora | 8e-4 (shipped) | 80.00 | 60.00 | 70.00 |  |"
     assert search in text
+
+
+def test_gates_tool_finds_the_ranks_a_fixed_threshold_alone_would_keep(glue_dir, tiny_model, tmp_path):
+    from soralib.cli import main as sora
+
+    run = tmp_path / "runs" / "rte-sora-s0-e2"
+    # gates that barely move (gate lr 1e-9): only the prox step acts, so the prediction must hold exactly,
+    # which it can only if the tool rebuilt the run's initial gates
+    assert sora(train_args(glue_dir, tiny_model, run, "--threshold", "0.08", "--gate-lr", "1e-9")) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    results, out = tmp_path / "quality.jsonl", tmp_path / "gates.jsonl"
+    common.append_jsonl(results, {"key": run.name, "variant": "sora", "metrics": metrics})
+    argv = ["--results", str(results), "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]
+    assert gates.main(argv) == 0
+    [record] = common.read_jsonl(out)
+    assert record["xi_T"] == 0.08 * metrics["steps"] and 0 < record["alive"] < record["ranks"]
+    assert record["agree"] == record["ranks"] and record["alive"] == record["predicted"]
+    assert gates.main(argv) == 0 and len(common.read_jsonl(out)) == 1  # a measured cell is skipped
+    assert "| rte-sora-s0-e2 | 12 | 0.96 |" in "\n".join(gates.table([record]))

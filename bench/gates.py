@@ -1,0 +1,100 @@
+"""Which ranks a fixed-threshold SoRA run keeps, against what its initial gates alone predict.
+
+    python -m bench.gates [--results bench/results/quality.jsonl] [--runs-dir bench/runs] [--out FILE]
+
+The prox step takes ξ off every gate at every step (T steps in all), so a gate the gradient never pushes is
+zero at the end exactly when |g0| ≤ ξ·T. For each finished quality cell of the fixed-ξ `sora` variant whose
+run directory is at hand, this rebuilds the initial gates g0 (`sora train` seeds torch right before it wraps
+the model, so the run's config rebuilds the same g0), reads the final gates from `sora_adapter/`, and counts
+the ranks alive at the end, the ranks with |g0| > ξ·T, and how often the two agree. Agreement near 1 says
+the threshold's running total chose the ranks, not the data. One line per cell goes to `--out`; a cell
+already there is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import common
+
+
+def initial_and_final_gates(run_dir: Path) -> tuple[Any, Any, Any]:
+    """(config, g0, g_final): the run's config and its gates before and after training, one flat tensor each,
+    in the same module order."""
+    import torch
+    from safetensors.torch import load_file
+
+    from soralib.optim import sora_layers
+    from soralib.train.config import build_config
+    from soralib.train.methods import load_base, wrap
+    from soralib.train.run import seed_everything
+    from soralib.train.tasks import get_task
+
+    config = build_config("sora", str(run_dir / "config.yaml"), {})
+    model, _ = load_base(config, get_task(config.task).num_labels)
+    seed_everything(config.seed)  # as `sora train` does just before wrapping: the same g0
+    model = wrap(config, model, total_steps=1)
+    final = load_file(str(run_dir / "sora_adapter" / "adapter_model.safetensors"))
+    layers = list(sora_layers(model))
+    g0 = torch.cat([layer.sora_gate["default"].detach().flatten() for _, layer in layers])
+    g_final = torch.cat([final[f"{name}.sora_gate"].flatten() for name, _ in layers])
+    return config, g0, g_final
+
+
+def measure(key: str, run_dir: Path, steps: int) -> dict[str, Any]:
+    """The record of one cell: alive ranks against |g0| > ξ·T."""
+    config, g0, g_final = initial_and_final_gates(run_dir)
+    if config.threshold_mode != "fixed" or config.schedule or config.thresholds or config.target_rank \
+            or config.target_params:
+        raise ValueError(f"{key}: only a fixed-ξ run without schedule or budget has one ξ·T to compare with")
+    alive, predicted = g_final != 0, g0.abs() > config.threshold * steps
+    return {"kind": "gates", "key": key, "task": config.task, "seed": config.seed, "steps": steps,
+            "threshold": config.threshold, "xi_T": config.threshold * steps, "ranks": len(g0),
+            "alive": int(alive.sum()), "predicted": int(predicted.sum()), "agree": int((alive == predicted).sum()),
+            "alive_not_predicted": int((alive & ~predicted).sum()),
+            "predicted_not_alive": int((~alive & predicted).sum())}
+
+
+def table(records: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows of the gates records (none: nothing)."""
+    rows = [r for r in records if r.get("kind") == "gates"]
+    if not rows:
+        return []
+    lines = ["### Which ranks a fixed-ξ SoRA run keeps (`python -m bench.gates`)", "",
+             "| cell | steps T | ξ·T | ranks alive | ranks with abs(g0) > ξ·T | same verdict "
+             "| alive, not predicted | predicted, dead |", "|---" * 8 + "|"]
+    for r in sorted(rows, key=lambda r: r["key"]):
+        lines.append(f"| {r['key']} | {r['steps']} | {r['xi_T']:.2f} | {r['alive'] / r['ranks']:.1%} | "
+                     f"{r['predicted'] / r['ranks']:.1%} | {r['agree'] / r['ranks']:.1%} | "
+                     f"{r['alive_not_predicted']} | {r['predicted_not_alive']} |")
+    return lines + [""]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m bench.gates", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=str(common.RESULTS / "quality.jsonl"), help="quality results JSONL")
+    p.add_argument("--runs-dir", default=str(common.RUNS), help="where the run directories are")
+    p.add_argument("--out", default=str(common.RESULTS / "gates.jsonl"), help="gates results JSONL")
+    args = p.parse_args(argv)
+    done = common.done_keys(args.out)
+    origin = common.provenance("bench.gates", argv)
+    for r in common.read_jsonl(args.results):
+        run_dir = Path(args.runs_dir) / r["key"]
+        if r.get("variant") != "sora" or r["key"] in done:
+            continue
+        if not (run_dir / "sora_adapter").is_dir():
+            print(f"skip  {r['key']}: no run directory {run_dir} here")
+            continue
+        record = {**measure(r["key"], run_dir, r["metrics"]["steps"]), **origin}
+        common.append_jsonl(args.out, record)
+        done.add(r["key"])
+        print(f"done  {r['key']}: {record['agree']} of {record['ranks']} ranks as |g0| > ξ·T predicts")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

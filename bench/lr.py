@@ -5,8 +5,8 @@ The search is plain quality cells of seed 0 run with `--set lr=VALUE` (the shipp
     python -m bench.quality --tasks cola,mrpc --seeds 0 --methods sora,lora,adalora --epochs 3 --jobs 2 --set lr=2e-4
 
 Per family (sora, lora, adalora; the SoRA variants share sora's), the winner is the lr with the best validation
-score (the dev set's first half: the test half is never looked at) averaged over the tasks that every tried lr
-of that family has a seed-0 cell on. Full fine-tuning is not searched: it keeps its shipped 2e-5. Searches are
+score (the dev set's first half: the test half is never looked at) averaged over the searched tasks (those
+with seed-0 cells of two or more lrs); until every tried lr has every searched task, nothing is chosen. Full fine-tuning is not searched: it keeps its shipped 2e-5. Searches are
 separate per setting (model, epochs, jobs): a cell's wall time and steps depend on them, and so may the best lr.
 """
 
@@ -53,8 +53,12 @@ def points(records: Iterable[dict[str, Any]], model: str, epochs: float, jobs: i
 
 
 def searched_tasks(by_lr: dict[str | None, dict[str, float]]) -> tuple[set[str], bool]:
-    """(the tasks a family's search lrs were tried on, whether every lr - the shipped one too - has them all)."""
-    tasks = set().union(*(set(scores) for value, scores in by_lr.items() if value is not None))
+    """(the tasks where two or more of a family's lrs were tried, whether every lr has them all).
+
+    A task with one lr only is no comparison: it is the matrix's seed-0 cell at the chosen lr on a task the
+    search did not cover, and must not reopen the search."""
+    counts = [t for scores in by_lr.values() for t in scores]
+    tasks = {t for t in counts if counts.count(t) > 1}
     return tasks, bool(tasks) and all(tasks <= set(scores) for scores in by_lr.values())
 
 

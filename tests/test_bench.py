@@ -34,7 +34,7 @@ def test_speed_smoke_records_every_ratio_and_the_machine(tmp_path, capsys):
 
 
 def _quality_record(task, variant, seed, test, kept, wall=100.0, val=None):
-    metric = {"mrpc": "f1", "rte": "accuracy"}[task]
+    metric = {"mrpc": "f1", "rte": "accuracy", "cola": "matthews_correlation"}[task]
     return {"kind": "quality", "key": f"{task}-{variant}-s{seed}-e20", "task": task, "variant": variant,
             "method": variant.split("-")[0], "seed": seed, "epochs": 20.0, "model": "minilm", "protocol": "paper",
             "extra": {}, "wall_seconds": wall, "curve": None, "commit": "a" * 40, "machine": {"cores": 2},
@@ -221,6 +221,8 @@ def test_each_family_trains_at_the_lr_with_the_best_mean_validation_score():
     assert lr.chosen(_lr_search(), "minilm", 20.0, 1) == {"sora": None, "lora": "2e-4", "adalora": "2e-4"}
     running = _lr_search() + [_lr_record("rte", "lora", 0, 0.90, "2e-3")]  # best so far, but mrpc not yet run
     assert lr.chosen(running, "minilm", 20.0, 1)["lora"] is None  # an incomplete search chooses nothing yet
+    matrix = _lr_search() + [_lr_record("cola", "lora", 0, 0.30, "2e-4")]  # the chosen lr on a task not searched
+    assert lr.chosen(matrix, "minilm", 20.0, 1)["lora"] == "2e-4"  # keeps the choice
     tie = [_lr_record("rte", "lora", 0, 0.6), _lr_record("rte", "lora", 0, 0.6, "5e-4")]
     assert lr.chosen(tie, "minilm", 20.0, 1)["lora"] is None  # a tie keeps the shipped lr
     assert lr.chosen(_lr_search(), "minilm", 20.0, 2) == {"sora": None, "lora": None, "adalora": None}  # other jobs

@@ -44,12 +44,14 @@ def initial_and_final_gates(run_dir: Path) -> tuple[Any, Any, Any]:
     return config, g0, g_final
 
 
-def measure(key: str, run_dir: Path, steps: int) -> dict[str, Any]:
-    """The record of one cell: alive ranks against |g0| > ξ·T."""
+def measure(key: str, run_dir: Path, steps: int) -> dict[str, Any] | None:
+    """The record of one cell (T = its optimizer steps that ran: a skipped step has no prox step either):
+    alive ranks against |g0| > ξ·T; None for a run whose gates more than ξ·T decides (schedule, budget,
+    a minimum rank, an L1 term)."""
     config, g0, g_final = initial_and_final_gates(run_dir)
     if config.threshold_mode != "fixed" or config.schedule or config.thresholds or config.target_rank \
-            or config.target_params:
-        raise ValueError(f"{key}: only a fixed-ξ run without schedule or budget has one ξ·T to compare with")
+            or config.target_params or config.effective_min_rank() or config.l1_coef:
+        return None
     alive, predicted = g_final != 0, g0.abs() > config.threshold * steps
     return {"kind": "gates", "key": key, "task": config.task, "seed": config.seed, "steps": steps,
             "threshold": config.threshold, "xi_T": config.threshold * steps, "ranks": len(g0),
@@ -89,7 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (run_dir / "sora_adapter").is_dir():
             print(f"skip  {r['key']}: no run directory {run_dir} here")
             continue
-        record = {**measure(r["key"], run_dir, r["metrics"]["steps"]), **origin}
+        steps = r["metrics"]["steps"] - r["metrics"].get("skipped_steps", 0)
+        record = measure(r["key"], run_dir, steps)
+        if record is None:
+            print(f"skip  {r['key']}: not one fixed ξ from start to end")
+            continue
+        # g0 is rebuilt by today's code: the cell's own commit is kept beside it, to spot an init that changed
+        record.update(origin, cell_commit=r.get("commit"))
         common.append_jsonl(args.out, record)
         done.add(r["key"])
         print(f"done  {r['key']}: {record['agree']} of {record['ranks']} ranks as |g0| > ξ·T predicts")

@@ -1,17 +1,21 @@
 """Which learning rate each method family trains with: its shipped one, or the winner of a validation search.
 
-The search is plain quality cells of seed 0 run with `--set lr=VALUE` (the shipped lr's cells have no `lr`):
+The search is plain quality cells of seed 0 run with `--set lr=VALUE` beside the shipped lr's (no `lr`):
 
     python -m bench.quality --tasks cola,mrpc --seeds 0 --methods sora,lora,adalora --epochs 3 --jobs 2 --set lr=2e-4
 
 Per family (sora, lora, adalora; the SoRA variants share sora's), the winner is the lr with the best validation
 score (the dev set's first half: the test half is never looked at) averaged over the searched tasks (those
-with seed-0 cells of two or more lrs); until every tried lr has every searched task, nothing is chosen. Full fine-tuning is not searched: it keeps its shipped 2e-5. Searches are
-separate per setting (model, epochs, jobs): a cell's wall time and steps depend on them, and so may the best lr.
+with a `--set lr=` cell); until every tried lr has every searched task, nothing is chosen. Only cells run
+with `--set lr=` (the record's command says so) and shipped-lr cells are search points: the matrix's own
+cells at a chosen lr (on a new task, or AdaLoRA sized by sora at another lr) never change the choice. Full
+fine-tuning is not searched: it keeps its shipped 2e-5. Searches are separate per setting (model, epochs,
+jobs): a cell's wall time and steps depend on them, and so may the best lr.
 """
 
 from __future__ import annotations
 
+import shlex
 import statistics
 from typing import Any, Iterable
 
@@ -31,6 +35,13 @@ def family(variant: str) -> str | None:
     return base if base in SEARCHED else None
 
 
+def set_on_command_line(r: dict[str, Any]) -> bool:
+    """Whether the cell's lr came from `--set lr=` of its bench.quality command (a search cell)."""
+    words = shlex.split(r.get("command") or "")
+    return any(a == "--set" and b.startswith("lr=") for a, b in zip(words, words[1:])) \
+        or any(w.startswith("--set=lr=") for w in words)
+
+
 def same_setting(r: dict[str, Any], model: str, epochs: float, jobs: int) -> bool:
     return (r.get("kind") == "quality" and r["model"] == model and r["epochs"] == epochs
             and r.get("jobs", 1) == jobs)
@@ -43,7 +54,7 @@ def points(records: Iterable[dict[str, Any]], model: str, epochs: float, jobs: i
     for r in records:
         extra = r.get("extra") or {}
         if (not same_setting(r, model, epochs, jobs) or r["seed"] != SEARCH_SEED or set(extra) - {"lr"}
-                or r["variant"] not in SEARCHED):
+                or r["variant"] not in SEARCHED or ("lr" in extra and not set_on_command_line(r))):
             continue
         metrics = r["metrics"]
         score = metrics.get("eval", {}).get(metrics.get("main_metric"))
@@ -53,12 +64,8 @@ def points(records: Iterable[dict[str, Any]], model: str, epochs: float, jobs: i
 
 
 def searched_tasks(by_lr: dict[str | None, dict[str, float]]) -> tuple[set[str], bool]:
-    """(the tasks where two or more of a family's lrs were tried, whether every lr has them all).
-
-    A task with one lr only is no comparison: it is the matrix's seed-0 cell at the chosen lr on a task the
-    search did not cover, and must not reopen the search."""
-    counts = [t for scores in by_lr.values() for t in scores]
-    tasks = {t for t in counts if counts.count(t) > 1}
+    """(the tasks a family's search lrs were tried on, whether every lr - the shipped one too - has them all)."""
+    tasks = set().union(*(set(scores) for value, scores in by_lr.items() if value is not None))
     return tasks, bool(tasks) and all(tasks <= set(scores) for scores in by_lr.values())
 
 

@@ -30,7 +30,6 @@ def mean_std(values: list[float], scale: float = 1.0) -> str:
     return f"{statistics.mean(values) * scale:.2f} ± {statistics.stdev(values) * scale:.2f}"
 
 
-
 def setting(r: dict[str, Any]) -> str:
     """Cells are compared only within one setting: model, epochs, extra overrides and jobs side by side."""
     extra = ", ".join(f"{k}={v}" for k, v in sorted((r.get("extra") or {}).items()) if k != "lr")  # see lr_line

@@ -197,12 +197,14 @@ def test_claims_are_judged_only_once_sora_and_lora_both_have_three_seeds(tmp_pat
     assert "| rte | sora | 1 (not judged) | +10.00 | 50.0 % | – |" in text  # better and smaller, yet one seed
 
 
-def _lr_record(task, variant, seed, val, lr=None, kept=1000):
-    """A finished cell at `lr` (None: the shipped lr), keyed exactly as the harness keys it."""
+def _lr_record(task, variant, seed, val, lr=None, kept=1000, search=True):
+    """A finished cell at `lr` (None: the shipped lr), keyed exactly as the harness keys it; a search cell
+    (`--set lr=` on its command) or, with search=False, a matrix cell at a chosen lr."""
     extra = (("lr", lr),) if lr else ()
     record = _quality_record(task, variant, seed, test=val, kept=kept, val=val)
-    record.update(key=quality.Cell(task, variant, seed, 20.0, extra=extra).key, extra=dict(extra))
-    if variant == "adalora":  # a search cell: sized by the sora cell of its own lr
+    record.update(key=quality.Cell(task, variant, seed, 20.0, extra=extra).key, extra=dict(extra),
+                  command="python -m bench.quality --seeds 0" + (f" --set lr={lr}" if lr and search else ""))
+    if variant == "adalora":  # sized by the sora cell of its own lr, as in a search
         record["budget"] = {"source": quality.Cell(task, "sora", seed, 20.0, extra=extra).key}
     return record
 
@@ -221,8 +223,13 @@ def test_each_family_trains_at_the_lr_with_the_best_mean_validation_score():
     assert lr.chosen(_lr_search(), "minilm", 20.0, 1) == {"sora": None, "lora": "2e-4", "adalora": "2e-4"}
     running = _lr_search() + [_lr_record("rte", "lora", 0, 0.90, "2e-3")]  # best so far, but mrpc not yet run
     assert lr.chosen(running, "minilm", 20.0, 1)["lora"] is None  # an incomplete search chooses nothing yet
-    matrix = _lr_search() + [_lr_record("cola", "lora", 0, 0.30, "2e-4")]  # the chosen lr on a task not searched
-    assert lr.chosen(matrix, "minilm", 20.0, 1)["lora"] == "2e-4"  # keeps the choice
+    # the matrix's own cells never reopen or sway the search: the chosen lr on a task not searched (where an
+    # older shipped-lr cell exists), and AdaLoRA at its lr sized by sora at the shipped lr, scoring worse
+    sized = _lr_record("rte", "adalora", 0, 0.10, "2e-4", search=False)
+    sized.update(key=sized["key"] + "-bxyz", budget={"source": quality.Cell("rte", "sora", 0, 20.0).key})
+    matrix = _lr_search() + [_lr_record("cola", "lora", 0, 0.5), sized,
+                             _lr_record("cola", "lora", 0, 0.3, "2e-4", search=False)]
+    assert lr.chosen(matrix, "minilm", 20.0, 1) == lr.chosen(_lr_search(), "minilm", 20.0, 1)
     tie = [_lr_record("rte", "lora", 0, 0.6), _lr_record("rte", "lora", 0, 0.6, "5e-4")]
     assert lr.chosen(tie, "minilm", 20.0, 1)["lora"] is None  # a tie keeps the shipped lr
     assert lr.chosen(_lr_search(), "minilm", 20.0, 2) == {"sora": None, "lora": None, "adalora": None}  # other jobs
@@ -266,13 +273,19 @@ def test_tables_show_each_family_at_its_chosen_lr_and_the_search_apart(tmp_path)
     assert "| rte (accuracy) | full | 1 | 75.00 |" in text  # its cell at another lr is left out, not averaged in
     assert "| rte (accuracy) | lora | 1 | 66.00 |" in text and "| rte (accuracy) | lora | 1 | 60.00 |" not in text
     assert "| rte (accuracy) | adalora |" not in text  # its 2e-4 cell was sized by a sora cell not in the table
+    sized = _lr_record("rte", "adalora", 0, 0.55, "2e-4", search=False)  # the matrix's: sized by sora at 8e-4
+    sized.update(key=sized["key"] + "-bxyz", budget={"source": quality.Cell("rte", "sora", 0, 20.0).key})
+    common.append_jsonl(results / "quality.jsonl", sized)
+    assert tables.main(["--results-dir", str(results), "--readme", str(readme)]) == 0
+    assert "| rte (accuracy) | adalora | 1 | 55.00 |" in readme.read_text()
     search = "| lora | 2e-4 | 78.00 | 66.00 | 72.00 | chosen |\n| lora | 8e-4 (shipped) | 80.00 | 60.00 | 70.00 |  |"
     assert search in text
 
 
-def test_gates_tool_finds_the_ranks_a_fixed_threshold_alone_would_keep(glue_dir, tiny_model, tmp_path):
+def test_gates_tool_finds_the_ranks_a_fixed_threshold_alone_would_keep(glue_dir, tiny_model, tmp_path, monkeypatch):
     from soralib.cli import main as sora
 
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))  # the tokenized data: not in the home directory
     run = tmp_path / "runs" / "rte-sora-s0-e2"
     # gates that barely move (gate lr 1e-9): only the prox step acts, so the prediction must hold exactly,
     # which it can only if the tool rebuilt the run's initial gates

@@ -185,8 +185,9 @@ def _across_tasks(name: str, groups: dict[tuple[str, str, str], list[dict[str, A
                   / statistics.mean(r["metrics"]["kept_params"] for r in lora) for rs, lora in rows]
         share = [statistics.mean(x) for x in (_time_shares(rs, lora) for rs, lora in rows) if x]
         seeds = sorted({len(rs) for rs, _ in rows})
+        delta_text = f"{100 * statistics.mean(delta):+.2f}" if delta else "–"  # no seed shared with LoRA
         lines.append(f"| {variant} | {len(rows)} | {'/'.join(map(str, seeds))} | {100 * statistics.mean(score):.2f} | "
-                     f"{100 * statistics.mean(delta):+.2f} | {100 * statistics.mean(params):.1f} | "
+                     f"{delta_text} | {100 * statistics.mean(params):.1f} | "
                      f"{share_text(share)} |")
     return lines + [""]
 

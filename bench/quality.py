@@ -37,6 +37,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sora": ("sora", {"r": 8, "threshold": 3e-4, "threshold_mode": "fixed"}),
     "sora-schedule": ("sora", {"r": 8, "schedule": "linear", "num_stages": 3}),
     "sora-budget": ("sora", {"r": 8, "target_rank": 4}),
+    # The control for what learning the gates adds: gates that never learn (lr 1e-9), so only the threshold
+    # acts and abs(g0) > ξ·T alone picks the ranks, each kept rank scaled by abs(g0) - ξ·T (see bench.gates).
+    "sora-static-gates": ("sora", {"r": 8, "threshold": 3e-4, "threshold_mode": "fixed", "gate_lr": 1e-9}),
     "lora": ("lora", {"r": 8}),
     "adalora": ("adalora", {"r": 8}),  # budget: the matching sora cell's kept_params, else target_r 4
     "full": ("full", {}),

@@ -103,8 +103,8 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
     for (name, task, variant), rs in groups.items():  # AdaLoRA sized by the sora cell of the table's seed
         if variant == "adalora":
             sora = {r["seed"]: r["key"] for r in groups.get((name, task, "sora"), [])}
-            sized_by = (lambda r: (r.get("budget") or {}).get("source", "default"))
-            rs[:] = [r for r in rs if sized_by(r) in (sora.get(r["seed"]), "default")]
+            rs[:] = [r for r in rs if (r.get("budget") or {}).get("source", "default") in (sora.get(r["seed"]),
+                                                                                             "default")]
     groups = {where: rs for where, rs in groups.items() if rs}
     for name in sorted({s for s, _, _ in groups}):
         lines += [f"### {name}", "", heads[name], "", "| task | method | seeds | test metric (mean ± std, ×100) "

@@ -29,6 +29,13 @@ def text(value: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def shipped(method: str) -> float:
+    """The lr of the method's shipped YAML (src/soralib/configs/<method>.yaml): what a cell without `lr` trains at."""
+    from soralib.train.config import build_config
+
+    return build_config(method, None, {}).lr
+
+
 def family(variant: str) -> str | None:
     """The searched family whose lr `variant` trains with (None: not searched, its shipped lr)."""
     base = "sora" if variant.startswith("sora") else variant
@@ -94,7 +101,7 @@ def settings(records: Iterable[dict[str, Any]]) -> list[tuple[str, float, int]]:
     return sorted({(r["model"], r["epochs"], r.get("jobs", 1)) for r in records if r.get("kind") == "quality"})
 
 
-def search_tables(records: list[dict[str, Any]], shipped: dict[str, float]) -> list[str]:
+def search_tables(records: list[dict[str, Any]]) -> list[str]:
     """Markdown: per setting with a search, each family's validation score per lr and task, and the winner."""
     lines: list[str] = []
     for model, epochs, jobs in settings(records):
@@ -108,11 +115,11 @@ def search_tables(records: list[dict[str, Any]], shipped: dict[str, float]) -> l
                   "|---|---|" + "---|" * (len(tasks) + 2)]
         for fam, by_lr in found.items():
             searched, complete = searched_tasks(by_lr)
-            for value in sorted(by_lr, key=lambda v: shipped[fam] if v is None else float(v)):
+            for value in sorted(by_lr, key=lambda v: shipped(fam) if v is None else float(v)):
                 scores = by_lr[value]
                 mean = f"{100 * statistics.mean(scores[t] for t in searched):.2f}" if searched <= set(scores) else "–"
                 cells = " | ".join(f"{100 * scores[t]:.2f}" if t in scores else "–" for t in tasks)
-                name = f"{text(shipped[fam])} (shipped)" if value is None else value
+                name = f"{text(shipped(fam))} (shipped)" if value is None else value
                 verdict = ("chosen" if value == picked[fam] else "") if complete else "search incomplete"
                 lines.append(f"| {fam} | {name} | {cells} | {mean} | {verdict} |")
         lines.append("")

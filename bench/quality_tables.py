@@ -14,7 +14,6 @@ from . import common, lr
 from .quality import VARIANTS
 
 SORA_VARIANTS = ("sora", "sora-schedule", "sora-budget")
-SHIPPED_LR = {"sora": 8e-4, "lora": 8e-4, "adalora": 8e-4, "full": 2e-5}  # src/soralib/configs/*.yaml (a test checks)
 MIN_SEEDS = 3  # the issue: at least 3 seeds per cell before a claim is judged
 
 
@@ -132,7 +131,7 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
                                         if scores and lora_scores else None,
                                         params / lora_params, share))
         lines += [""] + _across_tasks(name, groups)
-    lines += lr.search_tables(quality, SHIPPED_LR)
+    lines += lr.search_tables(quality)
     commits = sorted({(r.get("commit") or "?")[:12] for r in quality})
     lines += [f"Commits: {', '.join(commits)}. Each line of bench/results/quality.jsonl holds its cell's exact "
               "`sora train` command (`run_command`), metrics.json and machine.", ""]
@@ -142,8 +141,8 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
 def lr_line(chosen: dict[str, str | None]) -> str:
     """The learning rates of a setting's cells (the SoRA variants train at sora's; full fine-tuning at 2e-5)."""
     return "Learning rates: " + ", ".join(
-        f"{fam} {lr.text(SHIPPED_LR[fam])} (shipped)" if value is None else f"{fam} {value} (validation search)"
-        for fam, value in chosen.items()) + f", full {lr.text(SHIPPED_LR['full'])} (shipped, not searched)."
+        f"{fam} {lr.text(lr.shipped(fam))} (shipped)" if value is None else f"{fam} {value} (validation search)"
+        for fam, value in chosen.items()) + f", full {lr.text(lr.shipped('full'))} (shipped, not searched)."
 
 
 def share_text(shares: list[float]) -> str:

@@ -234,9 +234,7 @@ def test_each_family_trains_at_the_lr_with_the_best_mean_validation_score():
     assert lr.chosen(tie, "minilm", 20.0, 1)["lora"] is None  # a tie keeps the shipped lr
     assert lr.chosen(_lr_search(), "minilm", 20.0, 2) == {"sora": None, "lora": None, "adalora": None}  # other jobs
     assert [lr.family(v) for v in ("sora-budget", "sora-schedule", "lora", "full")] == ["sora", "sora", "lora", None]
-    from soralib.train.config import build_config
-
-    assert quality_tables.SHIPPED_LR == {m: build_config(m, None, {}).lr for m in quality_tables.SHIPPED_LR}
+    assert (lr.shipped("lora"), lr.shipped("full")) == (8e-4, 2e-5)  # read from the shipped YAMLs
 
 
 def test_the_matrix_runs_each_family_at_its_searched_lr_unless_one_lr_is_set(tmp_path, capsys):

@@ -202,7 +202,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
 
 
 def ready(cell: Cell, waiting: set[str]) -> bool:
-    """AdaLoRA's budget is its sora sibling's final size: it waits while that cell is queued or running."""
+    """AdaLoRA's budget is its sora sibling's final size: it waits while that cell is queued or running (and
+    `main` drops it if that cell then has no result)."""
     return cell.budget_from is None or cell.budget_from not in waiting
 
 
@@ -235,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not running:
                     break
             waiting = {c.key for c in queue} | {c.key for c in running.values()}
+            for cell in [c for c in queue if ready(c, waiting) and c.budget_from and c.budget_from not in records]:
+                queue.remove(cell)  # an AdaLoRA cell sized by default would keep its key: never run it so
+                print(f"skip  {cell.key}: its budget comes from {cell.budget_from}, which has no result", flush=True)
+            if not queue and not running:
+                break
             for cell in [c for c in queue if ready(c, waiting)][: args.jobs - len(running)]:
                 queue.remove(cell)
                 print(f"train {cell.key} ...", flush=True)

@@ -116,12 +116,15 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
                 rs = groups[(name, task, variant)]
                 scores = [s for s in map(main_score, rs) if s is not None]
                 params = statistics.mean(r["metrics"]["kept_params"] for r in rs)
-                walls = [r["wall_seconds"] for r in rs if r.get("wall_seconds") is not None]
+                # a resumed cell's wall time is only the part after the resume: not comparable, not averaged
+                walls = [r["wall_seconds"] for r in rs if r.get("wall_seconds") is not None and not r.get("resumed")]
+                resumed = sum(bool(r.get("resumed")) for r in rs)
                 share, step_share = _time_shares(rs, lora), _time_shares(rs, lora, "steps")
                 lines.append(f"| {task} ({rs[0]['metrics'].get('main_metric')}) | {variant} | {len(rs)} | "
                              f"{mean_std(scores, 100)} | {params:,.0f} | {mean_std(_paired_deltas(rs, lora), 100)} | "
                              f"{fmt(100 * params / lora_params, 1) if lora_params else '–'} | "
-                             f"{fmt(statistics.mean(walls), 0) if walls else '–'} | "
+                             f"{fmt(statistics.mean(walls), 0) if walls else '–'}"
+                             f"{f' ({resumed} resumed, not counted)' if resumed else ''} | "
                              f"{share_text(share) if share or not lora else 'n/a (no validation curve)'} | "
                              f"{share_text(step_share)} |")
                 if variant in SORA_VARIANTS and lora:

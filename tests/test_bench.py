@@ -125,6 +125,34 @@ def test_quality_jobs_run_cells_side_by_side_and_adalora_waits_for_its_sora_cell
     assert len(common.read_jsonl(results)) == 4
 
 
+def test_quality_never_runs_adalora_without_its_sora_cells_result(tmp_path, monkeypatch, capsys):
+    started = []
+
+    def fake_run_cell(cell, args, records):
+        started.append(cell.key)
+        if cell.variant == "sora":
+            return None  # the sora cell fails: no final size to give AdaLoRA
+        return {"key": cell.key, "metrics": {"main_metric": "accuracy", "test": {"accuracy": 0.5}}}
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "sora,lora,adalora", "--results",
+            str(tmp_path / "quality.jsonl"), "--runs-dir", str(tmp_path / "runs")]
+    assert quality.main(argv) == 1
+    assert started == ["rte-sora-s0-e20", "rte-lora-s0-e20"]
+    assert "skip  rte-adalora-s0-e20: its budget comes from rte-sora-s0-e20, which has no result" in \
+        capsys.readouterr().out
+
+
+def test_tables_leave_a_resumed_cells_partial_wall_time_out_of_the_mean(tmp_path):
+    results = tmp_path / "results"
+    common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "lora", 0, 0.80, 2000, wall=300.0))
+    resumed = {**_quality_record("mrpc", "lora", 1, 0.82, 2000, wall=40.0), "resumed": True}
+    common.append_jsonl(results / "quality.jsonl", resumed)
+    readme = tmp_path / "README.md"
+    assert tables.main(["--results-dir", str(results), "--readme", str(readme)]) == 0
+    assert "| 100.0 | 300 (1 resumed, not counted) |" in readme.read_text()
+
+
 def test_quality_curve_counts_training_steps_across_scheduler_stages(tmp_path):
     history = tmp_path / "history.jsonl"
     lines = [{"step": 10, "stage": 1, "elapsed_seconds": 1.0, "loss": 0.5},

@@ -305,7 +305,9 @@ def test_bad_train_flags_exit_2_with_one_line_and_write_nothing(glue_dir, tiny_m
     ("list.yaml", "- r\n- lr\n", "{path}: expected a mapping of config fields, got list"),
     ("unknown.yaml", "rank: 4\nlr: 1e-3\n", "{path}: unknown config field(s) rank; see `sora train --help`"),
     ("float-rank.yaml", "r: 1.5\n", "r must be a int, got 1.5"),
-], ids=["missing", "invalid-yaml", "not-a-mapping", "unknown-field", "bad-value"])
+    ("empty-lr.yaml", "lr:\n", "lr must be a float, got null (an empty value)"),
+    ("null-rank.yaml", "r: null\n", "r must be a int, got null (an empty value)"),
+], ids=["missing", "invalid-yaml", "not-a-mapping", "unknown-field", "bad-value", "empty-value", "null-value"])
 def test_bad_yaml_config_files_exit_2_and_write_nothing(glue_dir, tiny_model, tmp_path, capsys, name, text, expected):
     path = tmp_path / name
     if text is not None:

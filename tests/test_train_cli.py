@@ -245,11 +245,13 @@ def test_an_occupied_output_directory_is_refused_and_kept(glue_dir, tiny_model, 
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops_with_weights_finite(glue_dir, tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["sora", "adalora"])  # AdaLoRA's allocator must not see the dropped grads
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_weights_finite(glue_dir, tiny_model, tmp_path, capsys,
+                                                                             method):
     out = tmp_path / "run"
     # lr 1e30: the first step blows the weights up, after which every loss and gradient is non-finite
-    args = train_args(glue_dir, tiny_model, out, "--lr", "1e30", "--max-bad-steps", "3", "--save-steps", "1",
-                      "--max-steps", "20")
+    args = train_args(glue_dir, tiny_model, out, "--method", method, "--lr", "1e30", "--max-bad-steps", "3",
+                      "--save-steps", "1", "--max-steps", "20")
     assert main(args) == 1
     # the message follows the progress bar on stderr; it is one line of its own
     errors = [x[x.index("sora train: error"):] for x in capsys.readouterr().err.splitlines() if "sora train: error" in x]
@@ -267,6 +269,15 @@ def test_a_deepspeed_config_with_its_own_optimizer_is_refused(glue_dir, tiny_mod
     out = tmp_path / "run"
     _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--deepspeed", str(ds)),
                    'has an "optimizer" block: DeepSpeed would build its own optimizer and silently drop', out)
+
+
+@pytest.mark.parametrize("flags", [["--target-rank", "2"], ["--min-rank", "1"]], ids=["budget", "min-rank"])
+def test_deepspeed_with_a_budget_or_min_rank_is_refused(glue_dir, tiny_model, tmp_path, capsys, flags):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    out = tmp_path / "run"
+    _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--deepspeed", str(ds), *flags),
+                   "deepspeed cannot run a parameter budget or min_rank > 0 (ZeRO flattens the gates)", out)
 
 
 def test_same_seed_gives_bitwise_identical_adapters_and_metrics(glue_dir, tiny_model, tmp_path):

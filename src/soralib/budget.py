@@ -9,6 +9,9 @@ end of training, guarantees it.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from .optim import sora_layers
 
 
 def _check(gates: list[torch.Tensor], costs: list[int], budget: float, min_rank: int) -> None:
@@ -79,3 +82,18 @@ def apply_masks_(gates: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
                 f"got {mask.dtype} of shape {tuple(mask.shape)}"
             )
         gate.masked_fill_(~mask.to(gate.device), 0.0)
+
+
+def trim_model_(model: nn.Module, budget: float, measure: str = "kept_params", min_rank: int = 0,
+                adapter: str = "default") -> None:
+    """Zero, in place, the gates of ``model`` that :func:`trim_to_budget` drops.
+
+    ``measure`` is what ``budget`` counts, as in ``sparsity_report``: "kept_params" (a rank costs
+    ``in_features + out_features``) or "kept_rank" (a rank costs 1).
+    """
+    if measure not in ("kept_params", "kept_rank"):
+        raise ValueError(f"measure must be 'kept_params' or 'kept_rank', got {measure!r}")
+    layers = [layer for _, layer in sora_layers(model) if adapter in layer.sora_gate]
+    gates = [layer.sora_gate[adapter] for layer in layers]
+    costs = [layer.in_features + layer.out_features if measure == "kept_params" else 1 for layer in layers]
+    apply_masks_(gates, trim_to_budget([g.detach() for g in gates], costs, int(budget), min_rank))

@@ -66,6 +66,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(old_copy, path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the directory gets the usual permissions
         yield tmp
         for child in tmp.iterdir():
             if child.is_file():

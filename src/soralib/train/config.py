@@ -120,7 +120,7 @@ class TrainConfig:
     """An explicit list of stage thresholds (instead of schedule/start/end/num_stages)."""
     # --- parameter budget (beyond the paper)
     target_params: Optional[int] = None
-    """Adapt the threshold so that the final adapter has this many parameters (±5%)."""
+    """Adapt the threshold so that the final adapter has this many parameters (to within one rank)."""
     target_rank: Optional[float] = None
     """Same, as a mean kept rank per module."""
     min_rank: Optional[int] = None
@@ -191,6 +191,11 @@ class TrainConfig:
             bad("max_bad_steps", "an integer >= 1")
         if self.deepspeed is not None:
             check_deepspeed_config(self.deepspeed)
+            if self.method == "sora" and (self.effective_min_rank() > 0 or self.target_params or self.target_rank):
+                # ZeRO steps flattened fp32 partitions: no whole gate vector for a topk, and gates zeroed in
+                # the model (the budget's trim) come back from the fp32 copy at the next step.
+                raise InputError("deepspeed cannot run a parameter budget or min_rank > 0 (ZeRO flattens the gates); "
+                                 "drop --deepspeed, or the budget and --min-rank")
         if self.task == "custom" and not (self.train_file and self.validation_file and self.text_columns):
             raise InputError("task custom needs train_file, validation_file and text_columns")
         return self
@@ -255,7 +260,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's type (YAML reads `8e-4` as a string)."""
     kind = FIELDS[name].type.removeprefix("Optional[").removesuffix("]")
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and FIELDS[name].type.startswith("Optional")):
+    optional = FIELDS[name].type.startswith("Optional")
+    if value is None and not optional:  # `lr:` or `lr: null` in a YAML file
+        raise InputError(f"{name} must be a {kind}, got null (an empty value)")
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         return None
     try:
         if kind.startswith("list["):

@@ -25,7 +25,7 @@ from accelerate import PartialState
 
 import soralib
 
-from ..budget import apply_masks_, trim_to_budget
+from ..budget import trim_model_
 from ..errors import InputError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from . import data as data_mod
@@ -141,7 +141,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
         state["train_seconds"] = trainer.training_seconds()  # evaluations excluded; a resume keeps the time before
         state["skipped_steps"] = state.get("skipped_steps", 0) + trainer.nonfinite.skipped
         if budget:
-            _trim(model, budget, config.effective_min_rank())
+            trim_model_(model, *budget, config.effective_min_rank())  # held by the controller already; the guarantee
         if len(thresholds) > 1:
             _finish_stage(trainer, model, spec, features, memorize, stage, threshold, stage_dir, out)
         if stage < len(thresholds) and processes.is_main_process:
@@ -224,14 +224,6 @@ def _budget(config: TrainConfig, model) -> tuple[float, str] | None:
     if config.target_rank is not None:
         return config.target_rank * len(soralib.sparsity_report(model)["modules"]), "kept_rank"
     return None
-
-
-def _trim(model, budget: tuple[float, str], min_rank: int) -> None:
-    """Guarantee the budget at the end: drop the smallest live gates beyond it."""
-    layers = [layer for _, layer in soralib.optim.sora_layers(model)]
-    gates = [layer.sora_gate["default"] for layer in layers]
-    per_rank = [layer.in_features + layer.out_features if budget[1] == "kept_params" else 1 for layer in layers]
-    apply_masks_(gates, trim_to_budget([g.detach() for g in gates], per_rank, int(budget[0]), min_rank))
 
 
 def _load_adapter(model, path: Path) -> None:

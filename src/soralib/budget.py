@@ -1,9 +1,9 @@
-"""Final trim of SoRA gates to a parameter budget.
+"""Trim SoRA gates to a parameter budget.
 
 A rank ``j`` of module ``i`` costs ``c_i = in_features + out_features`` parameters (a column of A and a
 row of B); the adapter's size is ``Σ_i c_i·|{j : keep_ij}|``. The budget controller of
-:mod:`soralib.schedule` only steers the size towards the budget; :func:`trim_to_budget`, run once at the
-end of training, guarantees it.
+:mod:`soralib.schedule` only steers the size towards the budget; :func:`trim_model_` after every step of
+the hold phase (the last quarter of training) and once at the end guarantees it.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # acts and abs(g0) > ξ·T alone picks the ranks, each kept rank scaled by abs(g0) - ξ·T (see bench.gates).
     "sora-static-gates": ("sora", {"r": 8, "threshold": 3e-4, "threshold_mode": "fixed", "gate_lr": 1e-9}),
     "lora": ("lora", {"r": 8}),
-    "adalora": ("adalora", {"r": 8}),  # budget: the matching sora cell's kept_params, else target_r 4
+    "adalora": ("adalora", {"r": 8}),  # budget: the matching sora cell's kept_params (target_r 4 if it kept all)
     "full": ("full", {}),
 }
 TASKS = ("rte", "mrpc", "cola", "stsb")
@@ -219,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cell in matrix:
         if cell.key in records:
             print(f"skip  {cell.key} (done)")
+        elif args.dry_run and cell.budget_from and cell.budget_from not in records:
+            print(f"run   {cell.key}: once {cell.budget_from} is done, at its final size, "
+                  f"lr {dict(cell.extra).get('lr', 'shipped')}")
         elif args.dry_run:
             print(f"run   {cell.key}: {shlex.join(command(cell, args, records)[0])}")
         else:
@@ -238,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             waiting = {c.key for c in queue} | {c.key for c in running.values()}
             for cell in [c for c in queue if ready(c, waiting) and c.budget_from and c.budget_from not in records]:
                 queue.remove(cell)  # an AdaLoRA cell sized by default would keep its key: never run it so
-                print(f"skip  {cell.key}: its budget comes from {cell.budget_from}, which has no result", flush=True)
+                failed += 1
+                print(f"FAIL  {cell.key}: its budget comes from {cell.budget_from}, which has no result", flush=True)
             if not queue and not running:
                 break
             for cell in [c for c in queue if ready(c, waiting)][: args.jobs - len(running)]:

@@ -51,7 +51,8 @@ def test_quality_dry_run_skips_finished_cells(tmp_path, capsys):
     first = capsys.readouterr().out
     assert first.count("run   ") == 6 and "skip  " not in first
     assert first.index("rte-sora-s0") < first.index("rte-adalora-s0")  # sora first: it sets AdaLoRA's budget
-    assert "--adalora-target-r 4" in first and "--protocol paper" in first
+    assert "run   rte-adalora-s0-e20: once rte-sora-s0-e20 is done, at its final size, lr shipped" in first
+    assert "--protocol paper" in first
     assert not results.exists() and not runs.exists()  # a dry run writes nothing
     common.append_jsonl(results, _quality_record("rte", "sora", 0, 0.6, kept=1000))
     assert quality.main(argv) == 0
@@ -139,7 +140,13 @@ def test_quality_never_runs_adalora_without_its_sora_cells_result(tmp_path, monk
             str(tmp_path / "quality.jsonl"), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 1
     assert started == ["rte-sora-s0-e20", "rte-lora-s0-e20"]
-    assert "skip  rte-adalora-s0-e20: its budget comes from rte-sora-s0-e20, which has no result" in \
+    assert "FAIL  rte-adalora-s0-e20: its budget comes from rte-sora-s0-e20, which has no result" in \
+        capsys.readouterr().out
+    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "adalora", "--results", str(tmp_path / "quality.jsonl"),
+            "--runs-dir", str(tmp_path / "runs")]
+    assert quality.main(argv) == 1 and len(started) == 2  # asked for AdaLoRA alone: nothing runs, and it says so
+    assert quality.main(argv + ["--dry-run"]) == 0
+    assert "run   rte-adalora-s0-e20: once rte-sora-s0-e20 is done, at its final size, lr shipped" in \
         capsys.readouterr().out
 
 
@@ -283,7 +290,7 @@ def test_the_matrix_runs_each_family_at_its_searched_lr_unless_one_lr_is_set(tmp
     assert "--lr 2e-4" in adalora0 and "--target-params 1000" in adalora0
     assert quality.main(argv + ["--set", "lr=5e-4"]) == 0  # one lr for all: how a search's cells are run
     out = capsys.readouterr().out
-    assert out.count("run   ") == 6 and out.count("--lr 5e-4") == 6
+    assert out.count("run   ") == 6 and out.count("--lr 5e-4") == 4 and out.count("lr 5e-4") == 6
 
 
 def test_tables_show_each_family_at_its_chosen_lr_and_the_search_apart(tmp_path):

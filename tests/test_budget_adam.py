@@ -37,7 +37,11 @@ def run_budget(target: float, measure: str, steps: int = 400, lr: float = 8e-4, 
         schedule.step()
         controller.on_step_end(None, SimpleNamespace(global_step=step + 1, max_steps=steps), None,
                                model=model, optimizer=optimizer)
+        if step + 1 >= 0.75 * steps:  # the hold: within the budget after every step, not only at the end
+            assert soralib.sparsity_report(model)[measure] <= max(target, min_rank * len(gates))
+    before = [g.detach().clone() for g in gates]
     trim_model_(model, target, measure, min_rank)  # what the harness does after the last step
+    assert all(torch.equal(a, g) for a, g in zip(before, gates)), "the hold should leave the final trim nothing"
     return soralib.sparsity_report(model)
 
 

@@ -146,14 +146,18 @@ class NonFiniteGuard(TrainerCallback):
 class AdaLoraAllocator(TrainerCallback):
     """PEFT AdaLoRA must see every step after backward and before zero_grad; Trainer does not call it.
 
-    A step the guard skipped has no gradients, which AdaLoRA's importance scores (p·∇p) cannot take."""
+    A step the guard skipped has no gradients, which AdaLoRA's importance scores (p·∇p) cannot take; from
+    its final allocation on (step total_step − tfinal) AdaLoRA only masks, so those steps always run."""
 
     def __init__(self, guard: NonFiniteGuard):
         self.guard = guard
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.guard.in_a_row == 0:
-            _unwrap(model).base_model.update_and_allocate(state.global_step)
+        model = _unwrap(model)
+        config = model.peft_config[model.active_adapter]
+        if self.guard.in_a_row and state.global_step < config.total_step - config.tfinal:
+            return
+        model.base_model.update_and_allocate(state.global_step)
 
 
 class BudgetController(TrainerCallback):

@@ -21,7 +21,9 @@ END = "<!-- END GENERATED -->"
 
 
 def load(results_dir: Path) -> list[dict[str, Any]]:
-    return [r for path in sorted(results_dir.glob("*.jsonl")) for r in common.read_jsonl(path)]
+    """Every record of results_dir/*.jsonl but those marked `superseded_by` (kept as a record, never tabulated)."""
+    return [r for path in sorted(results_dir.glob("*.jsonl")) for r in common.read_jsonl(path)
+            if "superseded_by" not in r]
 
 
 def provenance_line(r: dict[str, Any]) -> str:

@@ -160,6 +160,17 @@ def test_tables_leave_a_resumed_cells_partial_wall_time_out_of_the_mean(tmp_path
     assert "| 100.0 | 300 (1 resumed, not counted) |" in readme.read_text()
 
 
+def test_tables_never_show_a_superseded_record_even_under_a_live_key(tmp_path):
+    results = tmp_path / "results"
+    common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "lora", 0, 0.80, 2000))
+    old = {**_quality_record("mrpc", "lora", 0, 0.10, 2000), "superseded_by": "abc"}  # sorts after quality.jsonl
+    common.append_jsonl(results / "superseded.jsonl", old)
+    readme = tmp_path / "README.md"
+    assert tables.main(["--results-dir", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| mrpc (f1) | lora | 1 | 80.00 |" in text and "10.00" not in text
+
+
 def test_quality_curve_counts_training_steps_across_scheduler_stages(tmp_path):
     history = tmp_path / "history.jsonl"
     lines = [{"step": 10, "stage": 1, "elapsed_seconds": 1.0, "loss": 0.5},

@@ -207,6 +207,11 @@ def ready(cell: Cell, waiting: set[str]) -> bool:
     return cell.budget_from is None or cell.budget_from not in waiting
 
 
+def sized_by_missing(cell: Cell, records: dict[str, dict]) -> bool:
+    """An AdaLoRA cell whose sora sibling has no result yet: it cannot be sized, so it must not run now."""
+    return bool(cell.budget_from) and cell.budget_from not in records
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
@@ -219,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for cell in matrix:
         if cell.key in records:
             print(f"skip  {cell.key} (done)")
-        elif args.dry_run and cell.budget_from and cell.budget_from not in records:
+        elif args.dry_run and sized_by_missing(cell, records):
             print(f"run   {cell.key}: once {cell.budget_from} is done, at its final size, "
                   f"lr {dict(cell.extra).get('lr', 'shipped')}")
         elif args.dry_run:
@@ -239,12 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not running:
                     break
             waiting = {c.key for c in queue} | {c.key for c in running.values()}
-            for cell in [c for c in queue if ready(c, waiting) and c.budget_from and c.budget_from not in records]:
+            for cell in [c for c in queue if ready(c, waiting) and sized_by_missing(c, records)]:
                 queue.remove(cell)  # an AdaLoRA cell sized by default would keep its key: never run it so
                 failed += 1
                 print(f"FAIL  {cell.key}: its budget comes from {cell.budget_from}, which has no result", flush=True)
-            if not queue and not running:
-                break
             for cell in [c for c in queue if ready(c, waiting)][: args.jobs - len(running)]:
                 queue.remove(cell)
                 print(f"train {cell.key} ...", flush=True)

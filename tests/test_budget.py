@@ -56,18 +56,22 @@ def test_min_rank_keeps_every_live_module_alive_through_a_hard_trim():
 
     plain = trim_to_budget(gates, COSTS, budget)
     assert any(not m.any() for m in plain), "the weakest module should lose all its ranks"
-    assert all(torch.equal(a, b) for a, b in zip(plain, _greedy_prefix(gates, COSTS, budget)))  # no special treatment
+    assert all(torch.equal(a, b) for a, b in zip(plain, _reference_trim(gates, COSTS, budget, 0)))  # no special treatment
 
     kept = [int(m.sum()) for m in trim_to_budget(gates, COSTS, budget, min_rank=1)]
     assert all(k >= 1 for k in kept)
     assert sum(k * c for k, c in zip(kept, COSTS)) <= budget + sum(COSTS)  # over only by the forced ranks
 
 
-def _greedy_prefix(gates, costs, budget):
-    """Reference without min_rank: all non-zero gates by descending |g|, kept until the first that overflows."""
-    ranking = sorted(((-abs(float(v)), i, j) for i, g in enumerate(gates) for j, v in enumerate(g) if v != 0))
-    masks, spent = [torch.zeros(len(g), dtype=torch.bool) for g in gates], 0
-    for _, i, j in ranking:
+def _reference_trim(gates, costs, budget, min_rank):
+    """The definition, one rank at a time: each module's min_rank largest non-zero gates, then the greedy prefix."""
+    masks, spent, ranking = [torch.zeros(len(g), dtype=torch.bool) for g in gates], 0, []
+    for i, g in enumerate(gates):
+        ranks = sorted((-abs(float(v)), j) for j, v in enumerate(g) if v != 0)
+        for _, j in ranks[:min_rank]:
+            masks[i][j], spent = True, spent + costs[i]
+        ranking += [(v, i, j) for v, j in ranks[min_rank:]]
+    for _, i, j in sorted(ranking):
         if spent + costs[i] > budget:
             break
         masks[i][j], spent = True, spent + costs[i]
@@ -144,6 +148,15 @@ def test_trim_properties(problem, budget, min_rank):
         assert int((g.abs()[m] < largest).sum()) <= min_rank
     # Greedy: it stopped because the next gate in line did not fit.
     assert spent + max(c for d, c in dropped if d == largest) > budget
+
+
+@settings(max_examples=300, deadline=None)
+@given(problem=problem, budget=st.integers(0, 400), min_rank=st.integers(0, 3))
+def test_vectorised_trim_equals_the_rank_by_rank_definition(problem, budget, min_rank):
+    gates = [torch.tensor(values) for values, _ in problem]
+    costs = [cost for _, cost in problem]
+    masks = trim_to_budget(gates, costs, budget, min_rank)
+    assert [m.tolist() for m in masks] == [m.tolist() for m in _reference_trim(gates, costs, budget, min_rank)]
 
 
 @settings(max_examples=100, deadline=None)

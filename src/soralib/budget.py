@@ -20,8 +20,6 @@ def _check(gates: list[torch.Tensor], costs: list[int], budget: float, min_rank:
     for i, (gate, cost) in enumerate(zip(gates, costs)):
         if gate.dim() != 1:
             raise ValueError(f"gates[{i}] must be a 1-D gate vector, got shape {tuple(gate.shape)}")
-        if not bool(torch.isfinite(gate).all()):
-            raise ValueError(f"gates[{i}] must be finite, got a NaN or inf")
         if isinstance(cost, bool) or not isinstance(cost, int) or cost <= 0:
             raise ValueError(f"costs[{i}] must be a positive integer (in_features + out_features), got {cost!r}")
     if not budget >= 0:
@@ -41,26 +39,40 @@ def trim_to_budget(gates: list[torch.Tensor], costs: list[int], budget: int, min
 
     Zero gates are never kept, so the masks only ever drop ranks. The total exceeds ``budget`` only when
     the ranks forced by ``min_rank`` alone do.
+
+    It runs every step of the budget's hold phase, so it is a handful of tensor ops over all ranks at
+    once (one device sync for the finiteness check), never a Python loop over ranks.
     """
     _check(gates, costs, budget, min_rank)
-    masks = [torch.zeros(gate.shape, dtype=torch.bool, device=gate.device) for gate in gates]
-    spent = 0
-    candidates = []  # (|g|, module, rank) of the non-zero ranks not forced by min_rank
-    for i, (gate, cost) in enumerate(zip(gates, costs)):
-        magnitude = gate.detach().abs().double().cpu()
-        order = torch.argsort(magnitude, descending=True, stable=True).tolist()
-        nonzero = [j for j in order if magnitude[j] > 0]
-        for j in nonzero[:min_rank]:
-            masks[i][j] = True
-        spent += cost * len(nonzero[:min_rank])
-        candidates += [(magnitude[j].item(), i, j) for j in nonzero[min_rank:]]
-    candidates.sort(key=lambda candidate: -candidate[0])  # stable sort: ties stay in module, rank order
-    for _, i, j in candidates:
-        if spent + costs[i] > budget:
-            break
-        masks[i][j] = True
-        spent += costs[i]
-    return masks
+    if not gates:
+        return []
+    device = gates[0].device
+    sizes = [gate.numel() for gate in gates]
+    # float64 holds every fp32/bf16/fp16 gate exactly, so ties stay ties.
+    magnitude = torch.cat([gate.detach().abs().to(device, torch.float64) for gate in gates])
+    if not bool(torch.isfinite(magnitude).all()):
+        i = next(i for i, gate in enumerate(gates) if not bool(torch.isfinite(gate).all()))
+        raise ValueError(f"gates[{i}] must be finite, got a NaN or inf")
+    module = torch.repeat_interleave(torch.arange(len(gates), device=device), torch.tensor(sizes, device=device))
+    cost = torch.tensor(costs, dtype=torch.int64, device=device)[module]
+    nonzero = magnitude > 0
+    # The stable descending sort ranks all gates; ties keep concatenation order (module, then rank).
+    order = torch.argsort(magnitude, descending=True, stable=True)
+
+    # 1. Forced: a rank's place among its module's gates (re-sort the ranking by module, stably).
+    by_module = order[torch.argsort(module[order], stable=True)]
+    first = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)
+    place = torch.empty_like(order)
+    place[by_module] = torch.arange(len(order), device=device) - first[module[by_module]]
+    forced = nonzero & (place < min_rank)
+
+    # 2. Greedy prefix: costs are positive, so the running total only grows and "keep while it fits"
+    # is "keep where the running total fits".
+    candidate = (nonzero & ~forced)[order]
+    spent = (cost * forced).sum() + torch.where(candidate, cost[order], 0).cumsum(0)
+    keep = forced.clone()
+    keep[order] |= candidate & (spent <= budget)
+    return [mask.to(gate.device) for mask, gate in zip(keep.split(sizes), gates)]
 
 
 def kept_cost(gates: list[torch.Tensor], costs: list[int]) -> int:

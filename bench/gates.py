@@ -34,7 +34,7 @@ def initial_and_final_gates(run_dir: Path) -> tuple[Any, Any, Any]:
     from soralib.train.tasks import get_task
 
     config = build_config("sora", str(run_dir / "config.yaml"), {})
-    model, _ = load_base(config, get_task(config.task).num_labels)
+    model, _, _ = load_base(config, get_task(config.task).num_labels)
     seed_everything(config.seed)  # as `sora train` does just before wrapping: the same g0
     model = wrap(config, model, total_steps=1)
     final = load_file(str(run_dir / "sora_adapter" / "adapter_model.safetensors"))

@@ -91,7 +91,7 @@ def test_a_run_killed_at_any_moment_leaves_complete_files_and_resumes_to_the_sam
     assert [json.loads(x)["kept_params"] for x in sa] == [json.loads(x)["kept_params"] for x in sb]
 
 
-def test_a_resumed_run_keeps_the_training_time_spent_before_the_kill(glue_dir, tiny_model, tmp_path):  # noqa: F811
+def test_a_resumed_run_keeps_the_training_time_and_skipped_steps_counted_before_the_kill(glue_dir, tiny_model, tmp_path):  # noqa: F811
     run = tmp_path / "run"
     args = ["--max-steps", "12", "--save-steps", "4", "--batch-size", "4", "--eval-each-epoch", "true"]
     cmd = [sys.executable, "-m", "soralib.cli", *train_args(glue_dir, tiny_model, run, *args)]
@@ -105,10 +105,10 @@ def test_a_resumed_run_keeps_the_training_time_spent_before_the_kill(glue_dir, t
     assert resumed_from and not (run / "metrics.json").exists()
     clock = Path(resumed_from) / "training_seconds.json"
     assert json.loads(clock.read_text())["training_seconds"] > 0
-    # Pretend the run had trained for 1000 s before the kill: the resumed clock must go on from there.
-    clock.write_text(json.dumps({"training_seconds": 1000.0}))
+    # Pretend the run had trained for 1000 s and skipped 5 non-finite steps before the kill: both go on from there.
+    clock.write_text(json.dumps({"training_seconds": 1000.0, "skipped_steps": 5}))
     assert main(train_args(glue_dir, tiny_model, run, *args, "--resume")) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 1000.0 < metrics["train_seconds"] < 1000.0 + 180
+    assert 1000.0 < metrics["train_seconds"] < 1000.0 + 180 and metrics["skipped_steps"] == 5
     last = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()][-1]
     assert last["elapsed_seconds"] > 1000.0

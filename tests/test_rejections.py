@@ -549,7 +549,7 @@ def test_gap_export_out_over_a_directory_that_is_not_an_adapter(glue_dir, tiny_m
 
     run = _fake_run(tmp_path / "run", glue_dir, tiny_model)
     config = build_config("sora", None, {"task": "rte", "model": str(tiny_model), "output_dir": str(run)})
-    model, _ = load_base(config, 2)
+    model, _, _ = load_base(config, 2)
     wrap(config, model, total_steps=1).save_pretrained(str(run / "sora_adapter"))
     mine = tmp_path / "mine"
     mine.mkdir()

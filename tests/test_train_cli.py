@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from soralib.cli import main
 from soralib.train.config import METHODS, build_config
@@ -180,6 +181,44 @@ def test_eval_and_export_reuse_a_finished_run(glue_dir, tiny_model, tmp_path, ca
     assert main(["export", str(out), "--layout", "uniform"]) == 0
     config = json.loads((out / "adapter-uniform" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and not config["rank_pattern"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_without_pooler(tiny_model, tmp_path_factory):
+    """The tiny BERT saved without its pooler, as DeBERTa-v3 checkpoints come: loading initialises it randomly."""
+    path = tmp_path_factory.mktemp("tiny-bert-no-pooler")
+    shutil.copytree(tiny_model, path, dirs_exist_ok=True)
+    weights = load_file(str(path / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if ".pooler." not in k}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("method", ["sora", "lora", "bitfit"])
+def test_modules_missing_from_the_checkpoint_are_saved_so_eval_reproduces_the_run(
+        glue_dir, tiny_model_without_pooler, tmp_path, capsys, method):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model_without_pooler, out, "--method", method, "--max-steps", "4")) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0  # a new load of the base draws another random pooler
+    again = json.loads(capsys.readouterr().out)["validation"]
+    saved = json.loads((out / "metrics.json").read_text())["eval"]
+    assert again["loss"] == pytest.approx(saved["loss"], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("flags", [["--threshold", "10"], ["--threshold", "0.05", "--layout", "uniform"]],
+                         ids=["every_gate_zero", "uniform"])
+def test_exported_params_counts_what_the_adapter_stores_and_an_all_zero_run_still_finishes(
+        glue_dir, tiny_model, tmp_path, capsys, flags):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--max-steps", "4", *flags)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    stored = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert metrics["exported_params"] == sum(t.numel() for k, t in stored.items() if ".lora_" in k)
+    assert (out / "sora_adapter" / "adapter_config.json").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["validation"]["loss"] == pytest.approx(metrics["eval"]["loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)

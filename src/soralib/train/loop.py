@@ -31,7 +31,7 @@ from .methods import make_optimizer
 
 logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked checkpoints are resumed
-CLOCK = "training_seconds.json"  # in each checkpoint: the training time up to it, so a resumed run keeps it
+CLOCK = "training_seconds.json"  # in each checkpoint: training time and skipped steps up to it, kept on resume
 
 
 class SoraTrainer(Trainer):
@@ -47,7 +47,9 @@ class SoraTrainer(Trainer):
         self.started, self.eval_seconds = time.perf_counter(), 0.0
         clock = Path(resume_from_checkpoint) / CLOCK if resume_from_checkpoint else None
         if clock is not None and clock.is_file():  # the work after that checkpoint is redone, and counted again
-            self.seconds_before = json.loads(clock.read_text())["training_seconds"]
+            saved = json.loads(clock.read_text())
+            self.seconds_before = saved["training_seconds"]
+            self.nonfinite.skipped = saved.get("skipped_steps", 0)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     @property
@@ -106,7 +108,8 @@ class SoraTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging copy
         if self.args.should_save:
             name = f"checkpoint-{self.state.global_step}"
-            atomic_write_text(staging / name / CLOCK, json.dumps({"training_seconds": self.training_seconds()}))
+            atomic_write_text(staging / name / CLOCK, json.dumps({"training_seconds": self.training_seconds(),
+                                                                  "skipped_steps": self.nonfinite.skipped}))
             atomic_write_text(staging / name / COMPLETE, "ok\n")
             shutil.rmtree(final / name, ignore_errors=True)
             os.replace(staging / name, final / name)

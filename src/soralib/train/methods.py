@@ -51,7 +51,12 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_base(config: TrainConfig, num_labels: int):
-    """(model, tokenizer) for sequence classification (num_labels 1: regression)."""
+    """(model, tokenizer, fresh) for sequence classification (num_labels 1: regression).
+
+    `fresh` names the modules outside the task head that the checkpoint lacks, randomly initialised here
+    (DeBERTa-v3 checkpoints have no `pooler.dense`). Training must save them with the adapter
+    (`modules_to_save`): a reload draws other random weights, and the adapter would not reproduce the run.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if not config.model:
@@ -59,15 +64,26 @@ def load_base(config: TrainConfig, num_labels: int):
     path = resolve_model_path(config.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, problem_type="regression" if num_labels == 1 else None,
-            ignore_mismatched_sizes=True)  # a head of another size is re-initialised, as run_glue does
+            ignore_mismatched_sizes=True,  # a head of another size is re-initialised, as run_glue does
+            output_loading_info=True)
     except (OSError, ValueError) as err:
         raise InputError(f"cannot load model {config.model!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # decoder-only models (Llama, GPT-2) have no pad token
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    new = list(info["missing_keys"]) + [key for key, *_ in info["mismatched_keys"]]
+    fresh = sorted({key.rsplit(".", 1)[0] for key in new if "." in key})
+    return model, tokenizer, [m for m in fresh if not _in(m, HEADS)]
+
+
+HEADS = ("classifier", "score")  # the task heads PEFT saves with every SEQ_CLS adapter
+
+
+def _in(name: str, modules) -> bool:
+    """Whether the module or parameter `name` lies in one of `modules` (dotted suffixes, as PEFT matches)."""
+    return any(f".{m}." in f".{name}." for m in modules)
 
 
 def target_modules(config: TrainConfig, model: nn.Module) -> list[str] | str:
@@ -107,10 +123,9 @@ def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget
             init_r=config.r, target_r=max(1, min(target_r, config.r - 1)), lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout, total_step=total_steps, tinit=int(0.1 * total_steps),
             tfinal=int(0.2 * total_steps), deltaT=max(1, total_steps // 100), **common))
-    head = {"classifier", "score"} | set(config.modules_to_save or [])
+    head = HEADS + tuple(config.modules_to_save or ())
     for name, param in model.named_parameters():
-        in_head = any(part in head for part in name.split("."))
-        param.requires_grad = config.method == "full" or name.endswith(".bias") or in_head
+        param.requires_grad = config.method == "full" or name.endswith(".bias") or _in(name, head)
     return model
 
 
@@ -129,12 +144,18 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
 
 
 def adapter_size(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
-    """kept_params (what the final adapter stores, in + out per live rank) and the LoRA(r) reference."""
+    """kept_params (in + out per live rank: the adaptive size) and the LoRA(r) reference; for SoRA also
+    exported_params, what adapter/ stores (layout "uniform" pads every module to the largest kept rank)."""
     import peft
 
     if config.method == "sora":
         report = soralib.sparsity_report(model)
-        return {"kept_params": report["kept_params"], "lora_params_at_r_max": report["lora_params_at_r_max"]}
+        top = max(max(m["kept_rank"] for m in report["modules"]), 1)  # as export_lora pads
+        padded = sum(top * (m["in_features"] + m["out_features"]) for m in report["modules"])
+        return {"kept_params": report["kept_params"], "lora_params_at_r_max": report["lora_params_at_r_max"],
+                # an all-zero exact export falls back to uniform (run.py): LoRA has no rank 0
+                "exported_params": padded if config.layout == "uniform" or not report["kept_rank"]
+                else report["kept_params"]}
     if config.method in ("lora", "adalora"):
         kept = full = 0
         for module in model.modules():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InputError
 from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
@@ -28,7 +31,8 @@ def load_trained_model(run_dir: str | Path, config: TrainConfig, num_labels: int
     from .methods import load_base
 
     run = Path(run_dir)
-    model, tokenizer = load_base(config, num_labels)
+    model, tokenizer, fresh = load_base(config, num_labels)
+    _warn_unsaved(config, fresh)
     if config.method in ("sora", "lora", "adalora"):
         if not (run / "adapter" / "adapter_config.json").is_file():
             raise InputError(f"{run} has no finished adapter (adapter/adapter_config.json)")
@@ -93,7 +97,8 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
     if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
         raise InputError(f"--out {out} is a non-empty directory that is not an adapter; choose another")
     num_labels = get_task(config.task).num_labels if config.task != "custom" else _custom_labels(run)
-    base, _ = load_base(config, num_labels)
+    base, _, fresh = load_base(config, num_labels)
+    _warn_unsaved(config, fresh)
     model = soralib.load_adapter_safely(base, run / "sora_adapter")
     return soralib.export_lora(model, out, layout=layout)
 
@@ -102,3 +107,13 @@ def _custom_labels(run: Path) -> int:
     import json
 
     return int(json.loads((run / "metrics.json").read_text()).get("num_labels", 2))
+
+
+def _warn_unsaved(config: TrainConfig, fresh: list[str]) -> None:
+    """A run from before soralib saved them: its randomly initialised modules are drawn anew at every load."""
+    from .methods import _in
+
+    lost = [m for m in fresh if config.method != "full" and not _in(m, config.modules_to_save or ())]
+    if lost:
+        logger.warning("%s not in the checkpoint nor saved with this run: randomly initialised again, so the "
+                       "outputs differ from training", ", ".join(lost))

@@ -105,7 +105,11 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
     # Everything that can fail on bad input (data, model path, tokenizer) runs before anything is written.
     spec, splits = load_splits(config)
     seed_everything(config.seed)
-    model, tokenizer = load_base(config, spec.num_labels)
+    model, tokenizer, fresh = load_base(config, spec.num_labels)
+    if fresh and config.method != "full":  # full fine-tuning saves every parameter anyway
+        logger.warning("%s not in the checkpoint (randomly initialised): trained and saved with the result",
+                       ", ".join(fresh))
+        config = replace(config, modules_to_save=sorted(set(config.modules_to_save or ()) | set(fresh)))
     features = {name: data_mod.tokenize_rows(rows, tokenizer, spec.text_columns, config.max_length, cache_dir())
                 for name, rows in splits.items() if rows}
     memorize = random.Random(config.seed).sample(range(len(features["train"])),
@@ -195,9 +199,14 @@ def _finish_run(trainer, model, config, spec, features, out, state) -> dict:
 
 def _export(model, config: TrainConfig, out: Path) -> None:
     if config.method == "sora":
-        soralib.export_lora(model, out / "adapter", layout=config.layout)
         with atomic_dir(out / "sora_adapter") as tmp:  # the gated form, for `sora export` to other layouts
             model.save_pretrained(str(tmp))
+        layout = config.layout
+        if layout == "exact" and soralib.sparsity_report(model)["kept_rank"] == 0:  # a legitimate outcome
+            logger.warning("every gate ended at zero: adapter/ is a zero LoRA of rank 1 (layout 'uniform') "
+                           "beside the trained head")
+            layout = "uniform"
+        soralib.export_lora(model, out / "adapter", layout=layout)
     elif config.method in ("lora", "adalora"):
         with atomic_dir(out / "adapter") as tmp:
             model.save_pretrained(str(tmp))

@@ -67,8 +67,8 @@ class Check:
     setting: str
     task: str
     variant: str
-    seeds: int  # the fewer of the variant's and LoRA's seeds: a claim is judged from MIN_SEEDS on
-    delta: float | None  # mean score minus LoRA's mean score (target ≥ 0)
+    seeds: int  # seeds both the variant and LoRA have: a claim is judged from MIN_SEEDS on
+    delta: float | None  # mean over those seeds of score minus LoRA's score (target ≥ 0), as in the table
     params: float  # share of LoRA's adapter parameters (target ≤ 0.70)
     shares: list[float]  # per seed, share of LoRA's training time to reach LoRA's final validation score (≤ 0.70)
 
@@ -104,9 +104,10 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
             sora = {r["seed"]: r["key"] for r in groups.get((name, task, "sora"), [])}
             rs[:] = [r for r in rs if (r.get("budget") or {}).get("source", "default") in (sora.get(r["seed"]),
                                                                                              "default")]
-    groups = {where: rs for where, rs in groups.items() if rs}
+    # One cell per seed: a seed trained twice (another key, e.g. after a harness change) counts once, newest.
+    groups = {where: list({r["seed"]: r for r in rs}.values()) for where, rs in groups.items() if rs}
     for name in sorted({s for s, _, _ in groups}):
-        lines += [f"### {name}", "", heads[name], "", "| task | method | seeds | test metric (mean ± std, ×100) "
+        lines += [f"### {name}", "", heads[name], "", "| task | method | seeds | test metric (mean ± sample std, ×100) "
                   "| adapter params | Δ vs LoRA, paired by seed | % of LoRA | wall time (s) "
                   "| time to LoRA's score (share of LoRA's) | steps to it (share) |", "|---" * 10 + "|"]
         for task in sorted({t for s, t, _ in groups if s == name}):
@@ -128,11 +129,9 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
                              f"{share_text(share) if share or not lora else 'n/a (no validation curve)'} | "
                              f"{share_text(step_share)} |")
                 if variant in SORA_VARIANTS and lora:
-                    lora_scores = [s for s in map(main_score, lora) if s is not None]
-                    checks.append(Check(name, task, variant, min(len(rs), len(lora)),
-                                        statistics.mean(scores) - statistics.mean(lora_scores)
-                                        if scores and lora_scores else None,
-                                        params / lora_params, share))
+                    deltas = _paired_deltas(rs, lora)
+                    checks.append(Check(name, task, variant, len(deltas),
+                                        statistics.mean(deltas) if deltas else None, params / lora_params, share))
         lines += [""] + _across_tasks(name, groups)
     lines += lr.search_tables(quality)
     commits = sorted({(r.get("commit") or "?")[:12] for r in quality})

@@ -243,6 +243,22 @@ def test_claims_are_judged_only_once_sora_and_lora_both_have_three_seeds(tmp_pat
     assert "| rte | sora | 1 (not judged) | +10.00 | 50.0 % | – |" in text  # better and smaller, yet one seed
 
 
+def test_claims_use_the_deltas_paired_by_seed_and_a_seed_trained_twice_counts_once(tmp_path):
+    results = tmp_path / "results"
+    for seed, (lora, sora) in enumerate([(0.80, 0.82), (0.84, 0.84), (0.82, 0.83)]):
+        common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "lora", seed, lora, kept=2000))
+        common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "sora", seed, sora, kept=1000))
+    # LoRA's seed 3 has no SoRA partner: a difference of means would read -4.00, the paired mean is +1.00
+    common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "lora", 3, 0.99, kept=2000))
+    again = {**_quality_record("mrpc", "sora", 2, 0.85, kept=1000), "key": "mrpc-sora-s2-rerun"}
+    common.append_jsonl(results / "quality.jsonl", again)  # seed 2 again, newer: it replaces 0.83
+    readme = tmp_path / "README.md"
+    assert tables.main(["--results-dir", str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "| mrpc | sora | 3 | +1.67 met | 50.0 % met | – |" in text  # (2 + 0 + 3) / 3
+    assert "| mrpc (f1) | sora | 3 | 83.67 ± 1.53 |" in text
+
+
 def _lr_record(task, variant, seed, val, lr=None, kept=1000, search=True):
     """A finished cell at `lr` (None: the shipped lr), keyed exactly as the harness keys it; a search cell
     (`--set lr=` on its command) or, with search=False, a matrix cell at a chosen lr."""

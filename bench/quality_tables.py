@@ -90,7 +90,11 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
     checks: list[Check] = []
     if not quality:
         return lines + ["Not yet measured: run `python -m bench.quality`.", ""], checks
-    quality = list({r["key"]: r for r in quality}.values())  # a re-run cell (same key): its newest line counts
+    newest: dict[str, dict[str, Any]] = {}
+    for r in quality:  # a re-run cell (same key): its newest line counts, and in the newest line's place
+        newest.pop(r["key"], None)
+        newest[r["key"]] = r
+    quality = list(newest.values())
     chosen = {s: lr.chosen(quality, *s) for s in lr.settings(quality)}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     heads: dict[str, str] = {}

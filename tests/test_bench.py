@@ -250,8 +250,10 @@ def test_claims_use_the_deltas_paired_by_seed_and_a_seed_trained_twice_counts_on
         common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "sora", seed, sora, kept=1000))
     # LoRA's seed 3 has no SoRA partner: a difference of means would read -4.00, the paired mean is +1.00
     common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "lora", 3, 0.99, kept=2000))
-    again = {**_quality_record("mrpc", "sora", 2, 0.85, kept=1000), "key": "mrpc-sora-s2-rerun"}
-    common.append_jsonl(results / "quality.jsonl", again)  # seed 2 again, newer: it replaces 0.83
+    again = {**_quality_record("mrpc", "sora", 2, 0.70, kept=1000), "key": "mrpc-sora-s2-rerun"}
+    common.append_jsonl(results / "quality.jsonl", again)  # seed 2 under another key, newer than 0.83 ...
+    newest = _quality_record("mrpc", "sora", 2, 0.85, kept=1000)
+    common.append_jsonl(results / "quality.jsonl", newest)  # ... and the first key re-run, newest of all: 0.85
     readme = tmp_path / "README.md"
     assert tables.main(["--results-dir", str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()

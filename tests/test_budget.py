@@ -86,6 +86,14 @@ def test_trim_example_by_hand():
     assert [m.tolist() for m in masks] == [[True, False, False], [False, True]]
 
 
+def test_a_float_or_huge_budget_and_a_huge_min_rank_are_exact():
+    # Against a float budget an int64 tensor compares in float32, where 2**24 + 1 rounds to 2**24.
+    assert trim_to_budget([torch.ones(1)], [2**24 + 1], float(2**24))[0].tolist() == [False]
+    assert trim_to_budget([torch.ones(2)], [15_000_001], 30_000_001.5)[0].tolist() == [True, False]  # 2 need 30_000_002
+    assert trim_to_budget([torch.ones(3)], [7], 10**20)[0].tolist() == [True] * 3
+    assert trim_to_budget([torch.tensor([1.0, 0.0])], [7], 0, min_rank=2**70)[0].tolist() == [True, False]
+
+
 def test_min_rank_cannot_revive_a_dead_module():
     masks = trim_to_budget([torch.zeros(4), torch.tensor([1.0, 2.0])], [3, 3], budget=0, min_rank=2)
     assert [m.tolist() for m in masks] == [[False] * 4, [True, True]]

@@ -206,6 +206,26 @@ def test_modules_missing_from_the_checkpoint_are_saved_so_eval_reproduces_the_ru
     assert again["loss"] == pytest.approx(saved["loss"], rel=1e-6, abs=1e-7)
 
 
+def test_a_run_that_added_a_fresh_module_resumes_and_a_listed_parent_is_kept_as_given(
+        glue_dir, tiny_model_without_pooler, tmp_path, capsys):
+    from soralib.train.config import load_yaml
+
+    out = tmp_path / "run"
+    args = train_args(glue_dir, tiny_model_without_pooler, out, "--max-steps", "4", "--save-steps", "2")
+    assert main(args) == 0
+    assert load_yaml(out / "config.yaml")["modules_to_save"] == ["bert.pooler.dense"]  # not PEFT's head names
+    (out / "metrics.json").unlink()  # as if killed before the end
+    assert main([*args, "--resume"]) == 0
+    parent = tmp_path / "parent"
+    assert main(train_args(glue_dir, tiny_model_without_pooler, parent, "--max-steps", "4",
+                           "--modules-to-save", "pooler")) == 0
+    assert load_yaml(parent / "config.yaml")["modules_to_save"] == ["pooler"]
+    capsys.readouterr()
+    assert main(["eval", str(parent)]) == 0
+    again = json.loads(capsys.readouterr().out)["validation"]["loss"]
+    assert again == pytest.approx(json.loads((parent / "metrics.json").read_text())["eval"]["loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("flags", [["--threshold", "10"], ["--threshold", "0.05", "--layout", "uniform"]],
                          ids=["every_gate_zero", "uniform"])
 def test_exported_params_counts_what_the_adapter_stores_and_an_all_zero_run_still_finishes(

@@ -48,6 +48,8 @@ def trim_to_budget(gates: list[torch.Tensor], costs: list[int], budget: int, min
         return []
     device = gates[0].device
     sizes = [gate.numel() for gate in gates]
+    # Integers that int64 tensors hold: a fraction of a rank's cost buys nothing, a huge budget keeps all.
+    budget, min_rank = int(min(budget, 2**62)), min(min_rank, max(sizes))
     # float64 holds every fp32/bf16/fp16 gate exactly, so ties stay ties.
     magnitude = torch.cat([gate.detach().abs().to(device, torch.float64) for gate in gates])
     if not bool(torch.isfinite(magnitude).all()):

@@ -75,13 +75,13 @@ def load_base(config: TrainConfig, num_labels: int):
     model.config.pad_token_id = tokenizer.pad_token_id
     new = list(info["missing_keys"]) + [key for key, *_ in info["mismatched_keys"]]
     fresh = sorted({key.rsplit(".", 1)[0] for key in new if "." in key})
-    return model, tokenizer, [m for m in fresh if not _in(m, HEADS)]
+    return model, tokenizer, [m for m in fresh if not within(m, HEADS)]
 
 
 HEADS = ("classifier", "score")  # the task heads PEFT saves with every SEQ_CLS adapter
 
 
-def _in(name: str, modules) -> bool:
+def within(name: str, modules) -> bool:
     """Whether the module or parameter `name` lies in one of `modules` (dotted suffixes, as PEFT matches)."""
     return any(f".{m}." in f".{name}." for m in modules)
 
@@ -98,21 +98,24 @@ def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget
 
     names = {n for n, _ in model.named_modules()}
     for wanted in config.modules_to_save or []:  # PEFT silently ignores a name that matches nothing
-        if not any(n == wanted or n.endswith("." + wanted) for n in names):
+        # HEADS: PEFT adds both to every SEQ_CLS adapter, and configs saved before the copy below hold them
+        if wanted not in HEADS and not any(n == wanted or n.endswith("." + wanted) for n in names):
             raise InputError(f"modules_to_save entry {wanted!r} matches no module of the model")
-    common = dict(task_type="SEQ_CLS", target_modules=target_modules(config, model),
-                  modules_to_save=config.modules_to_save)
+
+    def common():  # a new list per PEFT config: PEFT appends its head names to modules_to_save in place
+        return dict(task_type="SEQ_CLS", target_modules=target_modules(config, model),
+                    modules_to_save=list(config.modules_to_save) if config.modules_to_save else None)
     if config.method == "sora":
         return peft.get_peft_model(model, soralib.SoraConfig(
             r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, gate_init=config.gate_init,
-            **common))
+            **common()))
     if config.method == "lora":
         return peft.get_peft_model(model, peft.LoraConfig(
-            r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, **common))
+            r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, **common()))
     if config.method == "adalora":
         if config.r < 2:
             raise InputError(f"adalora needs r >= 2 (it prunes from r down to a smaller target), got {config.r}")
-        probe = peft.get_peft_model(model, peft.LoraConfig(r=1, **common))  # to learn the targeted shapes
+        probe = peft.get_peft_model(model, peft.LoraConfig(r=1, **common()))  # to learn the targeted shapes
         costs = [m.in_features + m.out_features for m in probe.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
         model = probe.unload()
         # a budget of N parameters is a mean rank of N / Σ(in + out) over the targeted modules
@@ -122,10 +125,10 @@ def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget
             # PEFT needs target_r < init_r
             init_r=config.r, target_r=max(1, min(target_r, config.r - 1)), lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout, total_step=total_steps, tinit=int(0.1 * total_steps),
-            tfinal=int(0.2 * total_steps), deltaT=max(1, total_steps // 100), **common))
+            tfinal=int(0.2 * total_steps), deltaT=max(1, total_steps // 100), **common()))
     head = HEADS + tuple(config.modules_to_save or ())
     for name, param in model.named_parameters():
-        param.requires_grad = config.method == "full" or name.endswith(".bias") or _in(name, head)
+        param.requires_grad = config.method == "full" or name.endswith(".bias") or within(name, head)
     return model
 
 

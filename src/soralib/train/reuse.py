@@ -111,9 +111,9 @@ def _custom_labels(run: Path) -> int:
 
 def _warn_unsaved(config: TrainConfig, fresh: list[str]) -> None:
     """A run from before soralib saved them: its randomly initialised modules are drawn anew at every load."""
-    from .methods import _in
+    from .methods import within
 
-    lost = [m for m in fresh if config.method != "full" and not _in(m, config.modules_to_save or ())]
+    lost = [m for m in fresh if config.method != "full" and not within(m, config.modules_to_save or ())]
     if lost:
         logger.warning("%s not in the checkpoint nor saved with this run: randomly initialised again, so the "
                        "outputs differ from training", ", ".join(lost))

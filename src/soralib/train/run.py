@@ -31,7 +31,7 @@ from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from . import data as data_mod
 from .config import TrainConfig, save_yaml
 from .loop import evaluate, latest_checkpoint, make_trainer
-from .methods import adapter_size, load_base, wrap
+from .methods import adapter_size, load_base, within, wrap
 from .tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -106,10 +106,12 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
     spec, splits = load_splits(config)
     seed_everything(config.seed)
     model, tokenizer, fresh = load_base(config, spec.num_labels)
-    if fresh and config.method != "full":  # full fine-tuning saves every parameter anyway
+    fresh = [m for m in fresh if not within(m, config.modules_to_save or ())]  # listed already: no nested wrapper
+    # Full fine-tuning saves every parameter anyway; a resumed run keeps its saved config and optimizer groups.
+    if fresh and config.method != "full" and not resume:
         logger.warning("%s not in the checkpoint (randomly initialised): trained and saved with the result",
                        ", ".join(fresh))
-        config = replace(config, modules_to_save=sorted(set(config.modules_to_save or ()) | set(fresh)))
+        config = replace(config, modules_to_save=[*(config.modules_to_save or ()), *fresh])
     features = {name: data_mod.tokenize_rows(rows, tokenizer, spec.text_columns, config.max_length, cache_dir())
                 for name, rows in splits.items() if rows}
     memorize = random.Random(config.seed).sample(range(len(features["train"])),

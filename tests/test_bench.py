@@ -228,11 +228,17 @@ def test_seeds_that_never_reach_lora_score_are_counted_not_averaged():
     assert quality_tables.share_text([]) == "–"
 
 
-def test_claims_are_judged_only_once_sora_and_lora_both_have_three_seeds(tmp_path):
+def _three_mrpc_seeds(tmp_path, sora_kept):
+    """LoRA (2000 parameters) and SoRA on MRPC, seeds 0-2, SoRA ahead by 2, 0 and 1 points."""
     results = tmp_path / "results"
     for seed, (lora, sora) in enumerate([(0.80, 0.82), (0.84, 0.84), (0.82, 0.83)]):
         common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "lora", seed, lora, kept=2000))
-        common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "sora", seed, sora, kept=1600))
+        common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "sora", seed, sora, kept=sora_kept))
+    return results
+
+
+def test_claims_are_judged_only_once_sora_and_lora_both_have_three_seeds(tmp_path):
+    results = _three_mrpc_seeds(tmp_path, sora_kept=1600)
     common.append_jsonl(results / "quality.jsonl", _quality_record("rte", "lora", 0, 0.6, kept=2000))
     common.append_jsonl(results / "quality.jsonl", _quality_record("rte", "sora", 0, 0.7, kept=1000))
     readme = tmp_path / "README.md"
@@ -244,10 +250,7 @@ def test_claims_are_judged_only_once_sora_and_lora_both_have_three_seeds(tmp_pat
 
 
 def test_claims_use_the_deltas_paired_by_seed_and_a_seed_trained_twice_counts_once(tmp_path):
-    results = tmp_path / "results"
-    for seed, (lora, sora) in enumerate([(0.80, 0.82), (0.84, 0.84), (0.82, 0.83)]):
-        common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "lora", seed, lora, kept=2000))
-        common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "sora", seed, sora, kept=1000))
+    results = _three_mrpc_seeds(tmp_path, sora_kept=1000)
     # LoRA's seed 3 has no SoRA partner: a difference of means would read -4.00, the paired mean is +1.00
     common.append_jsonl(results / "quality.jsonl", _quality_record("mrpc", "lora", 3, 0.99, kept=2000))
     again = {**_quality_record("mrpc", "sora", 2, 0.70, kept=1000), "key": "mrpc-sora-s2-rerun"}

@@ -146,6 +146,12 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     ], lr=config.lr)
 
 
+def export_layout(config: TrainConfig, report: dict[str, Any]) -> str:
+    """The layout adapter/ is written in: the configured one, except that a run whose gates all ended at zero
+    (a legitimate outcome) gets a rank-1 zero LoRA ("uniform"), since LoRA has no rank 0."""
+    return "uniform" if config.layout == "exact" and not report["kept_rank"] else config.layout
+
+
 def adapter_size(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
     """kept_params (in + out per live rank: the adaptive size) and the LoRA(r) reference; for SoRA also
     exported_params, what adapter/ stores (layout "uniform" pads every module to the largest kept rank)."""
@@ -156,9 +162,7 @@ def adapter_size(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
         top = max(max(m["kept_rank"] for m in report["modules"]), 1)  # as export_lora pads
         padded = sum(top * (m["in_features"] + m["out_features"]) for m in report["modules"])
         return {"kept_params": report["kept_params"], "lora_params_at_r_max": report["lora_params_at_r_max"],
-                # an all-zero exact export falls back to uniform (run.py): LoRA has no rank 0
-                "exported_params": padded if config.layout == "uniform" or not report["kept_rank"]
-                else report["kept_params"]}
+                "exported_params": padded if export_layout(config, report) == "uniform" else report["kept_params"]}
     if config.method in ("lora", "adalora"):
         kept = full = 0
         for module in model.modules():

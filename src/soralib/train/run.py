@@ -31,7 +31,7 @@ from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from . import data as data_mod
 from .config import TrainConfig, save_yaml
 from .loop import evaluate, latest_checkpoint, make_trainer
-from .methods import adapter_size, load_base, within, wrap
+from .methods import adapter_size, export_layout, load_base, within, wrap
 from .tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -203,11 +203,10 @@ def _export(model, config: TrainConfig, out: Path) -> None:
     if config.method == "sora":
         with atomic_dir(out / "sora_adapter") as tmp:  # the gated form, for `sora export` to other layouts
             model.save_pretrained(str(tmp))
-        layout = config.layout
-        if layout == "exact" and soralib.sparsity_report(model)["kept_rank"] == 0:  # a legitimate outcome
+        layout = export_layout(config, soralib.sparsity_report(model))
+        if layout != config.layout:
             logger.warning("every gate ended at zero: adapter/ is a zero LoRA of rank 1 (layout 'uniform') "
                            "beside the trained head")
-            layout = "uniform"
         soralib.export_lora(model, out / "adapter", layout=layout)
     elif config.method in ("lora", "adalora"):
         with atomic_dir(out / "adapter") as tmp:

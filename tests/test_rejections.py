@@ -278,7 +278,29 @@ BAD_FLAGS += [  # rejected up front since docs/errors.md listed them as gaps
     ("adalora-schedule", ["--method", "adalora", "--schedule", "linear"], "a threshold schedule needs method sora, got 'adalora'"),
     ("modules-to-save-typo", ["--modules-to-save", "clasifier"], "modules_to_save entry 'clasifier' matches no module of the model"),
     ("target-modules-typo", ["--target-modules", "qeury"], "closest linear modules: key, query"),
+    ("task-type-unknown", ["--task-type", "ordinal"],
+     "task_type must be one of classification, regression (or unset: inferred), got 'ordinal'"),
+    ("task-type-against-glue", ["--task-type", "regression"],
+     "task rte is classification: task_type regression conflicts with it (leave task_type unset)"),
 ]
+
+
+def test_max_length_beyond_the_models_positions_is_refused_without_writing(glue_dir, tiny_model, tmp_path, capsys):
+    # The tiny BERT has 512 positions; a longer example would fail in the forward pass, after config.yaml exists.
+    out = tmp_path / "run"
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--max-length", "2048"),
+                  "max_length 2048 is more than the model's 512 positions (max_position_embeddings); "
+                  "pass --max-length 512 or less", out)
+
+
+def test_a_nan_regression_label_is_refused_without_writing(tiny_model, tmp_path, capsys):
+    # It used to train a 4-class classifier on these scores and exit 0.
+    _write(tmp_path / "train.csv", "t,s\na b,0.5\nc d,1.5\ne f,nan\ng h,2.5\n")
+    out = tmp_path / "run"
+    fails_cleanly(capsys, ["train", "--task", "custom", "--train-file", tmp_path / "train.csv", "--validation-file",
+                           tmp_path / "train.csv", "--text-columns", "t", "--label-column", "s", "--model", tiny_model,
+                           "--output-dir", out, "--max-steps", "1"],
+                  f"{tmp_path / 'train.csv'} line 4: label 'nan' in column 's' is not a finite number", out)
 
 
 def test_a_config_file_method_is_used_when_no_method_flag_is_given(tmp_path):

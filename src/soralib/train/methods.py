@@ -38,9 +38,11 @@ def base_model_name(name: str) -> str:
 
     "minilm" becomes the hub id of the weights the offline package bundles: its site-packages path exists on
     this machine only, and "minilm" itself resolves nowhere outside soralib. A hub id or a directory is kept
-    as given, as transformers keeps `_name_or_path`.
+    as given, as transformers keeps `_name_or_path` (a leading "~" expanded: transformers would not).
     """
-    return MINILM_HUB_ID if name.lower() in MINILM_ALIASES else name
+    if name.lower() in MINILM_ALIASES:
+        return MINILM_HUB_ID
+    return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
 def resolve_model_path(name: str) -> str:

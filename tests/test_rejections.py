@@ -53,7 +53,28 @@ def fails_cleanly(capsys, argv, expected, out=None, code=2) -> str:
     ({"lora_dropout": -0.1}, "lora_dropout must be in [0, 1), got -0.1"),
     ({"kept_ranks": ["fc1"]}, "kept_ranks must be a dict of module path -> rank, got ['fc1']"),
     ({"r": 4, "kept_ranks": {"fc1": 5}}, "kept_ranks['fc1'] must be an integer in [0, r=4], got 5"),
-], ids=["r-bool", "lora_alpha-nan", "lora_dropout-negative", "kept_ranks-list", "kept_ranks-above-r"])
+    ({"r": 4, "rank_pattern": {"fc1": 6}, "kept_ranks": {"fc1": 7}},
+     "kept_ranks['fc1'] must be an integer in [0, r_max=6 (rank_pattern)], got 7"),
+    ({"rank_pattern": ["fc1"]}, "rank_pattern must be a dict of module key (regex) -> value, got ['fc1']"),
+    ({"rank_pattern": {"fc1": 0}}, "rank_pattern['fc1'] must be a positive integer, got 0"),
+    ({"rank_pattern": {"fc1": 2.0}}, "rank_pattern['fc1'] must be a positive integer, got 2.0"),
+    ({"rank_pattern": {"fc(": 2}}, "rank_pattern key 'fc(' is not a valid regex (missing ), unterminated subpattern "
+                                   "at position 2)"),
+    ({"alpha_pattern": {"fc1": -1}}, "alpha_pattern['fc1'] must be a finite number > 0, got -1"),
+    ({"alpha_pattern": {"": 2}}, "alpha_pattern keys must be non-empty module names or regexes, got ''"),
+    ({"use_rslora": "yes"}, "use_rslora must be true or false, got 'yes'"),
+    ({"bias": "all"}, "bias must be 'none' (SoRA trains no biases; put the module in modules_to_save to train its "
+                      "bias), got 'all'"),
+    ({"layers_pattern": "layer"}, "layers_pattern='layer' needs layers_to_transform (the layer indexes to adapt)"),
+    ({"target_modules": ".*query", "layers_to_transform": [0]}, "layers_to_transform and layers_pattern need "
+     "target_modules as a list of names, not one regex; got target_modules='.*query'"),
+    ({"layers_to_transform": [0, -1]}, "layers_to_transform must be a layer index >= 0 or a list of them, got [0, -1]"),
+    ({"layers_to_transform": [0], "layers_pattern": 3}, "layers_pattern must be a name or a list of names, got 3"),
+], ids=["r-bool", "lora_alpha-nan", "lora_dropout-negative", "kept_ranks-list", "kept_ranks-above-r",
+        "kept_ranks-above-pattern-r_max", "rank_pattern-list", "rank_pattern-zero", "rank_pattern-float",
+        "rank_pattern-bad-regex", "alpha_pattern-negative", "alpha_pattern-empty-key", "use_rslora-str", "bias-all",
+        "layers_pattern-alone", "layers_to_transform-with-regex-targets", "layers_to_transform-negative",
+        "layers_pattern-int"])
 def test_sora_config_rejects_bad_field_values(kwargs, expected):
     with pytest.raises(ValueError) as excinfo:
         soralib.SoraConfig(**kwargs)
@@ -103,10 +124,15 @@ def test_no_target_modules_on_an_architecture_peft_does_not_know_is_rejected():
     assert "Please specify `target_modules` in `peft_config`" in one_line(excinfo)  # PEFT's own message
 
 
-def test_a_sora_layer_refuses_a_base_layer_that_is_not_linear():
+@pytest.mark.parametrize("layer, expected", [
+    (nn.Embedding(3, 4), "cannot adapt an nn.Embedding: SoRA adapts nn.Linear and Conv1D; for embeddings use "
+                         "peft.LoraConfig or modules_to_save"),
+    (nn.Conv2d(3, 4, 1), "cannot adapt a layer of type Conv2d; allowed: torch.nn.Linear, transformers Conv1D"),
+], ids=["embedding", "conv2d"])
+def test_a_sora_layer_refuses_a_base_layer_that_is_not_linear(layer, expected):
     with pytest.raises(ValueError) as excinfo:
-        SoraLinear(nn.Embedding(3, 4), "default", r_max=2, rank=2, lora_alpha=4, lora_dropout=0.0, gate_init="randn")
-    assert one_line(excinfo) == "cannot adapt a layer of type Embedding; allowed: torch.nn.Linear, transformers Conv1D"
+        SoraLinear(layer, "default", r_max=2, rank=2, lora_alpha=4, lora_dropout=0.0, gate_init="randn")
+    assert one_line(excinfo) == expected
 
 
 # ---- export, prune, sparsity report, merge --------------------------------------------------------------------------
@@ -465,7 +491,7 @@ def test_report_refuses_what_is_not_a_readable_run_and_writes_nothing(tmp_path, 
     assert not (tmp_path / "run" / "report").exists()
 
 
-@pytest.mark.parametrize("command", ["eval", "export"])
+@pytest.mark.parametrize("command", ["eval", "export", "ranks"])
 def test_eval_and_export_refuse_a_directory_without_config_yaml(tmp_path, capsys, command):
     fails_cleanly(capsys, [command, tmp_path], f"not a soralib run directory: {tmp_path} (no config.yaml)")
     assert list(tmp_path.iterdir()) == []
@@ -501,6 +527,21 @@ def test_export_refuses_an_unknown_layout_before_loading_anything(glue_dir, tiny
     before = _listing(run)
     fails_cleanly(capsys, ["export", run, "--layout", "ragged"], "layout must be one of exact, uniform, got 'ragged'")
     assert _listing(run) == before
+
+
+@pytest.mark.parametrize("where", ["directory", "missing-parent"])
+def test_ranks_refuses_an_out_path_that_is_not_a_file_before_loading_anything(glue_dir, tiny_model, tmp_path, capsys,
+                                                                              where):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, **{"sora_adapter/adapter_config.json": "{}"})
+    out = tmp_path if where == "directory" else tmp_path / "nowhere" / "lora.json"
+    what = "is a directory" if where == "directory" else "is in a directory that does not exist"
+    fails_cleanly(capsys, ["ranks", run, "--out", out], f"--out {out} {what}; give a JSON file path such as "
+                                                         f"{run}/lora_config.json")
+
+
+def test_ranks_refuses_a_run_that_is_not_a_finished_sora_run(glue_dir, tiny_model, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, method="lora", **{"adapter/adapter_config.json": "{}"})
+    fails_cleanly(capsys, ["ranks", run], f"{run} is not a finished SoRA run (no sora_adapter/)")
 
 
 def test_eval_with_a_missing_data_dir_is_refused(glue_dir, tiny_model, tmp_path, capsys):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from .io import atomic_dir
 from .layer import SoraLayer
 from .optim import sora_layers
 from .prune import _adapter_name, _strip
+from .ranks import exact_key, exact_targets
 
 LAYOUTS = ("exact", "uniform")
 
@@ -86,16 +86,12 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
             tensors[key] = value.detach().contiguous()
 
     is_conv1d = {n for n, layer in sora_layers(model) if adapter in layer.sora_gate and layer.fan_in_fan_out}
-    # PEFT matches pattern keys and listed targets as *suffixes* of module paths: anchor the patterns, and
-    # when one adapted path is the tail of another module's path ("0" and "1.0"), name targets by one regex.
+    # Each module's own scale (its lora_alpha and r_max, rsLoRA or not) is folded into B', so alpha' = r' = k.
     names = sorted(factors)
-    paths = {_strip(n) for n, _ in model.named_modules()}
-    ambiguous = any(p != t and p.endswith("." + t) for t in names for p in paths)
-    targets = "|".join(map(re.escape, names)) if ambiguous else names
-    pattern = {"^" + re.escape(name): ranks[name] for name in names if ranks[name] != top}
+    pattern = {exact_key(name): ranks[name] for name in names if ranks[name] != top}
     lora_config = LoraConfig(
         r=top, lora_alpha=top,
-        target_modules=targets,
+        target_modules=exact_targets(names, model),
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
         modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,

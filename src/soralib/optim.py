@@ -126,7 +126,7 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     gates = gate_parameters(model)
     if not gates:
-        raise ValueError("the model has no trainable SoRA gates; wrap it with peft.get_peft_model(model, SoraConfig(...))")
+        raise ValueError(_why_no_gates(model))
     gate_ids = {id(g) for g in gates}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
     groups = [
@@ -136,6 +136,18 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
          "sora_threshold_mode": threshold_mode, "sora_min_rank": min_rank, **(gate_group_kwargs or {})},
     ]
     return [g for g in groups if g["params"]]
+
+
+def _why_no_gates(model: nn.Module) -> str:
+    """Why `model` has no trainable gate: no SoRA layer at all, an adapter loaded for inference, or frozen gates."""
+    if not gate_parameters(model, trainable_only=False):
+        return "the model has no trainable SoRA gates; wrap it with peft.get_peft_model(model, SoraConfig(...))"
+    configs = getattr(model, "peft_config", None) or {}
+    # PeftModel.from_pretrained(..., is_trainable=False), the default, sets inference_mode and freezes the adapter
+    if any(getattr(c, "inference_mode", False) for c in configs.values()):
+        return ("no trainable SoRA gates: the adapter was loaded for inference; load it with "
+                "PeftModel.from_pretrained(model, path, is_trainable=True)")
+    return "no trainable SoRA gates: every gate has requires_grad=False; unfreeze them or set the adapter active"
 
 
 def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, threshold: float = 0.0,

@@ -26,7 +26,7 @@ from torch import nn
 
 from .io import atomic_dir
 from .layer import SoraLayer
-from .optim import sora_layers
+from .optim import DTensor, sora_layers
 from .prune import _adapter_name, _strip
 from .ranks import exact_key, exact_targets
 
@@ -55,6 +55,10 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        # Each rank holds only shards: DTensors refuse the kept-rank indexing, and a gather on rank 0 alone hangs.
+        raise ValueError("export_lora needs an unsharded model, got FSDP2-sharded (DTensor) parameters; gather the full "
+                         "state dict and export an unsharded copy on rank 0 (docs/distributed.md)")
     adapter = _adapter_name(model, adapter)
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or adapter not in configs:

@@ -23,6 +23,11 @@ from torch import nn
 
 from .layer import SoraLayer
 
+try:  # FSDP2 shards parameters as DTensors; a torch built without torch.distributed has none
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
+
 THRESHOLD_MODES = ("fixed", "lr_scaled")
 _HOOKED = "_sora_prox_hooked"
 
@@ -30,6 +35,18 @@ _HOOKED = "_sora_prox_hooked"
 def soft_threshold(g: torch.Tensor, tau: float) -> torch.Tensor:
     """T_τ(g) = sign(g) · max(|g| − τ, 0): exactly zero wherever |g| ≤ τ."""
     return torch.sign(g) * torch.clamp(g.abs() - tau, min=0.0)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded DTensor (FSDP2) gathered on every rank (a collective), else `t`."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` (whole, the same on every rank) placed as `like`: each rank takes its own shard, no collective."""
+    if not isinstance(like, DTensor):
+        return value
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def sora_layers(model: nn.Module) -> Iterator[tuple[str, SoraLayer]]:
@@ -74,12 +91,16 @@ def prox_step(optimizer: torch.optim.Optimizer) -> None:
         for p in group["params"]:
             if p.grad is None:  # not stepped by the optimizer either (e.g. a step skipped for non-finite grads)
                 continue
-            shrunk = soft_threshold(p, tau)
-            if keep > 0:
-                # The ℓ1 penalty spares each module's `keep` largest gates, so no module can vanish.
-                top = p.abs().topk(min(keep, p.numel())).indices
-                shrunk[top] = p[top]
-            p.copy_(shrunk)
+            if keep == 0:  # elementwise: a sharded (FSDP2) gate shrinks shard by shard
+                p.copy_(soft_threshold(p, tau))
+                continue
+            # The ℓ1 penalty spares each module's `keep` largest gates, so no module can vanish; the top-k
+            # needs the module's whole gate vector.
+            g = whole(p)
+            shrunk = soft_threshold(g, tau)
+            top = g.abs().topk(min(keep, g.numel())).indices
+            shrunk[top] = g[top]
+            p.copy_(shard_like(shrunk, p))
 
 
 def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

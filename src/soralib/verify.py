@@ -32,6 +32,7 @@ from torch import nn
 from .errors import InputError
 from .layer import Conv1D
 from .model import _closest_names
+from .undo import snapshot
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -39,12 +40,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 PEFT_TYPES = ("LORA", "SORA")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 PREFIX = "base_model.model."
-# The LoRA fields a plain LoRA uses. Every other one (DoRA, bias, Megatron, PiSSA and other initialisations, ...)
-# must keep its default: they add tensors, change the layers or base weights, or make PEFT import a named module.
-# A scale lora_alpha / r (or / sqrt(r), rsLoRA) above this is refused. Published recipes stay below ~1e2
-# (alpha = 2r gives 2; rsLoRA with alpha 16..256 gives up to a few dozen). From 1e4 on, weights of ordinary size
-# (|A|, |B| ~ 0.1) already push half-precision activations past float16's 65504, and a float32 model one outlier
-# away from Inf: such a value comes from a broken or hostile file, not from training.
+# A scale lora_alpha / r (or / sqrt(r), rsLoRA) larger than this in size is refused. Published recipes stay below
+# ~1e2 (alpha = 2r gives 2; rsLoRA with alpha 16..256 a few dozen), so 1e4 leaves two orders of headroom; yet at 1e4
+# ordinary entries (|A|, |B| ~ 0.1) already make s * B @ A hundreds of times the base weights (~0.05), a short step
+# from float16's 65504. A larger scale comes from a broken or hostile file, not from training.
 MAX_SCALE = 1e4
 # A rank above 2**20 exceeds every weight matrix's side; bounding it also keeps lora_alpha / r a computable float.
 MAX_RANK = 2**20
@@ -57,6 +56,8 @@ TASK_MAPPINGS = {"SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                  "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
                  "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
                  "FEATURE_EXTRACTION": "MODEL_MAPPING_NAMES"}
+# The LoRA fields a plain LoRA uses. Every other one (DoRA, bias, Megatron, PiSSA and other initialisations, ...)
+# must keep its default: they add tensors, change the layers or base weights, or make PEFT import a named module.
 LORA_FIELDS = {"peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
                "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
                "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
@@ -132,33 +133,12 @@ def load_adapter_safely(base_model: nn.Module, adapter_dir: str | os.PathLike, e
     dicts, not by copying the model: O(modules) in time and memory, whatever the size of the weights.
     """
     verify_adapter(base_model, adapter_dir, expected_base)
-    undo = _snapshot(base_model)
+    undo = snapshot(base_model)
     try:
         return peft.PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
     except BaseException:
         undo()
         raise
-
-
-def _snapshot(model: nn.Module):
-    """A function that puts back what PEFT may change in place: submodules (layers swapped for adapter layers),
-    module attributes (peft_config, prepare_inputs_for_generation), requires_grad, and the model config
-    (pretraining_tp, tie_word_embeddings). PEFT never writes into the base weights' data."""
-    def attributes(obj):  # the containers nn.Module keeps its children, parameters and hooks in, copied one level
-        return {k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in vars(obj).items()}
-    objects = list(model.modules())
-    objects += [c for c in {id(m.config): m.config for m in objects if hasattr(m, "config")}.values()
-                if not isinstance(c, nn.Module) and hasattr(c, "__dict__")]
-    saved = [(obj, attributes(obj)) for obj in objects]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-
-    def undo() -> None:
-        for obj, attrs in saved:
-            vars(obj).clear()
-            vars(obj).update(attrs)
-        for param, requires_grad in grads:
-            param.requires_grad_(requires_grad)
-    return undo
 
 
 def _one_line(err: Exception) -> str:

@@ -14,11 +14,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import soralib
 
@@ -32,6 +34,7 @@ from .methods import make_optimizer
 logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked checkpoints are resumed
 CLOCK = "training_seconds.json"  # in each checkpoint: training time and skipped steps up to it, kept on resume
+KEEP = 2  # complete checkpoints kept per stage, the newest ones
 
 
 class SoraTrainer(Trainer):
@@ -51,6 +54,20 @@ class SoraTrainer(Trainer):
             self.seconds_before = saved["training_seconds"]
             self.nonfinite.skipped = saved.get("skipped_steps", 0)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super().get_train_dataloader()  # random order: accelerate seeds it with data_seed + epoch
+        lengths = [len(feature["input_ids"]) for feature in self.train_dataset]
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        # The state's epoch is e + (steps done in epoch e) / (steps per epoch): whole only at an epoch's end.
+        sampler = LengthGroupedEpochs(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                      seed, epoch=lambda: int(self.state.epoch or 0))
+        # The features hold only what the tokenizer gives the model, and labels: no columns to remove.
+        loader = DataLoader(self.train_dataset, batch_size=self.args.train_batch_size, sampler=sampler,
+                            collate_fn=self.data_collator, drop_last=self.args.dataloader_drop_last,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
 
     @property
     def nonfinite(self) -> "NonFiniteGuard":
@@ -113,9 +130,30 @@ class SoraTrainer(Trainer):
             atomic_write_text(staging / name / COMPLETE, "ok\n")
             shutil.rmtree(final / name, ignore_errors=True)
             os.replace(staging / name, final / name)
-            for old in _complete_checkpoints(final)[:-2]:  # keep the newest two
+            for old in _complete_checkpoints(final)[:-KEEP]:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
+
+
+class LengthGroupedEpochs(Sampler[int]):
+    """Trainer's length-grouped order (shuffled mega-batches sorted by length), drawn from seed + epoch alone.
+
+    Trainer's own LengthGroupedSampler draws from the global torch RNG when an epoch's iterator starts. A
+    resume into the middle of an epoch starts that iterator (to skip the batches done) before Trainer puts
+    back the saved RNG state, so from the second epoch on it drew another order than the straight run did.
+    The epoch comes from the trainer state, not `set_epoch`: under DDP accelerate does not pass `set_epoch`
+    through the batch sampler it wraps to skip batches.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, epoch: Callable[[], int]):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch())
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 class NonFiniteGuard(TrainerCallback):

@@ -150,3 +150,24 @@ def test_a_run_resumed_from_any_checkpoint_goes_on_bitwise_like_the_straight_run
     assert _step_lines(run) == {s: line for s, line in straight.items() if s > step}
     ta, tb = (load_file(str(d / "sora_adapter" / "adapter_model.safetensors")) for d in (every_checkpoint, run))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_ctrl_c_exits_130_with_one_line_naming_the_checkpoint_and_its_command_resumes(glue_dir, tiny_model, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "soralib.cli", *train_args(glue_dir, tiny_model, run, "--max-steps", "12",
+                                                            "--save-steps", "2", "--batch-size", "4")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not MOMENTS["right_after_a_checkpoint"](run):
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-3000:]
+    assert not (run / "metrics.json").exists() and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("sora train: ")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err[-3000:]
+    checkpoint = lines[0].rsplit(" continues from ", 1)[1]
+    assert checkpoint == latest_checkpoint(run / "checkpoints" / "stage-1")
+    command = f"`sora train --output-dir {run} --resume`"
+    assert lines[0] == f"sora train: interrupted; {command} continues from {checkpoint}"
+    assert main(command.strip("`").split()[1:]) == 0 and (run / "metrics.json").is_file()

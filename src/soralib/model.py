@@ -43,6 +43,7 @@ class SoraModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        _check_modules_to_save(model, self.peft_config[adapter_name])  # before the model is touched
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except NoMatchingPeftModuleError as err:
@@ -50,13 +51,30 @@ class SoraModel(BaseTuner):
             raise ValueError(f"{err.args[0].split('. ')[0]}; {_closest_names(model, targets)}") from None
 
 
-def _closest_names(model: nn.Module, targets) -> str:
+# The head names PEFT itself appends to modules_to_save, per task type, whether or not the model has them
+# (a Llama has "score", no "classifier"): not the user's entries, so never rejected.
+PEFT_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _check_modules_to_save(model: nn.Module, config: SoraConfig) -> None:
+    """PEFT silently ignores a modules_to_save entry that matches no module: a typo would go untrained, unsaved."""
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    own = PEFT_HEADS.get(config.task_type, ())
+    for wanted in config.modules_to_save or ():
+        if wanted not in own and not any(name.endswith(wanted) for name in names):  # PEFT's rule: a plain suffix
+            raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model; "
+                             f"{_closest_names(model, [wanted], linear_only=False)}")
+
+
+def _closest_names(model: nn.Module, targets, linear_only: bool = True) -> str:
     """The module names that look most like the requested targets, to put in the error message."""
-    linear = (nn.Linear, Conv1D) if Conv1D else nn.Linear
-    leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, linear)})
+    kind = ((nn.Linear, Conv1D) if Conv1D else nn.Linear) if linear_only else nn.Module
+    leaves = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, kind)})
     wanted = [targets] if isinstance(targets, str) else sorted(targets or [])
     close = sorted({c for t in wanted for c in difflib.get_close_matches(t, leaves, n=3, cutoff=0.4)})
-    return f"closest linear modules: {', '.join(close or leaves[:10]) or 'none (the model has no linear layer)'}"
+    what = "linear modules" if linear_only else "modules"
+    return f"closest {what}: {', '.join(close or leaves[:10]) or f'none (the model has no {what})'}"
 
 
 def register() -> None:

@@ -83,10 +83,29 @@ def _check_structure(run_dir: Path, sparsity: dict[str, Any], stages: list[dict[
     modules = sparsity.get("modules", [])
     if not isinstance(modules, list) or not all(isinstance(m, dict) and "module" in m for m in modules):
         raise InputError(f"{run_dir / 'sparsity.json'}: 'modules' must be a list of objects with a 'module' key")
+    for number, module in enumerate(modules):
+        _check_fields(f"{run_dir / 'sparsity.json'}: modules[{number}] ({module['module']!r})", module, _MODULE_FIELDS)
     for stage in stages:
         for key in ("generalization", "memorization"):
             if not isinstance(stage.get(key, {}), dict):
                 raise InputError(f"{run_dir / 'stages.jsonl'}: stage {stage.get('stage')!r} has a non-object {key!r}")
+        _check_fields(f"{run_dir / 'stages.jsonl'}: stage {stage.get('stage')!r}", stage, _STAGE_FIELDS)
+
+
+# The fields the report computes with (as prune.sparsity_report and train/run.py write them): (test, expected)
+_NUMBER = (lambda v: _is_number(v), "a finite number")
+_MODULE_FIELDS = {"module": (lambda v: isinstance(v, str), "a string"),
+                  **dict.fromkeys(("r_max", "kept_rank", "in_features", "out_features", "kept_params"), _NUMBER)}
+_STAGE_FIELDS = {"main_metric": (lambda v: v is None or isinstance(v, str), "a string or null"),
+                 **dict.fromkeys(("stage", "threshold", "kept_params", "kept_rank", "kept_fraction"), _NUMBER)}
+
+
+def _check_fields(where: str, record: dict[str, Any], fields: dict[str, tuple]) -> None:
+    """Each field of `record` that is present has its type: else a plot or a sum fails on it with a traceback."""
+    for key, (test, expected) in fields.items():
+        if key in record and not test(record[key]):
+            value = record[key]
+            raise InputError(f"{where}: field {key!r} is {value!r} ({type(value).__name__}); expected {expected}")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

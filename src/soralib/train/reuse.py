@@ -81,6 +81,7 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
     """Re-export a SoRA run's gated adapter (sora_adapter/) as a standard LoRA with `layout`."""
     import soralib
 
+    from ..io import foreign_entries, name_list
     from .methods import load_base
     from .tasks import get_task
 
@@ -96,6 +97,12 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
         raise InputError(f"--out {out} would overwrite part of the run {run}; use {run}/adapter-NAME or another dir")
     if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
         raise InputError(f"--out {out} is a non-empty directory that is not an adapter; choose another")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; choose a directory")
+    in_the_way = foreign_entries(out, soralib.export.FILES)  # an earlier export is replaced, nothing else
+    if in_the_way:
+        raise InputError(f"--out {out} holds {name_list(in_the_way)}, which an export does not write; "
+                         "move them out or choose another --out")
     num_labels = get_task(config.task).num_labels if config.task != "custom" else _custom_labels(run)
     base, _, fresh = load_base(config, num_labels)
     _warn_unsaved(config, fresh)

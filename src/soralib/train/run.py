@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, disk_full
 from . import data as data_mod
 from .config import TrainConfig, save_yaml
-from .loop import evaluate, latest_checkpoint, make_trainer
+from .loop import evaluate, is_main_process, latest_checkpoint, make_trainer
 from .methods import adapter_size, export_layout, load_base, within, wrap
 from .rundir import LOCK, REPLACED, foreign, in_use, lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora
 from .tasks import get_task
@@ -49,7 +49,7 @@ def check_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> bool
         raise InputError("--overwrite and --resume exclude each other")
     if out.is_symlink() and not out.exists():
         raise InputError(f"output directory {out} is a symlink to {os.readlink(out)}, which does not exist")
-    holder = lock_holder(out) if out.is_dir() else None
+    holder = lock_holder(out) if out.is_dir() and is_main_process() else None  # rank 0 takes it, not the others
     if holder:
         raise InputError(in_use(out, holder))
     is_run = any((out / m).exists() for m in RUN_MARKERS)
@@ -152,7 +152,9 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
     budget = _budget(config, model) if config.method == "sora" else None
     out = Path(config.output_dir)
     processes = PartialState()  # under torchrun: one per rank, and only rank 0 writes
-    if processes.is_main_process:
+    # On CPU this PartialState is not distributed yet (Trainer sets that up): every rank calls itself main and
+    # the barrier below waits for no one. RANK tells them apart, and only rank 0 takes the lock and writes.
+    if processes.is_main_process and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         lock.enter_context(run_lock(out))
         if check_output_dir(config, overwrite, resume):  # again, locked: another run may have written meanwhile
@@ -160,7 +162,9 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
         if not resume:
             save_yaml(config, out / "config.yaml")
     processes.wait_for_everyone()
-    state = _read_json(out / "state.json", {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0})
+    # A new run starts from zero; under torchrun on CPU, rank 1 can get here before rank 0 deleted the old run.
+    fresh_state = {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0}
+    state = _read_json(out / "state.json", fresh_state) if resume else fresh_state
 
     for stage, threshold in enumerate(thresholds, start=1):
         stage_dir = out / "stages" / f"stage-{stage}"

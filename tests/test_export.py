@@ -1,6 +1,7 @@
 """export_lora writes a standard PEFT LoRA that plain PEFT loads, in a process that never imports soralib."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -93,15 +94,40 @@ def test_uniform_layout_pads_every_module_to_the_largest_kept_rank(tmp_path):
     assert all(tensors[k].shape[0] == top for k in a_keys)
 
 
-def test_export_replaces_an_existing_adapter_directory_whole(tmp_path):
+def test_export_replaces_an_earlier_export_whole(tmp_path):
     model = sora_model("mlp")
     scramble(model)
     out = tmp_path / "adapter"
-    out.mkdir()
-    (out / "stale.bin").write_bytes(b"old")
-    soralib.export_lora(model, out)
+    soralib.export_lora(model, out, layout="exact")
+    soralib.export_lora(model, out, layout="uniform")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not json.loads((out / "adapter_config.json").read_text())["rank_pattern"]  # the second one
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+@pytest.mark.parametrize("mine", ["stale.bin", "sub/notes.txt", "README.md", "adapter_model.safetensors/x"])
+def test_export_into_a_directory_holding_other_files_is_refused_and_keeps_them(tmp_path, mine):
+    out = tmp_path / "adapter"
+    (out / mine).parent.mkdir(parents=True)
+    (out / mine).write_text("mine")
+    (out / "adapter_config.json").write_text("{}")
+    shown = mine.split("/")[0] + ("/" if "/" in mine else "")
+    with pytest.raises(ValueError, match=re.escape(f"{out} holds {shown}, which an export does not write; move")):
+        soralib.export_lora(sora_model("mlp"), out)
+    assert (out / mine).read_text() == "mine" and (out / "adapter_config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary left beside it
+
+
+def test_export_through_a_symlink_replaces_the_directory_it_points_to_and_keeps_the_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    soralib.export_lora(sora_model("mlp"), tmp_path / "link", layout="uniform")
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    (tmp_path / "real" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds notes.txt"):
+        soralib.export_lora(sora_model("mlp"), tmp_path / "link", layout="uniform")
+    assert (tmp_path / "real" / "notes.txt").read_text() == "mine"
 
 
 def test_export_rejects_an_unknown_layout(tmp_path):

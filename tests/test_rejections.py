@@ -4,6 +4,7 @@ written, closed since."""
 
 import json
 import logging
+import shutil
 import sys
 
 import peft
@@ -706,6 +707,33 @@ def test_gap_export_out_over_a_directory_that_is_not_an_adapter(glue_dir, tiny_m
     finally:
         capsys.readouterr()
     assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_export_out_over_an_adapter_holding_other_files_is_refused_then_an_earlier_export_is_replaced(
+        glue_dir, tiny_model, tmp_path, capsys):
+    from soralib.train.config import build_config
+    from soralib.train.methods import load_base, wrap
+
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, **{"metrics.json": '{"task": "rte"}'})
+    config = build_config("sora", None, {"task": "rte", "model": str(tiny_model), "output_dir": str(run)})
+    model, _, _ = load_base(config, 2)
+    wrap(config, model, total_steps=1).save_pretrained(str(run / "sora_adapter"))
+    fails_cleanly(capsys, ["export", run, "--out", _write(tmp_path / "afile", "mine")],
+                  f"--out {tmp_path / 'afile'} is a file; choose a directory")
+    out = tmp_path / "served"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    capsys.readouterr()
+    _write(out / "NOTES.txt", "keep me")
+    (out / "old").mkdir()
+    _write(out / "old" / "adapter_config.json", "{}")
+    fails_cleanly(capsys, ["export", run, "--out", out],
+                  f"--out {out} holds NOTES.txt, old/, which an export does not write; move them out or choose "
+                  "another --out")
+    assert (out / "NOTES.txt").read_text() == "keep me" and (out / "old" / "adapter_config.json").read_text() == "{}"
+    (out / "NOTES.txt").unlink()
+    shutil.rmtree(out / "old")
+    assert main(["export", str(run), "--out", str(out), "--layout", "exact"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_gap_eval_of_a_full_run_without_its_trained_parameters(glue_dir, tiny_model, tmp_path, capsys):

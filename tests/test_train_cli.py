@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from soralib.cli import main
 from soralib.train.config import METHODS, build_config
+from soralib.train.rundir import foreign
 
 WORDS = "the a cat dog sat ran on under mat tree big small red blue house car".split()
 
@@ -74,6 +75,7 @@ def test_each_method_trains_evaluates_and_writes_its_outputs(glue_dir, tiny_mode
     assert {"task", "method", "seed", "eval", "kept_params", "lora_params_at_r_max", "train_seconds"} <= set(metrics)
     assert metrics["method"] == method and "accuracy" in metrics["eval"]
     assert (out / "config.yaml").is_file() and any((out / "logs").rglob("events.out.tfevents*"))
+    assert foreign(out) == []  # --overwrite knows every file the run wrote (soralib/train/rundir.py)
     if method in ("sora", "lora", "adalora"):
         assert (out / "adapter" / "adapter_config.json").is_file()
         assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == (

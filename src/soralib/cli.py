@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Sequence
 
-from .errors import InputError, TrainingDiverged
+from .errors import DiskFull, InputError, TrainingDiverged
 
 RUN_CONTROL = ("config", "resume", "overwrite")
 
@@ -150,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except TrainingDiverged as err:
+        print(f"sora {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except DiskFull as err:  # "no space left on device at PATH"; free space, then --resume
         print(f"sora {args.command}: error: {err}", file=sys.stderr)
         return 1
     except InputError as err:

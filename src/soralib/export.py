@@ -24,13 +24,15 @@ from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from .io import atomic_dir
+from .errors import InputError
+from .io import atomic_dir, foreign_entries, name_list
 from .layer import SoraLayer
 from .optim import DTensor, sora_layers
 from .prune import _adapter_name, _strip
 from .ranks import exact_key, exact_targets
 
 LAYOUTS = ("exact", "uniform")
+FILES = ("adapter_config.json", "adapter_model.safetensors")  # all an export writes: nothing else is replaced
 
 
 def lora_factors(layer: SoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +53,8 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
     """Write `out_dir/adapter_config.json` and `out_dir/adapter_model.safetensors` (peft_type "LORA").
 
     `model` is a PeftModel (or a model with SoRA layers and a `peft_config`). The task head and other
-    `modules_to_save` go with it. The directory is replaced whole, never left half-written.
+    `modules_to_save` go with it. The directory is replaced whole, never left half-written; one that holds
+    anything else (a file of yours, a sub-directory) is refused with InputError and kept as it was.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -59,6 +62,10 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
         # Each rank holds only shards: DTensors refuse the kept-rank indexing, and a gather on rank 0 alone hangs.
         raise ValueError("export_lora needs an unsharded model, got FSDP2-sharded (DTensor) parameters; gather the full "
                          "state dict and export an unsharded copy on rank 0 (docs/distributed.md)")
+    in_the_way = foreign_entries(out_dir, FILES)
+    if in_the_way:
+        raise InputError(f"{out_dir} holds {name_list(in_the_way)}, which an export does not write; "
+                         "move them out or choose another directory")
     adapter = _adapter_name(model, adapter)
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or adapter not in configs:

@@ -121,6 +121,8 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
     """Re-export a SoRA run's gated adapter (sora_adapter/) as a standard LoRA with `layout`."""
     import soralib
 
+    from ..io import foreign_entries, name_list
+
     run = Path(run_dir)
     _sora_run_config(run)
     if layout not in soralib.export.LAYOUTS:
@@ -131,6 +133,12 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
         raise InputError(f"--out {out} would overwrite part of the run {run}; use {run}/adapter-NAME or another dir")
     if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
         raise InputError(f"--out {out} is a non-empty directory that is not an adapter; choose another")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; choose a directory")
+    in_the_way = foreign_entries(out, soralib.export.FILES)  # an earlier export is replaced, nothing else
+    if in_the_way:
+        raise InputError(f"--out {out} holds {name_list(in_the_way)}, which an export does not write; "
+                         "move them out or choose another --out")
     return soralib.export_lora(load_sora_run(run), out, layout=layout)
 
 

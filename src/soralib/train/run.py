@@ -6,16 +6,16 @@ What lands in the run directory:
     sora_adapter/    the gated SoRA adapter     model/          trained parameters (full, BitFit)
     history.jsonl    one line per logging step  stages.jsonl    one line per scheduler stage
     stages/stage-k/  each stage's SoRA adapter  checkpoints/    resumable Trainer checkpoints
-    logs/            TensorBoard
+    logs/            TensorBoard                .sora.lock      held while a run writes (rundir.py)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,12 @@ import soralib
 
 from ..budget import trim_model_
 from ..errors import InputError
-from ..io import atomic_dir, atomic_write_json, atomic_write_text
+from ..io import atomic_dir, atomic_write_json, atomic_write_text, disk_full
 from . import data as data_mod
 from .config import TrainConfig, save_yaml
-from .loop import evaluate, latest_checkpoint, make_trainer, resume_hint
+from .loop import evaluate, is_main_process, latest_checkpoint, make_trainer, resume_hint
 from .methods import adapter_size, export_layout, load_base, within, wrap
+from .rundir import LOCK, REPLACED, foreign, in_use, lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora
 from .tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -39,27 +40,38 @@ RUN_MARKERS = ("config.yaml", "state.json")
 
 
 def check_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> bool:
-    """Refuse to mix two runs in one directory. Writes nothing; True if an old run must be replaced."""
+    """Refuse to mix two runs in one directory, or to delete what a run did not write (see rundir.py).
+    Writes nothing; True if an old run must be replaced."""
     out = Path(config.output_dir or "")
     if not config.output_dir:
         raise InputError("--output-dir is required")
     if overwrite and resume:
         raise InputError("--overwrite and --resume exclude each other")
+    if out.is_symlink() and not out.exists():
+        raise InputError(f"output directory {out} is a symlink to {os.readlink(out)}, which does not exist")
+    holder = lock_holder(out) if out.is_dir() and is_main_process() else None  # rank 0 takes it, not the others
+    if holder:
+        raise InputError(in_use(out, holder))
     is_run = any((out / m).exists() for m in RUN_MARKERS)
     if resume:
         if not is_run:
             raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
         if (out / "metrics.json").exists():
             raise InputError(f"the run in {out} is finished (metrics.json exists); nothing to resume")
+        refuse_foreign(out, [p for p in foreign(out) if REPLACED.match(p)], "cannot resume in")
         return False
     for parent in [out, *out.parents]:
         if parent.exists() and not parent.is_dir():
             raise InputError(f"output directory {out}: {parent} is a file")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK for p in out.iterdir()):  # a lock alone: a start killed at once
         if not overwrite:
             raise InputError(f"output directory {out} is not empty; pass --overwrite to replace it or --resume")
         if not is_run:
             raise InputError(f"refusing to overwrite {out}: it is not a soralib run directory (no config.yaml)")
+        if (out / "config.yaml").exists() and not written_by_sora(out / "config.yaml"):
+            raise InputError(f"refusing to overwrite {out}: it is not a soralib run directory (its config.yaml "
+                             "was not written by sora train)")
+        refuse_foreign(out, foreign(out), "refusing to overwrite")
         return True
     return False
 
@@ -98,20 +110,28 @@ def seed_everything(seed: int) -> None:
 def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, show_progress: bool = False) -> dict:
     """Run one experiment end to end; returns what metrics.json holds.
 
-    Ctrl-C raises KeyboardInterrupt with a one-line message: the command that resumes and its checkpoint.
-    """
-    try:
-        return _train(config, overwrite, resume, show_progress)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(resume_hint(Path(config.output_dir))) from None
+    The main process holds the output directory's lock from its first write to the end (a second `sora train`
+    there is refused, naming its pid); a write that fails for lack of space raises DiskFull. Ctrl-C raises
+    KeyboardInterrupt with a one-line message: the command that resumes and its checkpoint."""
+    with contextlib.ExitStack() as lock:
+        try:
+            return _train(config, overwrite, resume, show_progress, lock)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(resume_hint(Path(config.output_dir))) from None
+        except Exception as err:
+            full = disk_full(err, config.output_dir or ".")
+            if full is None or full is err:
+                raise
+            raise full from err
 
 
-def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bool) -> dict:
+def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bool,
+           lock: contextlib.ExitStack) -> dict:
     config.validate()
     if resume and not overwrite and _no_run_yet(config.output_dir):  # killed before it wrote anything
         logger.warning("--resume: no run in %s yet; starting it from scratch", config.output_dir)
         resume = False
-    replace_old = check_output_dir(config, overwrite, resume)
+    check_output_dir(config, overwrite, resume)
     if resume:  # the saved run's config wins (flags that disagree are refused); the output directory may differ
         config = _resumed_config(Path(config.output_dir or "."), config)
     thresholds = config.stage_thresholds()
@@ -139,14 +159,19 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
     budget = _budget(config, model) if config.method == "sora" else None
     out = Path(config.output_dir)
     processes = PartialState()  # under torchrun: one per rank, and only rank 0 writes
-    if processes.is_main_process:
-        if replace_old:  # only now, with data and model loaded: a failed start must not cost the old run
-            shutil.rmtree(out)
+    # On CPU this PartialState is not distributed yet (Trainer sets that up): every rank calls itself main and
+    # the barrier below waits for no one. RANK tells them apart, and only rank 0 takes the lock and writes.
+    if processes.is_main_process and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
+        lock.enter_context(run_lock(out))
+        if check_output_dir(config, overwrite, resume):  # again, locked: another run may have written meanwhile
+            remove_run(out)  # only now, with data and model loaded: a failed start must not cost the old run
         if not resume:
             save_yaml(config, out / "config.yaml")
     processes.wait_for_everyone()
-    state = _read_json(out / "state.json", {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0})
+    # A new run starts from zero; under torchrun on CPU, rank 1 can get here before rank 0 deleted the old run.
+    fresh_state = {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0}
+    state = _read_json(out / "state.json", fresh_state) if resume else fresh_state
 
     for stage, threshold in enumerate(thresholds, start=1):
         stage_dir = out / "stages" / f"stage-{stage}"
@@ -294,7 +319,8 @@ def _changed_settings(saved: TrainConfig, given: TrainConfig) -> str:
 
 def _no_run_yet(output_dir: str) -> bool:
     out = Path(output_dir)
-    return bool(output_dir) and (not out.exists() or (out.is_dir() and not any(out.iterdir())))
+    # a lock file alone: a start killed right after taking it
+    return bool(output_dir) and (not out.exists() or (out.is_dir() and not any(p.name != LOCK for p in out.iterdir())))
 
 
 def _read_json(path: Path, default: dict) -> dict:

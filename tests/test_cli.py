@@ -55,6 +55,7 @@ def test_import_soralib_after_peft_registers_sora_at_once():
 
     import soralib
 
+    soralib.register()
     for mapping in (peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING, peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING):
         mapping.pop("SORA")
     try:

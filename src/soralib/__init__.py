@@ -13,6 +13,7 @@ else at the first use of any soralib name (or an explicit `soralib.register()`).
 
 import importlib
 import sys
+import types
 
 __version__ = "0.1.0"
 _EXPORTS = {
@@ -43,6 +44,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the submodule soralib.prune binds it as `soralib.prune` and would hide the function
+        # `prune` until the names load; left unbound, the name loads the function on first use.
+        if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if "peft" in sys.modules:  # cheap now: peft, torch and transformers are loaded already

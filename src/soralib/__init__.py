@@ -30,7 +30,6 @@ __all__ = list(_EXPORTS)
 def _load() -> None:
     """Import the public names into the package namespace and register SORA with PEFT (idempotent)."""
     for name, module in _EXPORTS.items():
-        # also replaces a submodule bound under the same name by the import system (soralib.prune)
         globals()[name] = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()["register"]()
 

@@ -20,7 +20,7 @@ from soralib.train import loop
 from soralib.train.loop import latest_checkpoint
 from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
 
-COMMON = ["--max-steps", "24", "--save-steps", "4", "--batch-size", "4", "--threshold", "0.005",
+COMMON = ["--max-steps", "24", "--save-steps", "4", "--batch-size", "4",
           "--schedule", "linear", "--schedule-start", "0.002", "--schedule-end", "0.01", "--num-stages", "2"]
 
 

@@ -327,6 +327,79 @@ BAD_FLAGS += [  # rejected up front since docs/errors.md listed them as gaps
      "task rte is classification: task_type regression conflicts with it (leave task_type unset)"),
 ]
 
+CUSTOM_FILES = ["--task", "custom", "--train-file", "a.csv", "--validation-file", "b.csv", "--text-columns", "q"]
+BAD_FLAGS += [  # a negative number is a value (then out of range), and a flag the run would ignore is an error
+    ("lr-negative-exponent", ["--lr", "-1e-3"], "lr must be a finite number > 0, got -0.001"),
+    ("thresholds-negative", ["--thresholds", "-0.1,0.2"], "thresholds[0] must be a finite threshold >= 0, got -0.1"),
+    ("threshold-with-lora", ["--method", "lora", "--threshold", "1e-3"],
+     "--threshold is used only with method sora, got method 'lora'"),
+    ("threshold-mode-with-bitfit", ["--method", "bitfit", "--threshold-mode", "fixed"],
+     "--threshold-mode is used only with method sora, got method 'bitfit'"),
+    ("min-rank-with-adalora", ["--method", "adalora", "--min-rank", "1"],
+     "--min-rank is used only with method sora, got method 'adalora'"),
+    ("layout-with-lora", ["--method", "lora", "--layout", "uniform"],
+     "--layout is used only with method sora, got method 'lora'"),
+    ("target-modules-with-full", ["--method", "full", "--target-modules", "query"],
+     "--target-modules is used only with method sora, lora or adalora, got method 'full'"),
+    ("r-with-bitfit", ["--method", "bitfit", "--r", "4"],
+     "--r is used only with method sora, lora or adalora, got method 'bitfit'"),
+    ("modules-to-save-with-full", ["--method", "full", "--modules-to-save", "classifier"],
+     "--modules-to-save is used only with method sora, lora, adalora or bitfit (full trains every parameter), "
+     "got method 'full'"),
+    ("adalora-target-r-with-sora", ["--adalora-target-r", "2"],
+     "--adalora-target-r is used only with method adalora, got method 'sora'"),
+    ("train-file-with-glue", ["--train-file", "a.csv"], "--train-file is used only with task custom, got task 'rte'"),
+    ("label-column-with-glue", ["--label-column", "y"], "--label-column is used only with task custom, got task 'rte'"),
+    ("data-dir-with-custom", CUSTOM_FILES, "--data-dir is used only with a GLUE task, not custom, got task 'custom'"),
+    ("schedule-start-without-schedule", ["--schedule-start", "1e-4"],
+     "--schedule-start is used only with --schedule, got schedule None"),
+    ("threshold-with-schedule", ["--schedule", "linear", "--threshold", "1e-3"],
+     "--threshold is used only without --schedule, got schedule 'linear'"),
+    ("schedule-with-thresholds", ["--schedule", "linear", "--thresholds", "0.1,0.2"],
+     "--schedule is used only without --thresholds (the explicit list replaces the schedule), got thresholds [0.1, 0.2]"),
+    ("memorization-samples-without-stages", ["--memorization-samples", "10"],
+     "--memorization-samples is used only with --schedule or --thresholds (it is measured after each stage), "
+     "got schedule None"),
+    ("min-rank-above-r", ["--min-rank", "9"], "min_rank must be <= r (8: a module has no more ranks to keep), got 9"),
+    ("target-rank-above-r", ["--r", "4", "--target-rank", "5"],
+     "target_rank must be <= r (4: a module has no more ranks to keep), got 5.0"),
+    ("target-rank-below-min-rank", ["--target-rank", "0.5"],
+     "target_rank must be >= min_rank (1: every module keeps that many ranks; --min-rank 0 lets modules collapse), "
+     "got 0.5"),
+    ("adalora-target-r-and-params", ["--method", "adalora", "--adalora-target-r", "2", "--target-params", "1000"],
+     "give target_params or adalora_target_r, not both"),
+    ("adalora-target-r-above-r", ["--method", "adalora", "--adalora-target-r", "8"],
+     "adalora_target_r must be <= r - 1 (7: AdaLoRA prunes from r down to it), got 8"),
+    # only known once the model is wrapped: still before anything is written
+    ("target-params-below-one-rank", ["--target-params", "10"], "target_params must be in ["),
+    ("target-params-above-r", ["--target-params", "100000000"], "got 100000000"),
+    ("adalora-target-params-below-one-rank", ["--method", "adalora", "--target-params", "10"],
+     "target_params must be in ["),
+]
+
+
+def test_a_config_file_value_the_method_ignores_is_a_warning_and_a_flag_an_error(tmp_path, caplog):
+    from soralib.train.config import build_config
+
+    path = _write(tmp_path / "c.yaml", "threshold: 1.0e-3\ngate_init: randn\n")  # gate_init: the default
+    required = {"task": "rte", "model": "m", "output_dir": "o"}
+    with caplog.at_level("WARNING"):
+        assert build_config("lora", str(path), required).method == "lora"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: threshold=0.001 is ignored: it is used only with method sora, got method 'lora'"]
+    with pytest.raises(InputError, match="--threshold is used only with method sora, got method 'lora'"):
+        build_config("lora", str(path), {**required, "threshold": "1e-3"})
+
+
+def test_a_saved_sora_config_reused_for_another_method_warns_about_nothing(tmp_path, caplog):
+    from soralib.train.config import build_config, save_yaml
+
+    path = tmp_path / "config.yaml"  # every field, as a SoRA run leaves it
+    save_yaml(build_config("sora", None, {"task": "rte", "model": "m", "output_dir": "o"}), path)
+    with caplog.at_level("WARNING"):
+        assert build_config("full", str(path), {}).method == "full"
+    assert caplog.records == []
+
 
 def test_max_length_beyond_the_models_positions_is_refused_without_writing(glue_dir, tiny_model, tmp_path, capsys):
     # The tiny BERT has 512 positions; a longer example would fail in the forward pass, after config.yaml exists.

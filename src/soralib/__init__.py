@@ -6,33 +6,56 @@
     ...train...
     soralib.export_lora(model, "adapter/")   # a plain PEFT LoRA, smaller rank per module
     lora = soralib.lora_config_from(model)   # or: retrain a plain LoRA from scratch with the ranks SoRA found
+
+The names below are loaded on first use (PEP 562), so that `sora --help` does not wait seconds for torch,
+transformers and peft. `import soralib` registers "SORA" with PEFT at once when peft is already imported,
+else at the first use of any soralib name (or an explicit `soralib.register()`).
 """
 
-from .config import SoraConfig, SoraPeftType
-from .export import export_lora
-from .layer import SoraLayer, SoraLinear
-from .model import SoraModel, register
-from .optim import (
-    add_prox_step,
-    create_sora_optimizer,
-    gate_l1,
-    gate_parameters,
-    get_threshold,
-    set_threshold,
-    soft_threshold,
-    trainer_optimizer_cls_and_kwargs,
-)
-from .prune import prune, sparsity_report
-from .ranks import lora_config_from, rank_pattern
-from .verify import load_adapter_safely, verify_adapter
-
-register()
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
-__all__ = [
-    "SoraConfig", "SoraPeftType", "SoraModel", "SoraLayer", "SoraLinear", "register",
-    "create_sora_optimizer", "add_prox_step", "set_threshold", "get_threshold", "soft_threshold",
-    "trainer_optimizer_cls_and_kwargs", "gate_l1", "gate_parameters",
-    "sparsity_report", "prune", "export_lora", "verify_adapter", "load_adapter_safely",
-    "rank_pattern", "lora_config_from",
-]
+_EXPORTS = {
+    "SoraConfig": "config", "SoraPeftType": "config", "export_lora": "export", "SoraLayer": "layer",
+    "SoraLinear": "layer", "SoraModel": "model", "register": "model",
+    "add_prox_step": "optim", "create_sora_optimizer": "optim", "gate_l1": "optim", "gate_parameters": "optim",
+    "get_threshold": "optim", "set_threshold": "optim", "soft_threshold": "optim",
+    "trainer_optimizer_cls_and_kwargs": "optim", "prune": "prune", "sparsity_report": "prune",
+    "load_adapter_safely": "verify", "verify_adapter": "verify", "rank_pattern": "ranks", "lora_config_from": "ranks",
+}
+__all__ = list(_EXPORTS)
+
+
+def _load() -> None:
+    """Import the public names into the package namespace and register SORA with PEFT (idempotent)."""
+    for name, module in _EXPORTS.items():
+        globals()[name] = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()["register"]()
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the submodule soralib.prune binds it as `soralib.prune` and would hide the function
+        # `prune` until the names load; left unbound, the name loads the function on first use.
+        if not (name in _EXPORTS and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if "peft" in sys.modules:  # cheap now: peft, torch and transformers are loaded already
+    _load()

@@ -6,6 +6,9 @@
     sora export RUN_DIR --layout uniform [--out DIR]
     sora ranks RUN_DIR [--out FILE.json]
     sora bench speed|quality|tables [ARGS]   (repository checkout only: runs python -m bench.<tool> ARGS)
+
+Building the parser imports no torch, transformers or peft (seconds on a small machine): `--help` and
+usage errors are instant, and each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -15,27 +18,93 @@ import functools
 import json
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from .errors import DiskFull, InputError, TrainingDiverged
 
-RUN_CONTROL = ("config", "resume", "overwrite")
+RUN_DIR_HELP = "a run directory written by `sora train --output-dir`"
+
+
+def _parser(sub, name: str, run, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose parsed arguments go to `run(args)`; abbreviated flags (--over) are refused."""
+    p = sub.add_parser(name, allow_abbrev=False, **kwargs)
+    p.set_defaults(run=run)
+    return p
 
 
 def _train_parser(sub) -> None:
-    from .train.config import FIELDS, METHODS
+    from .train.config import CHOICES, FIELDS
+    from .train.tasks import GLUE_TASKS
 
-    p = sub.add_parser("train", help="fine-tune with SoRA or a baseline and export the result",
-                       description="Every TrainConfig field is a flag; defaults come from the method's YAML.")
-    p.add_argument("--config", help="a YAML of config fields (overrides the method's defaults)")
+    p = _parser(sub, "train", cmd_train, help="fine-tune with SoRA or a baseline and export the result",
+                description="Every TrainConfig field is a flag. Precedence: the method's shipped YAML "
+                "(soralib/configs/METHOD.yaml, whose values the defaults below show) < --config FILE < flags. "
+                "A flag the chosen method or task does not use is an error.")
+    p.add_argument("--config", metavar="FILE", help="a YAML of config fields (overrides the method's defaults)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
-    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default: the --config file's, else sora)")
+    choices = {**CHOICES, "task": (*GLUE_TASKS, "custom")}
     for name in FIELDS:
+        flag, kind = f"--{name.replace('_', '-')}", _kind(name)
+        doc = f"{_field_docs().get(name, '')} {_default_text(name)}".replace("%", "%%")
         if name == "method":
+            doc = f"{_field_docs()['method']} (default: the --config file's, else sora)"
+        if kind == "bool":  # --flag / --no-flag; `--flag false` still works (scripts, docs and bench use it)
+            p.add_argument(flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL", help=doc)
+            p.add_argument(f"--no-{flag[2:]}", dest=name, action="store_const", const="false",
+                           help=f"same as {flag} false")
             continue
-        doc = _field_docs().get(name, "")
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(), help=doc)
+        metavar = "{" + ",".join(choices[name]) + "}" if name in choices else _METAVARS.get(kind, name.upper())
+        p.add_argument(flag, dest=name, default=None, metavar=metavar, help=doc)
+
+
+_METAVARS = {"int": "INT", "float": "FLOAT", "list[float]": "X,Y,...", "list[str]": "A,B,..."}
+
+
+def _kind(name: str) -> str:
+    from .train.config import FIELDS
+
+    return FIELDS[name].type.removeprefix("Optional[").removesuffix("]")
+
+
+def _default_text(name: str) -> str:
+    """`(default: 0.1; full: 0.01, bitfit: 0.0)`: the sora YAML's value and where another method's differs,
+    plus which runs read the field at all."""
+    from .train.config import METHODS, USED_ONLY
+
+    per_method = {m: _method_defaults(m)[name] for m in METHODS}
+    if per_method["sora"] == "":
+        return "(required)"
+    others = {}
+    for method, value in per_method.items():
+        if value != per_method["sora"]:
+            others.setdefault(_show(value), []).append(method)
+    text = "default: " + _show(per_method["sora"])
+    if others:
+        text += "; " + ", ".join(f"{'/'.join(ms)}: {v}" for v, ms in others.items())
+    needs = [needs for _, needs, _ in USED_ONLY.get(name, ())]
+    return f"({text})" + (f" Used only {', '.join(needs)}." if needs else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _method_defaults(method: str) -> dict[str, Any]:
+    from .train.config import CONFIG_DIR, FIELDS, TrainConfig, coerce, load_yaml
+
+    values = TrainConfig().to_dict()
+    values.update({k: coerce(k, v) for k, v in load_yaml(CONFIG_DIR / f"{method}.yaml").items()})
+    return {k: values[k] for k in FIELDS}
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return format(value, "g")
+    if isinstance(value, list):
+        return ",".join(_show(v) for v in value)
+    return str(value)
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,18 +116,47 @@ def _field_docs() -> dict[str, str]:
     from .train import config as module
 
     body = ast.parse(inspect.getsource(module.TrainConfig)).body[0].body
-    return {node.target.id: str(nxt.value.value).replace("%", "%%")
+    return {node.target.id: " ".join(str(nxt.value.value).split())
             for node, nxt in zip(body, body[1:])
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
             and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _negative_values_attached(argv: list[str]) -> list[str]:
+    """`--lr -1e-3` as `--lr=-1e-3`: argparse takes a token such as -1e-3 for an unknown flag, not a value.
+    The value then reaches validate(), which names it and the allowed range."""
+    from .train.config import FIELDS
+
+    numeric = {f"--{n.replace('_', '-')}" for n in FIELDS if _kind(n) in ("int", "float", "list[float]")}
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in numeric and token.startswith("-") and _is_number_list(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _is_number_list(token: str) -> bool:
+    try:
+        [float(part) for part in token.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of a parsed `sora train` command line: only the flags given override the YAMLs."""
     from .train.config import FIELDS, build_config
-    from .train.run import train
 
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and k != "method"}
-    config = build_config(args.method, args.config, overrides)
+    return build_config(args.method, args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.run import train
+
+    config = train_config(args)
     _progress_logging()
     metrics = train(config, overwrite=args.overwrite, resume=args.resume, show_progress=True)
     print(json.dumps({k: metrics[k] for k in ("task", "method", "eval", "kept_params") if k in metrics}))
@@ -121,34 +219,41 @@ def _progress_logging() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sora", description="SoRA: sparse low-rank adaptation")
+    parser = argparse.ArgumentParser(prog="sora", description="SoRA: sparse low-rank adaptation", allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    p = sub.add_parser("report", help="PNG plots and a markdown summary of a run")
-    p.add_argument("run_dir")
-    p = sub.add_parser("eval", help="re-evaluate a saved run")
-    p.add_argument("run_dir")
-    p.add_argument("--data-dir", "--task-data", dest="data_dir", default=None, help="GLUE data directory to use")
-    p = sub.add_parser("export", help="re-export a SoRA run's adapter with another layout")
-    p.add_argument("run_dir")
-    p.add_argument("--layout", default="uniform", help="exact or uniform (default uniform)")
-    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/adapter-LAYOUT)")
-    p = sub.add_parser("ranks", help="the ranks a SoRA run kept, as a complete peft.LoraConfig JSON to retrain with")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None, help="JSON file to write (default: print to stdout)")
-    p = sub.add_parser("bench", add_help=False, help="benchmarks (repository checkout): speed, quality, tables; "
-                       "`sora bench TOOL -h` for each")
-    p.add_argument("tool", choices=("speed", "quality", "tables"))
+
+    p = _parser(sub, "report", cmd_report, help="PNG plots and a markdown summary of a run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+
+    p = _parser(sub, "eval", cmd_eval, help="re-evaluate a saved run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    p.add_argument("--data-dir", "--task-data", dest="data_dir", default=None, metavar="DIR",
+                   help="GLUE data directory to use (default: the run's own)")
+
+    p = _parser(sub, "export", cmd_export, help="re-export a SoRA run's adapter with another layout")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP + " with method sora")
+    p.add_argument("--layout", default="uniform", metavar="{exact,uniform}",
+                   help="exact: per-module ranks; uniform: one padded rank (default: uniform)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: RUN_DIR/adapter-LAYOUT)")
+
+    p = _parser(sub, "ranks", cmd_ranks, help="the ranks a SoRA run kept, as a complete peft.LoraConfig JSON to retrain with")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP + " with method sora")
+    p.add_argument("--out", default=None, metavar="FILE", help="JSON file to write (default: print to stdout)")
+
+    p = _parser(sub, "bench", cmd_bench, help="benchmarks (repository checkout): speed, quality, tables",
+                description="Runs python -m bench.TOOL ARGS from a soralib checkout; `sora bench TOOL -h` "
+                            "shows each tool's own arguments.")
+    p.add_argument("tool", choices=("speed", "quality", "tables"), help="the benchmark to run")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of python -m bench.TOOL")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
-                "ranks": cmd_ranks}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_negative_values_attached(argv))
     try:
-        return commands[args.command](args)
+        return args.run(args)
     except TrainingDiverged as err:
         print(f"sora {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -6,18 +6,26 @@ Precedence: the method's shipped YAML (`soralib/configs/<method>.yaml`) < `--con
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import InputError
 from .custom import TASK_TYPES
 from .tasks import GLUE_TASKS
 
+logger = logging.getLogger(__name__)
+
 METHODS = ("sora", "lora", "adalora", "full", "bitfit")
 SCHEDULES = ("linear", "log_linear", "exp_linear")
 PROTOCOLS = ("default", "paper")
+# Fields with a fixed set of values: validate() checks them and `sora train --help` lists them.
+CHOICES = {
+    "method": METHODS, "protocol": PROTOCOLS, "schedule": SCHEDULES, "threshold_mode": ("fixed", "lr_scaled"),
+    "gate_init": ("randn", "ones"), "layout": ("exact", "uniform"),
+}
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -142,18 +150,9 @@ class TrainConfig:
         def bad(name, allowed):
             raise InputError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
-        if self.method not in METHODS:
-            bad("method", "one of " + ", ".join(METHODS))
-        if self.protocol not in PROTOCOLS:
-            bad("protocol", "one of " + ", ".join(PROTOCOLS))
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            bad("schedule", "one of " + ", ".join(SCHEDULES))
-        if self.threshold_mode not in ("fixed", "lr_scaled"):
-            bad("threshold_mode", "one of fixed, lr_scaled")
-        if self.gate_init not in ("randn", "ones"):
-            bad("gate_init", "one of randn, ones")
-        if self.layout not in ("exact", "uniform"):
-            bad("layout", "one of exact, uniform")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed and not (name == "schedule" and self.schedule is None):
+                bad(name, "one of " + ", ".join(allowed))
         for name in ("r", "batch_size", "eval_batch_size", "max_length", "num_stages", "logging_steps"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
@@ -211,6 +210,20 @@ class TrainConfig:
                              "(leave task_type unset)")
         if self.task == "custom" and not (self.train_file and self.validation_file and self.text_columns):
             raise InputError("task custom needs train_file, validation_file and text_columns")
+        # Ranks a SoRA run can never reach: the budget or the floor would be silently missed.
+        if self.method == "sora":
+            if self.min_rank is not None and self.min_rank > self.r:
+                bad("min_rank", f"<= r ({self.r}: a module has no more ranks to keep)")
+            if self.target_rank is not None and self.target_rank > self.r:
+                bad("target_rank", f"<= r ({self.r}: a module has no more ranks to keep)")
+            if self.target_rank is not None and self.target_rank < self.effective_min_rank():
+                bad("target_rank", f">= min_rank ({self.effective_min_rank()}: every module keeps that many ranks; "
+                                   "--min-rank 0 lets modules collapse)")
+        if self.method == "adalora" and self.adalora_target_r is not None:
+            if self.target_params is not None:
+                raise InputError("give target_params or adalora_target_r, not both")
+            if self.adalora_target_r > self.r - 1:
+                bad("adalora_target_r", f"<= r - 1 ({self.r - 1}: AdaLoRA prunes from r down to it)")
         return self
 
     def effective_min_rank(self) -> int:
@@ -235,6 +248,54 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+# Fields that only some runs read: field -> [(field the condition is on, "with ..." the run needs, test)].
+# A field set for a run that does not read it would be silently ignored: `check_used` rejects it when
+# given as a flag and warns when a --config file sets it to something other than the default.
+_SORA = ("method", "with method sora", lambda c: c.method == "sora")
+_ADAPTER = ("method", "with method sora, lora or adalora", lambda c: c.method in ("sora", "lora", "adalora"))
+_NO_LIST = ("thresholds", "without --thresholds (the explicit list replaces the schedule)", lambda c: not c.thresholds)
+_CUSTOM = ("task", "with task custom", lambda c: c.task == "custom")
+USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
+    **dict.fromkeys(("r", "lora_alpha", "lora_dropout", "target_modules"), [_ADAPTER]),
+    "modules_to_save": [("method", "with method sora, lora, adalora or bitfit (full trains every parameter)",
+                         lambda c: c.method != "full")],
+    **dict.fromkeys(("gate_init", "threshold_mode", "gate_lr", "gate_eps", "l1_coef", "thresholds", "min_rank",
+                     "target_rank", "layout"), [_SORA]),
+    "threshold": [_SORA, ("schedule", "without --schedule", lambda c: not c.schedule),
+                  ("thresholds", "without --thresholds (each stage has its own threshold)", lambda c: not c.thresholds)],
+    "schedule": [_SORA, _NO_LIST],
+    **dict.fromkeys(("schedule_start", "schedule_end", "num_stages"),
+                    [_SORA, ("schedule", "with --schedule", lambda c: c.schedule is not None), _NO_LIST]),
+    "memorization_samples": [("schedule", "with --schedule or --thresholds (it is measured after each stage)",
+                              lambda c: bool(c.schedule or c.thresholds))],
+    "target_params": [("method", "with method sora or adalora", lambda c: c.method in ("sora", "adalora"))],
+    "adalora_target_r": [("method", "with method adalora", lambda c: c.method == "adalora")],
+    **dict.fromkeys(("train_file", "validation_file", "text_columns", "label_column"), [_CUSTOM]),
+    "data_dir": [("task", "with a GLUE task, not custom", lambda c: c.task != "custom")],
+}
+
+
+def unused_reason(config: TrainConfig, name: str) -> str | None:
+    """Why `config` never reads field `name` ("is used only with method sora, got method 'lora'"), else None."""
+    for key, needs, test in USED_ONLY.get(name, ()):
+        if not test(config):
+            return f"is used only {needs}, got {key} {getattr(config, key)!r}"
+    return None
+
+
+def check_used(config: TrainConfig, given: set[str], from_file: dict[str, Any], path: str | None) -> None:
+    """Reject a flag the run would ignore; warn about a --config value it would ignore (a saved config.yaml
+    holds every field, so reusing one with another --method must not fail)."""
+    for name in sorted(given):
+        reason = unused_reason(config, name)
+        if reason:
+            raise InputError(f"--{name.replace('_', '-')} {reason}")
+    defaults = TrainConfig()
+    for name in sorted(set(from_file) - given):
+        reason = unused_reason(config, name)
+        if reason and getattr(config, name) != getattr(defaults, name):
+            logger.warning("%s: %s=%r is ignored: it %s", path, name, getattr(config, name), reason)
 
 
 def check_deepspeed_config(path: str) -> None:
@@ -311,9 +372,12 @@ def build_config(method: str | None, config_file: str | None, overrides: dict[st
         raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     values = load_yaml(CONFIG_DIR / f"{method}.yaml")
     values.update(from_file)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
     values["method"] = method
-    return TrainConfig(**{k: coerce(k, v) for k, v in values.items()}).validate()
+    config = TrainConfig(**{k: coerce(k, v) for k, v in values.items()}).validate()
+    check_used(config, set(given), from_file, config_file)
+    return config
 
 
 def save_yaml(config: TrainConfig, path: str | Path) -> None:

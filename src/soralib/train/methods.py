@@ -140,6 +140,11 @@ def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget
         probe = peft.get_peft_model(model, peft.LoraConfig(r=1, **common()))  # to learn the targeted shapes
         costs = [m.in_features + m.out_features for m in probe.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
         model = probe.unload()
+        if adapter_budget is not None and not sum(costs) <= adapter_budget <= (config.r - 1) * sum(costs):
+            # AdaLoRA keeps a mean rank in [1, r - 1]: outside, the budget would be silently missed
+            raise InputError(f"target_params must be in [{sum(costs)}, {(config.r - 1) * sum(costs)}] for adalora "
+                             f"on this model (mean rank 1 to r - 1 = {config.r - 1} in each of its {len(costs)} "
+                             f"adapted modules), got {adapter_budget}")
         # a budget of N parameters is a mean rank of N / Σ(in + out) over the targeted modules
         target_r = config.adalora_target_r or (round(adapter_budget / sum(costs)) if adapter_budget
                                                else max(config.r // 2, 1))

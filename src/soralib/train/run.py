@@ -267,8 +267,18 @@ def _steps_per_stage(config: TrainConfig, n_train: int) -> int:
 
 
 def _budget(config: TrainConfig, model) -> tuple[float, str] | None:
-    """(target, sparsity_report key) of a --target-params / --target-rank run, else None."""
+    """(target, sparsity_report key) of a --target-params / --target-rank run, else None.
+
+    A --target-params the run cannot reach is rejected here, where the per-module cost is first known
+    (and before anything is written): below min_rank ranks in every module, or above LoRA at r_max."""
     if config.target_params is not None:
+        report = soralib.sparsity_report(model)
+        floor = config.effective_min_rank() * sum(m["in_features"] + m["out_features"] for m in report["modules"])
+        if not floor <= config.target_params <= report["lora_params_at_r_max"]:
+            raise InputError(
+                f"target_params must be in [{floor}, {report['lora_params_at_r_max']}] for this model (min_rank "
+                f"{config.effective_min_rank()} to r {config.r} ranks in each of its {len(report['modules'])} "
+                f"adapted modules; --min-rank 0 lets modules collapse), got {config.target_params}")
         return float(config.target_params), "kept_params"
     if config.target_rank is not None:
         return config.target_rank * len(soralib.sparsity_report(model)["modules"]), "kept_rank"

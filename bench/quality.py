@@ -41,6 +41,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # acts and abs(g0) > ξ·T alone picks the ranks, each kept rank scaled by abs(g0) - ξ·T (see bench.gates).
     "sora-static-gates": ("sora", {"r": 8, "threshold": 3e-4, "threshold_mode": "fixed", "gate_lr": 1e-9}),
     "lora": ("lora", {"r": 8}),
+    # Equal-size controls of sora-budget (issue 13). lora-equal: the uniform rank whose size is closest to the
+    # budget's (mean rank 4 of r_max 8; the tables show both sizes), at the same scale alpha / r = 2.
+    "lora-equal": ("lora", {"r": 4, "lora_alpha": 8}),
+    # The budget with gates that never learn: the trim keeps the largest abs(g0), the initial draw alone.
+    "sora-budget-static": ("sora", {"r": 8, "target_rank": 4, "gate_lr": 1e-9}),
+    # Gates that must learn to differ: all start at 1, so only the data can separate them (with the
+    # shared lr, and with a gate lr of their own that lets them move apart within 3 epochs).
+    "sora-budget-ones": ("sora", {"r": 8, "target_rank": 4, "gate_init": "ones"}),
+    "sora-budget-ones-glr": ("sora", {"r": 8, "target_rank": 4, "gate_init": "ones", "gate_lr": 1e-2}),
     "adalora": ("adalora", {"r": 8}),  # budget: the matching sora cell's kept_params (target_r 4 if it kept all)
     "full": ("full", {}),
 }
@@ -86,6 +95,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="minilm")
     p.add_argument("--data-dir", default=str(common.GLUE_DIR) if common.GLUE_DIR.is_dir() else None,
                    help="GLUE TSV directory (default: ../shared/data/glue when present, else the hub)")
+    p.add_argument("--lr-search", choices=("per-task", "family"), default="per-task",
+                   help="per-task (default): every variant picks its lr per task from --lr-grid on seed 0's "
+                        "validation half; family: one lr per method family from bench/lr.py's older search")
+    p.add_argument("--lr-grid", default=",".join(lr.GRID), help="the per-task search's lrs (default %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="extra TrainConfig override for every cell (part of the cell key), e.g. max_steps=5")
     p.add_argument("--results", default=str(common.RESULTS / "quality.jsonl"), help="results JSONL")
@@ -95,6 +108,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [v for v in args.methods.split(",") if v not in VARIANTS]
     if unknown or any("=" not in s for s in args.set):
         p.error(f"unknown variant(s) {unknown}" if unknown else "--set takes FIELD=VALUE")
+    if args.lr_search == "per-task" and "adalora" in args.methods.split(","):
+        p.error("adalora is sized by its sora cell, which the per-task search does not pair: "
+                "run it with --lr-search family")
     if not 1 <= args.jobs <= (os.cpu_count() or 1):
         p.error(f"--jobs {args.jobs}: allowed 1 to the number of cores ({os.cpu_count()})")
     return args
@@ -107,6 +123,8 @@ def cells(args: argparse.Namespace, records: dict[str, dict]) -> list[Cell]:
     one lr for all (which is how the search's own cells are run). AdaLoRA's budget is the final size of the
     sora cell of its task and seed at sora's lr: in a search the same lr as its own, in the matrix sora's."""
     given = dict(s.split("=", 1) for s in args.set)
+    if args.lr_search == "per-task" and "lr" not in given:
+        return per_task_cells(args, records, given)
     lrs = {} if "lr" in given else lr.chosen(records.values(), args.model, args.epochs, args.jobs)
 
     def cell(task: str, variant: str, seed: int) -> Cell:
@@ -117,6 +135,28 @@ def cells(args: argparse.Namespace, records: dict[str, dict]) -> list[Cell]:
 
     variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
     return [cell(t, v, int(s)) for t in args.tasks.split(",") for s in args.seeds.split(",") for v in variants]
+
+
+def per_task_cells(args: argparse.Namespace, records: dict[str, dict], given: dict[str, str]) -> list[Cell]:
+    """Per task and variant: seed 0 at every lr of the grid (the search), then the other seeds at the lr with
+    the best validation score, once the search is complete (`main` plans again after every finished cell)."""
+    grid = args.lr_grid.split(",")
+    variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
+    out = []
+    for task in args.tasks.split(","):
+        for variant in variants:
+            method = VARIANTS[variant][0]
+
+            def cell(seed: int, value: str) -> Cell:
+                extra = tuple(sorted({**given, **lr.grid_extra(method, value)}.items()))
+                return Cell(task, variant, seed, args.epochs, args.model, extra, args.jobs)
+            out += [cell(lr.SEARCH_SEED, g) for g in grid]
+            points = lr.per_task_points(records.values(), args.model, args.epochs, args.jobs, task, variant, method,
+                                        given)
+            choice = lr.per_task_choice(points, grid)
+            if choice is not None:
+                out += [cell(int(s), choice) for s in args.seeds.split(",") if int(s) != lr.SEARCH_SEED]
+    return out
 
 
 def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> tuple[list[str], dict[str, Any]]:
@@ -192,12 +232,15 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
         if done.returncode != 0 or not (run_dir / "metrics.json").is_file():
             return None
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    sparsity = run_dir / "sparsity.json"
+    ranks = ({m["module"]: m["kept_rank"] for m in json.loads(sparsity.read_text())["modules"]}
+             if sparsity.is_file() else None)
     curve, curve_note = validation_curve(run_dir / "history.jsonl", metrics.get("main_metric", ""))
     return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "method": metrics["method"],
             "seed": cell.seed, "epochs": cell.epochs, "model": cell.model, "protocol": "paper",
             "jobs": cell.jobs, "threads": cell.threads,
             "extra": dict(cell.extra), "metrics": metrics, "wall_seconds": wall, "resumed": resumed,
-            "budget": budget or None, "curve": curve, "curve_note": curve_note,
+            "budget": budget or None, "ranks": ranks, "curve": curve, "curve_note": curve_note,
             "run_command": f"OMP_NUM_THREADS={cell.threads} {shlex.join(argv)}"}
 
 
@@ -219,8 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     queue = []
     matrix = cells(args, records)
     for variant in sorted({c.variant for c in matrix}, key=list(VARIANTS).index):
-        extra = dict(next(c.extra for c in matrix if c.variant == variant))
-        print(f"lr    {variant}: {extra['lr'] if 'lr' in extra else 'shipped'}")
+        searching = args.lr_search == "per-task" and "lr" not in dict(s.split("=", 1) for s in args.set)
+        lrs = sorted({dict(c.extra).get("lr", "shipped") for c in matrix
+                      if c.variant == variant and not (searching and c.seed == lr.SEARCH_SEED)})
+        print(f"lr    {variant}: {', '.join(lrs) or ('searching' if searching else 'shipped')}")
     for cell in matrix:
         if cell.key in records:
             print(f"skip  {cell.key} (done)")
@@ -231,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"run   {cell.key}: {shlex.join(command(cell, args, records)[0])}")
         else:
             queue.append(cell)
-    failed = 0
+    failed, gave_up = 0, set()
     origin = common.provenance("bench.quality", argv)  # the code the cells run: taken before the first starts
     running: dict[Any, Cell] = {}
     deadline = None if args.start_within is None else time.monotonic() + 60 * args.start_within
@@ -247,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for cell in [c for c in queue if ready(c, waiting) and sized_by_missing(c, records)]:
                 queue.remove(cell)  # an AdaLoRA cell sized by default would keep its key: never run it so
                 failed += 1
+                gave_up.add(cell.key)
                 print(f"FAIL  {cell.key}: its budget comes from {cell.budget_from}, which has no result", flush=True)
             for cell in [c for c in queue if ready(c, waiting)][: args.jobs - len(running)]:
                 queue.remove(cell)
@@ -257,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cell, record = running.pop(future), future.result()
                 if record is None:
                     failed += 1
+                    gave_up.add(cell.key)
                     print(f"FAIL  {cell.key}: see {Path(args.runs_dir) / (cell.key + '.log')}", flush=True)
                     continue
                 record.update({**origin, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # command, commit, machine
@@ -265,6 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 main_metric = record["metrics"].get("main_metric")
                 print(f"done  {cell.key}: test {main_metric} {record['metrics'].get('test', {}).get(main_metric)}",
                       flush=True)
+            if queue or deadline is None or time.monotonic() <= deadline:
+                # A finished search plans its other seeds' cells: the queue is the matrix again, in its order.
+                busy = {c.key for c in running.values()} | set(records) | gave_up
+                queue = [c for c in cells(args, records) if c.key not in busy]
     return 1 if failed else 0
 
 

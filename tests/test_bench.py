@@ -45,7 +45,7 @@ def _quality_record(task, variant, seed, test, kept, wall=100.0, val=None):
 
 def test_quality_dry_run_skips_finished_cells(tmp_path, capsys):
     results, runs = tmp_path / "quality.jsonl", tmp_path / "runs"
-    argv = ["--dry-run", "--tasks", "rte", "--seeds", "0,1", "--methods", "lora,sora,adalora", "--results",
+    argv = ["--lr-search", "family", "--dry-run", "--tasks", "rte", "--seeds", "0,1", "--methods", "lora,sora,adalora", "--results",
             str(results), "--runs-dir", str(runs)]
     assert quality.main(argv) == 0
     first = capsys.readouterr().out
@@ -114,7 +114,7 @@ def test_quality_jobs_run_cells_side_by_side_and_adalora_waits_for_its_sora_cell
 
     monkeypatch.setattr(quality, "run_cell", fake_run_cell)
     results = tmp_path / "quality.jsonl"
-    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "sora,lora,adalora,full", "--jobs", "2", "--results",
+    argv = ["--lr-search", "family", "--tasks", "rte", "--seeds", "0", "--methods", "sora,lora,adalora,full", "--jobs", "2", "--results",
             str(results), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 0
     assert most[0] == 2  # two cells at a time
@@ -136,13 +136,13 @@ def test_quality_never_runs_adalora_without_its_sora_cells_result(tmp_path, monk
         return {"key": cell.key, "metrics": {"main_metric": "accuracy", "test": {"accuracy": 0.5}}}
 
     monkeypatch.setattr(quality, "run_cell", fake_run_cell)
-    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "sora,lora,adalora", "--results",
+    argv = ["--lr-search", "family", "--tasks", "rte", "--seeds", "0", "--methods", "sora,lora,adalora", "--results",
             str(tmp_path / "quality.jsonl"), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 1
     assert started == ["rte-sora-s0-e20", "rte-lora-s0-e20"]
     assert "FAIL  rte-adalora-s0-e20: its budget comes from rte-sora-s0-e20, which has no result" in \
         capsys.readouterr().out
-    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "adalora", "--results", str(tmp_path / "quality.jsonl"),
+    argv = ["--lr-search", "family", "--tasks", "rte", "--seeds", "0", "--methods", "adalora", "--results", str(tmp_path / "quality.jsonl"),
             "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 1 and len(started) == 2  # asked for AdaLoRA alone: nothing runs, and it says so
     assert quality.main(argv + ["--dry-run"]) == 0
@@ -216,7 +216,7 @@ def test_time_to_lora_score_is_measured_in_seconds_and_in_steps():
 def test_quality_starts_no_cell_after_its_time_is_up(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(quality, "run_cell", lambda *a: (_ for _ in ()).throw(AssertionError("a cell started")))
     results = tmp_path / "quality.jsonl"
-    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "sora,lora", "--start-within", "0", "--results",
+    argv = ["--lr-search", "family", "--tasks", "rte", "--seeds", "0", "--methods", "sora,lora", "--start-within", "0", "--results",
             str(results), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 0
     assert "2 cell(s) left for the next run" in capsys.readouterr().out and not results.exists()
@@ -308,7 +308,7 @@ def test_the_matrix_runs_each_family_at_its_searched_lr_unless_one_lr_is_set(tmp
     results = tmp_path / "quality.jsonl"
     for record in _lr_search():
         common.append_jsonl(results, record)
-    argv = ["--dry-run", "--tasks", "rte", "--seeds", "0,1", "--methods", "sora,lora,adalora", "--results",
+    argv = ["--lr-search", "family", "--dry-run", "--tasks", "rte", "--seeds", "0,1", "--methods", "sora,lora,adalora", "--results",
             str(results), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 0
     out = capsys.readouterr().out
@@ -365,3 +365,37 @@ def test_gates_tool_finds_the_ranks_a_fixed_threshold_alone_would_keep(glue_dir,
     assert record["agree"] == record["ranks"] and record["alive"] == record["predicted"]
     assert gates.main(argv) == 0 and len(common.read_jsonl(out)) == 1  # a measured cell is skipped
     assert "| rte-sora-s0-e2 | 12 | 0.96 |" in "\n".join(gates.table([record]))
+
+
+def test_per_task_search_runs_every_grid_lr_on_seed_0_then_the_other_seeds_at_the_winner(tmp_path, monkeypatch,
+                                                                                          capsys):
+    score = {"2e-4": 0.70, None: 0.60, "2e-3": 0.75}  # None: the shipped 8e-4; rte's winner is 2e-3
+    ran = []
+
+    def fake_run_cell(cell, args, records):
+        extra = dict(cell.extra)
+        ran.append((cell.task, cell.seed, extra.get("lr")))
+        best = score[extra.get("lr")] - (0.2 if cell.task == "mrpc" and extra.get("lr") == "2e-3" else 0)
+        return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "seed": cell.seed,
+                "epochs": cell.epochs, "model": cell.model, "jobs": cell.jobs, "extra": extra,
+                "metrics": {"main_metric": "accuracy", "eval": {"accuracy": best}, "test": {"accuracy": 0.5}}}
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    results = tmp_path / "quality.jsonl"
+    argv = ["--tasks", "rte,mrpc", "--seeds", "0,1,2", "--methods", "lora-equal", "--results", str(results),
+            "--runs-dir", str(tmp_path / "runs")]
+    assert quality.main(argv + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run   ") == 6 and "lr    lora-equal: searching" in out  # seeds 1, 2 wait for the search
+    assert quality.main(argv) == 0  # one invocation: the search, then the seeds it planned
+    assert sorted(ran, key=str) == sorted([(t, 0, lr_) for t in ("rte", "mrpc") for lr_ in ("2e-4", None, "2e-3")]
+                                 + [("rte", 1, "2e-3"), ("rte", 2, "2e-3"), ("mrpc", 1, "2e-4"), ("mrpc", 2, "2e-4")],
+                                 key=str)
+    assert ran.index(("rte", 1, "2e-3")) < ran.index(("mrpc", 0, "2e-4"))  # a task's seeds before the next task
+    records = common.read_jsonl(results)
+    assert lr.per_task_choice(lr.per_task_points(records, "minilm", 20.0, 1, "rte", "lora-equal", "lora", {}),
+                              lr.GRID) == "2e-3"
+    assert lr.per_task_choice({"2e-4": 0.5, "8e-4": 0.5}, lr.GRID) is None  # incomplete: nothing chosen
+    assert lr.per_task_choice({"2e-4": 0.5, "8e-4": 0.5, "2e-3": 0.4}, lr.GRID) == "2e-4"  # a tie: the smaller
+    assert quality.main(argv + ["--dry-run"]) == 0
+    assert "lr    lora-equal: 2e-3, 2e-4" in capsys.readouterr().out

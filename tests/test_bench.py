@@ -364,7 +364,30 @@ def test_gates_tool_finds_the_ranks_a_fixed_threshold_alone_would_keep(glue_dir,
     assert record["xi_T"] == 0.08 * metrics["steps"] and 0 < record["alive"] < record["ranks"]
     assert record["agree"] == record["ranks"] and record["alive"] == record["predicted"]
     assert gates.main(argv) == 0 and len(common.read_jsonl(out)) == 1  # a measured cell is skipped
-    assert "| rte-sora-s0-e2 | 12 | 0.96 |" in "\n".join(gates.table([record]))
+    assert "| rte-sora-s0-e2 | fixed | randn | 12 | 0.96 |" in "\n".join(gates.table([record]))
+
+
+def test_gates_tool_predicts_a_budget_runs_kept_ranks_from_g0_and_gives_only_chance_for_equal_gates(
+        glue_dir, tiny_model, tmp_path, monkeypatch):
+    from soralib.cli import main as sora
+
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
+    results, out = tmp_path / "quality.jsonl", tmp_path / "gates.jsonl"
+    # static gates under a budget: the trim keeps the largest abs(g0) that fit, which the tool must rebuild
+    for name, flags in (("rte-sora-budget-s0-e2", ["--gate-init", "randn"]),
+                        ("rte-sora-budget-ones-s0-e2", ["--gate-init", "ones"])):
+        run = tmp_path / "runs" / name
+        assert sora(train_args(glue_dir, tiny_model, run, "--target-rank", "2", "--gate-lr", "1e-9", *flags)) == 0
+        metrics = json.loads((run / "metrics.json").read_text())
+        common.append_jsonl(results, {"key": name, "variant": name[4:].rsplit("-s0", 1)[0], "metrics": metrics})
+    assert gates.main(["--results", str(results), "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    budget, ones = common.read_jsonl(out)
+    assert budget["rule"] == "budget" and 0 < budget["alive"] < budget["ranks"]
+    assert budget["agree"] == budget["ranks"]  # gates that never learn: g0 decides every rank
+    assert ones["gate_init"] == "ones" and "predicted" not in ones  # all equal: nothing to predict from
+    share = ones["alive"] / ones["ranks"]
+    assert ones["chance"] == round(share ** 2 + (1 - share) ** 2, 4)
+    assert "| rte-sora-budget-ones-s0-e2 | budget | ones |" in "\n".join(gates.table([budget, ones]))
 
 
 def test_per_task_search_runs_every_grid_lr_on_seed_0_then_the_other_seeds_at_the_winner(tmp_path, monkeypatch,

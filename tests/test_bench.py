@@ -2,6 +2,8 @@
 (the numbers of a smoke run mean nothing); only that every measurement runs and lands in the record."""
 
 import json
+
+import pytest
 import os
 import sys
 from pathlib import Path
@@ -422,3 +424,33 @@ def test_per_task_search_runs_every_grid_lr_on_seed_0_then_the_other_seeds_at_th
     assert lr.per_task_choice({"2e-4": 0.5, "8e-4": 0.5, "2e-3": 0.4}, lr.GRID) == "2e-4"  # a tie: the smaller
     assert quality.main(argv + ["--dry-run"]) == 0
     assert "lr    lora-equal: 2e-3, 2e-4" in capsys.readouterr().out
+
+
+def test_claims_pair_each_variant_at_its_own_per_task_lr_and_show_only_intervals_that_exclude_zero(tmp_path):
+    from bench import claims
+
+    def cell(task, variant, seed, lr_, val, test, kept=1000):
+        method = quality.VARIANTS[variant][0]
+        extra = tuple(lr.grid_extra(method, lr_).items())
+        record = _quality_record(task, variant, seed, test=test, kept=kept, val=val)
+        record.update(key=quality.Cell(task, variant, seed, 20.0, extra=extra).key, extra=dict(extra))
+        return record
+
+    records = []
+    for task in ("mrpc", "rte"):
+        for variant, best in (("sora-budget", "8e-4"), ("lora-equal", "2e-3")):
+            records += [cell(task, variant, 0, g, 0.9 if g == best else 0.5, 0.1) for g in lr.GRID if g != best]
+        # at the winning lr: sora-budget above lora-equal by 2, 3, 4 points (seed 0 also the search's)
+        records += [cell(task, "sora-budget", s, "8e-4", 0.9, 0.80 + 0.01 * s) for s in range(3)]
+        records += [cell(task, "lora-equal", s, "2e-3", 0.9, 0.78 - 0.01 * s) for s in range(3)]
+    records += [cell("mrpc", "lora", 0, g, 0.5, 0.5) for g in ("2e-4", "8e-4")]  # search incomplete: left out
+    assert claims.t_interval([0.02, 0.04, 0.06]) == pytest.approx((0.04, 0.04 - 0.0497, 0.04 + 0.0497), abs=1e-4)
+    text = "\n".join(claims.claims_section(records))
+    assert "| mrpc (f1) | sora-budget | 8e-4 | 3 | 81.00 ± 1.00 |" in text
+    assert "| mrpc (f1) | lora-equal | 2e-3 | 3 | 77.00 ± 1.00 |" in text  # only its cells at the winning lr
+    assert "| mrpc (f1) | lora |" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| sora-budget − lora-equal"))
+    assert "+4.00 [-0.97, +8.97] not shown" in row  # Δ 2, 4, 6: too few seeds for so much spread
+    assert row.endswith("| **shown** |")  # over two tasks the interval excludes 0
+    assert claims.verdict((0.01, 0.005, 0.02), 2).startswith("not judged")
+    assert claims.verdict((-0.01, -0.02, -0.005), 3) == "shown worse"

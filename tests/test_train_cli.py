@@ -387,3 +387,27 @@ def test_resuming_a_finished_run_is_refused(glue_dir, tiny_model, tmp_path, caps
     capsys.readouterr()
     _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--resume"), "is finished (metrics.json exists)")
     assert (out / "metrics.json").read_bytes() == before
+
+
+def test_lora_trains_with_the_per_module_ranks_of_a_lora_config_file(glue_dir, tiny_model, tmp_path):
+    from soralib.errors import InputError
+
+    pattern = tmp_path / "ranks.json"
+    pattern.write_text(json.dumps({"r": 3, "lora_alpha": 6, "target_modules": ["query", "value"],
+                                   "rank_pattern": {"^bert.encoder.layer.0.attention.self.query": 1},
+                                   "alpha_pattern": {"^bert.encoder.layer.0.attention.self.query": 2},
+                                   "task_type": "CAUSAL_LM"}))  # not a rank field: the run's own task stays
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--method", "lora", "--lora-config", str(pattern))) == 0
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    ranks = {k.split(".lora_A")[0].removeprefix("base_model.model."): v.shape[0] for k, v in weights.items()
+             if "lora_A" in k}
+    assert ranks == {"bert.encoder.layer.0.attention.self.query": 1, "bert.encoder.layer.0.attention.self.value": 3,
+                     "bert.encoder.layer.1.attention.self.query": 3, "bert.encoder.layer.1.attention.self.value": 3}
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    with pytest.raises(InputError, match="lora_config is a LoraConfig for method lora, got method 'sora'"):
+        build_config("sora", None, {"lora_config": str(pattern)})
+    pattern.write_text("[1]")
+    assert main(train_args(glue_dir, tiny_model, tmp_path / "bad", "--method", "lora", "--lora-config",
+                           str(pattern))) == 2
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

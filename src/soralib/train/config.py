@@ -94,6 +94,10 @@ class TrainConfig:
     """Modules to adapt; None: every linear layer of each block (PEFT's "all-linear")."""
     modules_to_save: Optional[list[str]] = None
     """Trained in full and saved; None: the task head the model declares."""
+    lora_config: Optional[str] = None
+    """Method lora: a LoraConfig JSON (as `sora ranks RUN_DIR --out FILE` writes) whose r, lora_alpha,
+    target_modules, rank_pattern, alpha_pattern and use_rslora replace the run's: plain LoRA with the
+    per-module ranks a SoRA run found. Everything else (head, dropout, task) comes from the run."""
     # --- SoRA
     gate_init: str = "randn"
     """randn (reference code) or ones."""
@@ -196,6 +200,8 @@ class TrainConfig:
                 # the model (the budget's trim) come back from the fp32 copy at the next step.
                 raise InputError("deepspeed cannot run a parameter budget or min_rank > 0 (ZeRO flattens the gates); "
                                  "drop --deepspeed, or the budget and --min-rank")
+        if self.lora_config is not None and self.method != "lora":
+            raise InputError(f"lora_config is a LoraConfig for method lora, got method {self.method!r}")
         if self.task == "custom" and not (self.train_file and self.validation_file and self.text_columns):
             raise InputError("task custom needs train_file, validation_file and text_columns")
         return self

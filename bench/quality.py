@@ -26,59 +26,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import common, lr
-
-# variant -> (method, TrainConfig overrides). r_max / r is 8 everywhere (the YAMLs' default, stated here too).
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sora": ("sora", {"r": 8, "threshold": 3e-4, "threshold_mode": "fixed"}),
-    "sora-schedule": ("sora", {"r": 8, "schedule": "linear", "num_stages": 3}),
-    "sora-budget": ("sora", {"r": 8, "target_rank": 4}),
-    # The control for what learning the gates adds: gates that never learn (lr 1e-9), so only the threshold
-    # acts and abs(g0) > ξ·T alone picks the ranks, each kept rank scaled by abs(g0) - ξ·T (see bench.gates).
-    "sora-static-gates": ("sora", {"r": 8, "threshold": 3e-4, "threshold_mode": "fixed", "gate_lr": 1e-9}),
-    "lora": ("lora", {"r": 8}),
-    # Equal-size controls of sora-budget (issue 13). lora-equal: the uniform rank whose size is closest to the
-    # budget's (mean rank 4 of r_max 8; the tables show both sizes), at the same scale alpha / r = 2.
-    "lora-equal": ("lora", {"r": 4, "lora_alpha": 8}),
-    # The budget with gates that never learn: the trim keeps the largest abs(g0), the initial draw alone.
-    "sora-budget-static": ("sora", {"r": 8, "target_rank": 4, "gate_lr": 1e-9}),
-    # Gates that must learn to differ: all start at 1, so only the data can separate them (with the
-    # shared lr, and with a gate lr of their own that lets them move apart within 3 epochs).
-    "sora-budget-ones": ("sora", {"r": 8, "target_rank": 4, "gate_init": "ones"}),
-    "sora-budget-ones-glr": ("sora", {"r": 8, "target_rank": 4, "gate_init": "ones", "gate_lr": 1e-2}),
-    "adalora": ("adalora", {"r": 8}),  # budget: the matching sora cell's kept_params (target_r 4 if it kept all)
-    "full": ("full", {}),
-}
-TASKS = ("rte", "mrpc", "cola", "stsb")
-
-
-@dataclass(frozen=True)
-class Cell:
-    task: str
-    variant: str
-    seed: int
-    epochs: float
-    model: str = "minilm"
-    extra: tuple[tuple[str, str], ...] = ()  # --set FIELD=VALUE overrides and the searched lr, part of the key
-    jobs: int = 1  # cells run at once: it changes every wall time, so it is part of the key
-    budget_from: str | None = None  # adalora: the key of the sora cell whose final size is its budget
-
-    @property
-    def key(self) -> str:
-        key = f"{self.task}-{self.variant}-s{self.seed}-e{self.epochs:g}"
-        if self.model != "minilm" or self.extra:  # anything else that changes the run changes the key
-            key += "-" + common.short_hash([self.model, list(self.extra)])
-        if self.budget_from and self.budget_from != replace(self, variant="sora", budget_from=None).key:
-            key += "-b" + common.short_hash(self.budget_from)  # sized by a sora cell of another lr
-        return key + (f"-j{self.jobs}" if self.jobs > 1 else "")
-
-    @property
-    def threads(self) -> int:
-        return max(1, (os.cpu_count() or 1) // self.jobs)
+from . import common, lr, patterns
+from .matrix import TASKS, VARIANTS, Cell, cells  # noqa: F401  (the matrix, re-exported)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -102,6 +54,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="extra TrainConfig override for every cell (part of the cell key), e.g. max_steps=5")
     p.add_argument("--results", default=str(common.RESULTS / "quality.jsonl"), help="results JSONL")
+    p.add_argument("--ranks", default=str(patterns.STORE), help="the sora cells' ranks (`sora ranks`), JSONL")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where the run directories go")
     p.add_argument("--dry-run", action="store_true", help="list what would run and what is skipped; run nothing")
     args = p.parse_args(argv)
@@ -111,52 +64,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.lr_search == "per-task" and "adalora" in args.methods.split(","):
         p.error("adalora is sized by its sora cell, which the per-task search does not pair: "
                 "run it with --lr-search family")
+    if args.lr_search == "family" and set(args.methods.split(",")) & set(patterns.SHUFFLED):
+        p.error(f"{', '.join(patterns.SHUFFLED)} take their ranks from a per-task search's sora-budget cells: "
+                "run them with --lr-search per-task")
     if not 1 <= args.jobs <= (os.cpu_count() or 1):
         p.error(f"--jobs {args.jobs}: allowed 1 to the number of cores ({os.cpu_count()})")
     return args
-
-
-def cells(args: argparse.Namespace, records: dict[str, dict]) -> list[Cell]:
-    """The matrix in run order: per task and seed, the SoRA variants first (AdaLoRA's budget comes from sora).
-
-    Each method family trains at the lr its validation search chose (bench/lr.py), unless `--set lr=` fixes
-    one lr for all (which is how the search's own cells are run). AdaLoRA's budget is the final size of the
-    sora cell of its task and seed at sora's lr: in a search the same lr as its own, in the matrix sora's."""
-    given = dict(s.split("=", 1) for s in args.set)
-    if args.lr_search == "per-task" and "lr" not in given:
-        return per_task_cells(args, records, given)
-    lrs = {} if "lr" in given else lr.chosen(records.values(), args.model, args.epochs, args.jobs)
-
-    def cell(task: str, variant: str, seed: int) -> Cell:
-        fam_lr = lrs.get(lr.family(variant) or "")
-        extra = tuple(sorted({**given, **({"lr": fam_lr} if fam_lr else {})}.items()))
-        budget_from = cell(task, "sora", seed).key if variant == "adalora" else None
-        return Cell(task, variant, seed, args.epochs, args.model, extra, args.jobs, budget_from)
-
-    variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
-    return [cell(t, v, int(s)) for t in args.tasks.split(",") for s in args.seeds.split(",") for v in variants]
-
-
-def per_task_cells(args: argparse.Namespace, records: dict[str, dict], given: dict[str, str]) -> list[Cell]:
-    """Per task and variant: seed 0 at every lr of the grid (the search), then the other seeds at the lr with
-    the best validation score, once the search is complete (`main` plans again after every finished cell)."""
-    grid = args.lr_grid.split(",")
-    variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
-    out = []
-    for task in args.tasks.split(","):
-        for variant in variants:
-            method = VARIANTS[variant][0]
-
-            def cell(seed: int, value: str) -> Cell:
-                extra = tuple(sorted({**given, **lr.grid_extra(method, value)}.items()))
-                return Cell(task, variant, seed, args.epochs, args.model, extra, args.jobs)
-            out += [cell(lr.SEARCH_SEED, g) for g in grid]
-            points = lr.per_task_points(records.values(), args.model, args.epochs, args.jobs, task, variant, method,
-                                        given)
-            choice = lr.per_task_choice(points, grid)
-            if choice is not None:
-                out += [cell(int(s), choice) for s in args.seeds.split(",") if int(s) != lr.SEARCH_SEED]
-    return out
 
 
 def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> tuple[list[str], dict[str, Any]]:
@@ -181,6 +94,8 @@ def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> t
                       "epochs": epochs, "output_dir": str(Path(args.runs_dir) / cell.key)})
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
+    if cell.pattern_from:  # written by run_cell from the source's stored ranks
+        overrides["lora_config"] = str(Path(args.runs_dir) / f"{cell.key}.lora.json")
     overrides.update(dict(cell.extra))
     argv = [sys.executable, "-m", "soralib.cli", "train", "--method", method]
     for name, value in overrides.items():
@@ -224,6 +139,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
     wall = None
     if not (run_dir / "metrics.json").is_file():  # else: trained earlier, only the JSONL line was lost
         run_dir.parent.mkdir(parents=True, exist_ok=True)
+        if cell.pattern_from:
+            patterns.write(cell.variant, cell.seed, patterns.load(args.ranks)[cell.pattern_from],
+                           Path(args.runs_dir) / f"{cell.key}.lora.json")
         started = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": str(cell.threads)}  # torch's intra-op threads
         with open(run_dir.parent / f"{cell.key}.log", "a") as log:  # outside run_dir: sora train wants it empty
@@ -240,7 +158,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
             "seed": cell.seed, "epochs": cell.epochs, "model": cell.model, "protocol": "paper",
             "jobs": cell.jobs, "threads": cell.threads,
             "extra": dict(cell.extra), "metrics": metrics, "wall_seconds": wall, "resumed": resumed,
-            "budget": budget or None, "ranks": ranks, "curve": curve, "curve_note": curve_note,
+            "budget": budget or None, "ranks": ranks, "curve": curve,
+            "pattern": {"source": cell.pattern_from, "shuffled": patterns.SHUFFLED[cell.variant]}
+            if cell.pattern_from else None, "curve_note": curve_note,
             "run_command": f"OMP_NUM_THREADS={cell.threads} {shlex.join(argv)}"}
 
 
@@ -259,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     records = {r["key"]: r for r in common.read_jsonl(args.results) if "key" in r}
+    if not args.dry_run:  # the ranks of sora cells trained before the ranks were stored, while their runs exist
+        patterns.backfill(records, Path(args.runs_dir), args.ranks)
     queue = []
     matrix = cells(args, records)
     for variant in sorted({c.variant for c in matrix}, key=list(VARIANTS).index):
@@ -309,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record.update({**origin, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # command, commit, machine
                 common.append_jsonl(args.results, record)
                 records[cell.key] = record
+                if record.get("method") == "sora":
+                    patterns.capture(cell.key, Path(args.runs_dir) / cell.key, args.ranks)
                 main_metric = record["metrics"].get("main_metric")
                 print(f"done  {cell.key}: test {main_metric} {record['metrics'].get('test', {}).get(main_metric)}",
                       flush=True)

@@ -2,17 +2,17 @@
 (the numbers of a smoke run mean nothing); only that every measurement runs and lands in the record."""
 
 import json
-
-import pytest
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is a package at the repository root, not part of the installed soralib
     sys.path.insert(0, str(ROOT))
 
-from bench import common, gates, lr, quality, quality_tables, speed, tables  # noqa: E402
+from bench import common, gates, lr, patterns, quality, quality_tables, speed, tables  # noqa: E402
 from test_train_cli import glue_dir, tiny_model, train_args  # noqa: E402,F401  (fixtures)
 
 
@@ -370,7 +370,7 @@ def test_gates_tool_finds_the_ranks_a_fixed_threshold_alone_would_keep(glue_dir,
 
 
 def test_gates_tool_predicts_a_budget_runs_kept_ranks_from_g0_and_gives_only_chance_for_equal_gates(
-        glue_dir, tiny_model, tmp_path, monkeypatch):
+        glue_dir, tiny_model, tmp_path, monkeypatch):  # noqa: F811
     from soralib.cli import main as sora
 
     monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
@@ -454,3 +454,42 @@ def test_claims_pair_each_variant_at_its_own_per_task_lr_and_show_only_intervals
     assert row.endswith("| **shown** |")  # over two tasks the interval excludes 0
     assert claims.verdict((0.01, 0.005, 0.02), 2).startswith("not judged")
     assert claims.verdict((-0.01, -0.02, -0.005), 3) == "shown worse"
+
+
+def test_pattern_controls_train_the_ranks_of_their_seeds_sora_budget_cell_as_found_and_shuffled(tmp_path, monkeypatch,
+                                                                                              capsys):
+    ran = {}
+
+    def fake_run_cell(cell, args, records):
+        ran[cell.key] = cell
+        extra = dict(cell.extra)
+        return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "seed": cell.seed,
+                "epochs": cell.epochs, "model": cell.model, "jobs": cell.jobs, "extra": extra,
+                "metrics": {"main_metric": "f1", "eval": {"f1": 0.9 if extra.get("lr") == "2e-3" else 0.5}}}
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    results, ranks = tmp_path / "quality.jsonl", tmp_path / "ranks.jsonl"
+    argv = ["--tasks", "mrpc", "--seeds", "0,1", "--methods", "sora-budget,lora-pattern,random-pattern", "--results",
+            str(results), "--ranks", str(ranks), "--runs-dir", str(tmp_path / "runs")]
+    assert quality.main(argv) == 0
+    assert {c.variant for c in ran.values()} == {"sora-budget"}  # no ranks stored yet: the controls wait
+    source = {s: quality.Cell("mrpc", "sora-budget", s, 20.0, extra=(("lr", "2e-3"),)).key for s in (0, 1)}
+    for seed, key in source.items():  # what `sora ranks` stores once a sora cell's run exists
+        common.append_jsonl(ranks, {"key": key, "lora_config": {"r": 3, "rank_pattern": {"^a": 1, "^b": 2, "^c": 3},
+                                                                "alpha_pattern": {"^a": 2, "^b": 4, "^c": 6}}})
+    assert quality.main(argv) == 0
+    controls = [c for c in ran.values() if c.variant != "sora-budget"]
+    assert len(controls) == 8  # each: three lrs on seed 0, then seed 1 at the winner
+    assert all(c.pattern_from == source[c.seed] for c in controls)
+    argv_ = quality.command(controls[0], quality.parse(argv), {})[0]
+    assert argv_[argv_.index("--lora-config") + 1].endswith(f"{controls[0].key}.lora.json")
+    found, shuffled = tmp_path / "found.json", tmp_path / "shuffled.json"
+    stored = patterns.load(ranks)[source[0]]
+    patterns.write("lora-pattern", 0, stored, found)
+    patterns.write("random-pattern", 1, stored, shuffled)
+    assert json.loads(found.read_text()) == stored
+    moved = json.loads(shuffled.read_text())
+    assert sorted(moved["rank_pattern"].values()) == [1, 2, 3] and moved["rank_pattern"] != stored["rank_pattern"]
+    assert all(moved["alpha_pattern"][m] == 2 * r for m, r in moved["rank_pattern"].items())  # alpha goes along
+    with pytest.raises(SystemExit):
+        quality.parse(argv + ["--lr-search", "family"])

@@ -90,7 +90,8 @@ def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> t
             overrides["adalora_target_r"] = 4
             budget = {"source": "default", "adalora_target_r": 4}
     overrides.update({"task": cell.task, "model": cell.model, "protocol": "paper", "seed": cell.seed,
-                      "eval_each_epoch": "true",  # the validation curve behind the time-to-score column
+                      # the validation curve behind the time-to-score column (finer with --set eval_fraction=)
+                      "eval_each_epoch": "false" if "eval_fraction" in dict(cell.extra) else "true",
                       "epochs": epochs, "output_dir": str(Path(args.runs_dir) / cell.key)})
     if args.data_dir:
         overrides["data_dir"] = args.data_dir

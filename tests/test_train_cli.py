@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from soralib.cli import main
+from soralib.errors import InputError
 from soralib.train.config import METHODS, build_config
 
 WORDS = "the a cat dog sat ran on under mat tree big small red blue house car".split()
@@ -96,6 +97,18 @@ def test_eval_each_epoch_writes_a_validation_curve_with_elapsed_time(glue_dir, t
     assert evals[0]["step"] < evals[1]["step"] and 0 < evals[0]["elapsed_seconds"] < evals[1]["elapsed_seconds"]
     final = [h for h in history if "validation_accuracy" in h]
     assert len(final) == 1 and "split" not in final[0]  # the final evaluation, told apart by its prefix
+
+
+def test_eval_fraction_writes_a_validation_point_every_tenth_of_training(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    # 48 rows, batch 8, 2 epochs: 12 steps; every 0.25 of them is every 3 steps
+    assert main(train_args(glue_dir, tiny_model, out, "--eval-fraction", "0.25")) == 0
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if h.get("split") == "validation"] == [3, 6, 9, 12]
+    with pytest.raises(InputError, match="eval_fraction must be in"):
+        build_config("sora", None, {"eval_fraction": 1.5})
+    with pytest.raises(InputError, match="give eval_each_epoch or eval_fraction, not both"):
+        build_config("sora", None, {"eval_fraction": 0.1, "eval_each_epoch": True})
 
 
 def test_regression_task_reports_pearson_and_spearman(glue_dir, tiny_model, tmp_path):
@@ -390,7 +403,6 @@ def test_resuming_a_finished_run_is_refused(glue_dir, tiny_model, tmp_path, caps
 
 
 def test_lora_trains_with_the_per_module_ranks_of_a_lora_config_file(glue_dir, tiny_model, tmp_path):
-    from soralib.errors import InputError
 
     pattern = tmp_path / "ranks.json"
     pattern.write_text(json.dumps({"r": 3, "lora_alpha": 6, "target_modules": ["query", "value"],

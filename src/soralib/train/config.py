@@ -76,6 +76,9 @@ class TrainConfig:
     """Steps between logged scalars (loss, lr, threshold, kept rank, kept parameters)."""
     eval_each_epoch: bool = False
     """Also evaluate the validation set after every epoch (history.jsonl gets eval_* lines)."""
+    eval_fraction: Optional[float] = None
+    """Evaluate the validation set every this fraction of each stage's steps instead (0.1: ten points), for
+    a validation curve finer than an epoch; None: as eval_each_epoch says."""
     save_steps: int = 0
     """Steps between resumable checkpoints; 0: once per epoch."""
     max_bad_steps: int = 10
@@ -200,6 +203,10 @@ class TrainConfig:
                 # the model (the budget's trim) come back from the fp32 copy at the next step.
                 raise InputError("deepspeed cannot run a parameter budget or min_rank > 0 (ZeRO flattens the gates); "
                                  "drop --deepspeed, or the budget and --min-rank")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
+            bad("eval_fraction", "in (0, 1) (or unset)")
+        if self.eval_fraction is not None and self.eval_each_epoch:
+            raise InputError("give eval_each_epoch or eval_fraction, not both")
         if self.lora_config is not None and self.method != "lora":
             raise InputError(f"lora_config is a LoraConfig for method lora, got method {self.method!r}")
         if self.task == "custom" and not (self.train_file and self.validation_file and self.text_columns):

@@ -403,7 +403,6 @@ def test_resuming_a_finished_run_is_refused(glue_dir, tiny_model, tmp_path, caps
 
 
 def test_lora_trains_with_the_per_module_ranks_of_a_lora_config_file(glue_dir, tiny_model, tmp_path):
-
     pattern = tmp_path / "ranks.json"
     pattern.write_text(json.dumps({"r": 3, "lora_alpha": 6, "target_modules": ["query", "value"],
                                    "rank_pattern": {"^bert.encoder.layer.0.attention.self.query": 1},

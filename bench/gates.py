@@ -73,12 +73,14 @@ def measure(key: str, run_dir: Path, steps: int) -> dict[str, Any] | None:
     if config.schedule or config.thresholds or config.l1_coef:
         return None
     alive, predicted = g_final != 0, predicted_alive(config, g0, sizes, costs, steps)
-    share = float(alive.float().mean())
+    a = float(alive.float().mean())
+    p = a if predicted is None else float(predicted.float().mean())
     record = {"kind": "gates", "key": key, "task": config.task, "seed": config.seed, "steps": steps,
               "threshold": config.threshold, "xi_T": config.threshold * steps, "ranks": len(g0),
               "alive": int(alive.sum()), "gate_init": config.gate_init,
               "rule": "budget" if config.target_rank or config.target_params else "fixed",
-              "chance": round(share ** 2 + (1 - share) ** 2, 4)}
+              # the same-verdict share of two independent random draws with these shares alive
+              "chance": round(a * p + (1 - a) * (1 - p), 4)}
     if predicted is not None:
         record.update(predicted=int(predicted.sum()), agree=int((alive == predicted).sum()),
                       alive_not_predicted=int((alive & ~predicted).sum()),
@@ -100,13 +102,10 @@ def table(records: list[dict[str, Any]]) -> list[str]:
     for r in sorted(rows, key=lambda r: r["key"]):
         def share(k: str) -> str:
             return f"{r[k] / r['ranks']:.1%}" if k in r else "–"
+        chance = f"{r['chance']:.1%}" if "chance" in r else "–"  # records older than the column
         lines.append(f"| {r['key']} | {r.get('rule', 'fixed')} | {r.get('gate_init', 'randn')} | {r['steps']} | "
-                     f"{r['xi_T']:.2f} | {share('alive')} | {share('predicted')} | {share('agree')} | "
-                     f"{r['chance']:.1%} | {r.get('alive_not_predicted', '–')} | {r.get('predicted_not_alive', '–')} |"
-                     if "chance" in r else
-                     f"| {r['key']} | fixed | randn | {r['steps']} | {r['xi_T']:.2f} | {share('alive')} | "
-                     f"{share('predicted')} | {share('agree')} | – | {r['alive_not_predicted']} | "
-                     f"{r['predicted_not_alive']} |")
+                     f"{r['xi_T']:.2f} | {share('alive')} | {share('predicted')} | {share('agree')} | {chance} "
+                     f"| {r.get('alive_not_predicted', '–')} | {r.get('predicted_not_alive', '–')} |")
     return lines + [""]
 
 

@@ -38,6 +38,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
 }
 TASKS = ("rte", "mrpc", "cola", "stsb")
+SPLIT_SEED = 0  # the per-task protocol's dev split, the same for every seed (TrainConfig.split_seed)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def cells(args: argparse.Namespace, records: dict[str, dict]) -> list[Cell]:
     sora cell of its task and seed at sora's lr: in a search the same lr as its own, in the matrix sora's."""
     given = dict(s.split("=", 1) for s in args.set)
     if args.lr_search == "per-task" and "lr" not in given:
-        return per_task_cells(args, records, given)
+        # One dev split for every seed: the validation half that picks the lr is never another seed's test half.
+        return per_task_cells(args, records, {"split_seed": str(SPLIT_SEED), **given})
     lrs = {} if "lr" in given else lr.chosen(records.values(), args.model, args.epochs, args.jobs)
 
     def cell(task: str, variant: str, seed: int) -> Cell:
@@ -91,7 +93,8 @@ def cells(args: argparse.Namespace, records: dict[str, dict]) -> list[Cell]:
 
 def per_task_cells(args: argparse.Namespace, records: dict[str, dict], given: dict[str, str]) -> list[Cell]:
     """Per task and variant: seed 0 at every lr of the grid (the search), then the other seeds at the lr with
-    the best validation score, once the search is complete (`main` plans again after every finished cell)."""
+    the best validation score, once the search is complete (`main` plans again after every finished cell).
+    A pattern control is planned once its seed's sora-budget cell (at sora-budget's lr) has stored ranks."""
     grid = args.lr_grid.split(",")
     variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
     stored = patterns.load(args.ranks)

@@ -36,6 +36,7 @@ def capture(key: str, run_dir: Path, path: str | Path = STORE) -> bool:
     done = subprocess.run([sys.executable, "-m", "soralib.cli", "ranks", str(run_dir)], cwd=common.REPO,
                           capture_output=True, text=True)
     if done.returncode != 0:
+        print(f"FAIL  sora ranks {run_dir}: {(done.stderr.strip().splitlines() or ['no message'])[-1]}", flush=True)
         return False
     common.append_jsonl(path, {"kind": "ranks", "key": key, "lora_config": json.loads(done.stdout)})
     return True
@@ -45,18 +46,19 @@ def backfill(records: dict[str, dict], runs_dir: Path, path: str | Path = STORE)
     """Capture the ranks of every finished sora cell whose run directory is at hand and has none stored."""
     have = load(path)
     for key, r in records.items():
-        if r.get("method") == "sora" and key not in have:
+        if r.get("variant") == SOURCE and key not in have:
             capture(key, runs_dir / key, path)
 
 
-def write(variant: str, seed: int, source: dict[str, Any], out: Path) -> None:
+def write(variant: str, task: str, seed: int, source: dict[str, Any], out: Path) -> None:
     """The LoraConfig JSON a pattern cell trains with: the source's ranks, shuffled over its modules for
-    random-pattern (each module's alpha travels with its rank, so every rank keeps its scale)."""
+    random-pattern (seeded by task and seed, so tasks draw independent shuffles; each module's alpha travels
+    with its rank, so every rank keeps its scale)."""
     fields = dict(source)
     if SHUFFLED[variant]:
         modules = sorted(fields["rank_pattern"])
         pairs = [(fields["rank_pattern"][m], fields.get("alpha_pattern", {}).get(m)) for m in modules]
-        random.Random(seed).shuffle(pairs)
+        random.Random(f"{task}-{seed}").shuffle(pairs)
         fields["rank_pattern"] = {m: rank for m, (rank, _) in zip(modules, pairs)}
         if "alpha_pattern" in fields:
             fields["alpha_pattern"] = {m: alpha for m, (_, alpha) in zip(modules, pairs)}

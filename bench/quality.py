@@ -37,7 +37,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated GLUE tasks")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--methods", default=",".join(VARIANTS), help=f"variants among {', '.join(VARIANTS)}")
+    p.add_argument("--methods", default=None, help=f"variants among {', '.join(VARIANTS)} (default: every "
+                   "variant the --lr-search mode runs: per-task all but adalora and full, family all but the "
+                   "pattern controls)")
     p.add_argument("--epochs", type=float, default=20.0, help="training epochs of every method (default 20); "
                    "sora-schedule spreads them over its 3 stages")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each with cores // jobs threads")
@@ -58,15 +60,19 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where the run directories go")
     p.add_argument("--dry-run", action="store_true", help="list what would run and what is skipped; run nothing")
     args = p.parse_args(argv)
+    if args.methods is None:
+        left_out = ("adalora", "full") if args.lr_search == "per-task" else tuple(patterns.SHUFFLED)
+        args.methods = ",".join(v for v in VARIANTS if v not in left_out)
     unknown = [v for v in args.methods.split(",") if v not in VARIANTS]
     if unknown or any("=" not in s for s in args.set):
         p.error(f"unknown variant(s) {unknown}" if unknown else "--set takes FIELD=VALUE")
     if args.lr_search == "per-task" and "adalora" in args.methods.split(","):
         p.error("adalora is sized by its sora cell, which the per-task search does not pair: "
                 "run it with --lr-search family")
-    if args.lr_search == "family" and set(args.methods.split(",")) & set(patterns.SHUFFLED):
-        p.error(f"{', '.join(patterns.SHUFFLED)} take their ranks from a per-task search's sora-budget cells: "
-                "run them with --lr-search per-task")
+    one_lr = args.lr_search == "family" or any(s.startswith("lr=") for s in args.set)
+    if one_lr and set(args.methods.split(",")) & set(patterns.SHUFFLED):
+        p.error(f"{', '.join(patterns.SHUFFLED)} take their ranks from the per-task search's sora-budget cells: "
+                "run them with --lr-search per-task and no --set lr=")
     if not 1 <= args.jobs <= (os.cpu_count() or 1):
         p.error(f"--jobs {args.jobs}: allowed 1 to the number of cores ({os.cpu_count()})")
     return args
@@ -141,7 +147,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
     if not (run_dir / "metrics.json").is_file():  # else: trained earlier, only the JSONL line was lost
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         if cell.pattern_from:
-            patterns.write(cell.variant, cell.seed, patterns.load(args.ranks)[cell.pattern_from],
+            patterns.write(cell.variant, cell.task, cell.seed, patterns.load(args.ranks)[cell.pattern_from],
                            Path(args.runs_dir) / f"{cell.key}.lora.json")
         started = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": str(cell.threads)}  # torch's intra-op threads
@@ -160,9 +166,21 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
             "jobs": cell.jobs, "threads": cell.threads,
             "extra": dict(cell.extra), "metrics": metrics, "wall_seconds": wall, "resumed": resumed,
             "budget": budget or None, "ranks": ranks, "curve": curve,
+            "lr_grid": args.lr_grid.split(",") if args.lr_search == "per-task" else None,
             "pattern": {"source": cell.pattern_from, "shuffled": patterns.SHUFFLED[cell.variant]}
             if cell.pattern_from else None, "curve_note": curve_note,
             "run_command": f"OMP_NUM_THREADS={cell.threads} {shlex.join(argv)}"}
+
+
+def waiting_for_ranks(args: argparse.Namespace, records: dict[str, dict]) -> list[str]:
+    """A line per pattern variant and task that planned no cell: its sora-budget source has no stored ranks."""
+    if args.lr_search != "per-task":
+        return []
+    planned = {(c.task, c.variant) for c in cells(args, records)}
+    return [f"wait  {task} {variant}: the ranks of its {patterns.SOURCE} cells are not stored yet "
+            f"({args.ranks}; `sora ranks` runs when such a cell finishes here)"
+            for task in args.tasks.split(",") for variant in args.methods.split(",")
+            if variant in patterns.SHUFFLED and (task, variant) not in planned]
 
 
 def ready(cell: Cell, waiting: set[str]) -> bool:
@@ -184,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         patterns.backfill(records, Path(args.runs_dir), args.ranks)
     queue = []
     matrix = cells(args, records)
+    searching = args.lr_search == "per-task" and "lr" not in dict(s.split("=", 1) for s in args.set)
     for variant in sorted({c.variant for c in matrix}, key=list(VARIANTS).index):
-        searching = args.lr_search == "per-task" and "lr" not in dict(s.split("=", 1) for s in args.set)
         lrs = sorted({dict(c.extra).get("lr", "shipped") for c in matrix
                       if c.variant == variant and not (searching and c.seed == lr.SEARCH_SEED)})
         print(f"lr    {variant}: {', '.join(lrs) or ('searching' if searching else 'shipped')}")
@@ -232,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record.update({**origin, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # command, commit, machine
                 common.append_jsonl(args.results, record)
                 records[cell.key] = record
-                if record.get("method") == "sora":
+                if cell.variant == patterns.SOURCE:
                     patterns.capture(cell.key, Path(args.runs_dir) / cell.key, args.ranks)
                 main_metric = record["metrics"].get("main_metric")
                 print(f"done  {cell.key}: test {main_metric} {record['metrics'].get('test', {}).get(main_metric)}",
@@ -241,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # A finished search plans its other seeds' cells: the queue is the matrix again, in its order.
                 busy = {c.key for c in running.values()} | set(records) | gave_up
                 queue = [c for c in cells(args, records) if c.key not in busy]
+    for note in waiting_for_ranks(args, records):
+        print(note)
     return 1 if failed else 0
 
 

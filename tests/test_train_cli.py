@@ -422,3 +422,15 @@ def test_lora_trains_with_the_per_module_ranks_of_a_lora_config_file(glue_dir, t
     assert main(train_args(glue_dir, tiny_model, tmp_path / "bad", "--method", "lora", "--lora-config",
                            str(pattern))) == 2
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_split_seed_gives_every_seed_the_same_validation_and_test_halves(glue_dir):
+    from soralib.train.run import load_splits
+
+    def halves(**fields):
+        config = build_config("sora", None, {"task": "rte", "data_dir": str(glue_dir), "protocol": "paper", **fields})
+        splits = load_splits(config)[1]
+        return splits["validation"], splits["test"]
+
+    assert halves(seed=1, split_seed=0) == halves(seed=0, split_seed=0) == halves(seed=0)
+    assert halves(seed=1) != halves(seed=0)  # without it, each seed draws its own halves

@@ -72,6 +72,9 @@ class TrainConfig:
     """Global gradient clipping."""
     seed: int = 0
     """Seed of initialisation, data order and splits."""
+    split_seed: Optional[int] = None
+    """Seed of the paper protocol's validation/test split alone; None: seed. Fixed across seeds, no seed's
+    validation half (where hyperparameters are chosen) is another seed's test half."""
     logging_steps: int = 10
     """Steps between logged scalars (loss, lr, threshold, kept rank, kept parameters)."""
     eval_each_epoch: bool = False

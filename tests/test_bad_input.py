@@ -57,9 +57,16 @@ def test_target_modules_that_match_nothing_list_the_closest_module_names():
 
 def test_targets_that_are_not_linear_layers_are_rejected_with_their_type():
     with pytest.raises(ValueError) as excinfo:
-        peft.get_peft_model(make_model("bert"), soralib.SoraConfig(target_modules=["word_embeddings"]))
-    assert one_line(excinfo) == ("target module 'bert.embeddings.word_embeddings' has type Embedding; "
+        peft.get_peft_model(make_model("bert"), soralib.SoraConfig(target_modules=["attention.output.LayerNorm"]))
+    assert one_line(excinfo) == ("target module 'bert.encoder.layer.0.attention.output.LayerNorm' has type LayerNorm; "
                                  "allowed: torch.nn.Linear, transformers Conv1D")
+
+
+def test_embedding_targets_are_refused_naming_the_alternative():
+    with pytest.raises(ValueError) as excinfo:
+        peft.get_peft_model(make_model("bert"), soralib.SoraConfig(target_modules=["word_embeddings"]))
+    assert one_line(excinfo) == ("target module 'bert.embeddings.word_embeddings' is an nn.Embedding: SoRA adapts "
+                                 "nn.Linear and Conv1D; for embeddings use peft.LoraConfig or modules_to_save")
 
 
 def test_optimizer_on_a_model_without_sora_layers_says_how_to_wrap_it():

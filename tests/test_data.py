@@ -255,7 +255,7 @@ def test_custom_integer_valued_labels_are_classes_unless_regression_is_requested
     write(tmp_path / "train.csv", ["t,s", "a,0", "b,1", "c,5"])
     _, spec = load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s")
     assert spec.num_labels == 3
-    splits, spec = load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s", regression=True)
+    splits, spec = load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s", task_type="regression")
     assert spec.num_labels == 1 and [r["label"] for r in splits["train"]] == [0.0, 1.0, 5.0]
 
 
@@ -289,7 +289,124 @@ def test_bad_custom_files_are_rejected_with_file_and_line(tmp_path, name, lines,
 def test_custom_regression_flag_rejects_non_numeric_label(tmp_path):
     write(tmp_path / "train.csv", ["t,l", "a,1.5", "b,high"])
     with pytest.raises(InputError, match=r"train\.csv line 3: label 'high' is not a number"):
-        load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "l", regression=True)
+        load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "l", task_type="regression")
+
+
+def one_line_error(call) -> str:
+    with pytest.raises(InputError) as excinfo:
+        call()
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(("name", "lines", "expected"), [
+    ("train.csv", ["t,s", "a,0.5", "b,nan", "c,2.25"], "train.csv line 3: label 'nan' in column 's' is not a finite number"),
+    ("train.jsonl", ['{"t": "a", "s": 0.5}', '{"t": "b", "s": NaN}'], "train.jsonl line 2: label NaN in column 's' is not a finite number"),
+    ("train.jsonl", ['{"t": "a", "s": 0.5}', '{"t": "b", "s": "-inf"}'], "train.jsonl line 2: label '-inf' in column 's' is not a finite number"),
+    ("train.jsonl", ['{"t": "a", "s": 0.5}', '{"t": "b", "s": 1' + "0" * 400 + "}"], "train.jsonl line 2: label 1000"),
+], ids=["csv-nan", "jsonl-NaN", "jsonl-string-inf", "jsonl-huge-integer"])
+def test_custom_non_finite_label_is_rejected_naming_line_and_column(tmp_path, name, lines, expected):
+    # One nan among float scores used to make the task a classification with one class per distinct score.
+    write(tmp_path / name, lines)
+    message = one_line_error(lambda: load_custom(tmp_path / name, tmp_path / name, ["t"], "s"))
+    assert message.startswith(f"{tmp_path}/{expected}")
+
+
+def test_custom_many_whole_number_labels_ask_for_task_type_and_either_type_can_be_chosen(tmp_path):
+    write(tmp_path / "train.csv", ["t,s", *(f"x{i},{i % 6}" for i in range(12))])
+    message = one_line_error(lambda: load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s"))
+    assert message == (f"{tmp_path}/train.csv: column 's' holds only whole numbers, 6 distinct (0 to 5): classes or "
+                       "a score? set task_type (--task-type) to classification or regression")
+    splits, spec = load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s", task_type="regression")
+    assert spec.is_regression and splits["train"][5]["label"] == 5.0
+    _, spec = load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s", task_type="classification")
+    assert spec.label_names == ("0", "1", "2", "3", "4", "5")
+
+
+def test_custom_explicit_classification_takes_fractional_classes_in_numeric_order(tmp_path):
+    write(tmp_path / "train.csv", ["t,s", "a,2.5", "b,0.5", "c,10"])
+    splits, spec = load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s", task_type="classification")
+    assert spec.label_names == ("0.5", "2.5", "10") and [r["label"] for r in splits["train"]] == [1, 0, 2]
+    with pytest.raises(InputError, match=r"task_type must be one of classification, regression"):
+        load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s", task_type="ordinal")
+
+
+def test_custom_text_label_among_numbers_asks_for_task_type(tmp_path):
+    write(tmp_path / "train.csv", ["t,s", "a,0.5", "b,1.25", "c,n/a", "d,3"])
+    message = one_line_error(lambda: load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s"))
+    assert message == (f"{tmp_path}/train.csv line 4: label 'n/a' in column 's' is text among numbers; fix it, or "
+                       "set task_type (--task-type) to classification")
+    _, spec = load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s", task_type="classification")
+    assert spec.label_names == ("0.5", "1.25", "3", "n/a")
+
+
+@pytest.mark.parametrize(("label", "shown", "problem"), [
+    ("null", "null", "is not a string or a number"),
+    ("true", "true", "is not a string or a number"),
+    ("[1]", "[1]", "is not a string or a number"),
+    ('{"a": 1}', '{"a": 1}', "is not a string or a number"),
+    ('" "', "", "is empty"),
+], ids=["null", "true", "list", "object", "blank"])
+def test_custom_label_that_is_no_class_name_is_rejected(tmp_path, label, shown, problem):
+    write(tmp_path / "train.jsonl", ['{"t": "a", "l": "x"}', '{"t": "b", "l": ' + label + "}"])
+    message = one_line_error(lambda: load_custom(tmp_path / "train.jsonl", tmp_path / "train.jsonl", ["t"], "l"))
+    assert message == f"{tmp_path}/train.jsonl line 2: label {shown + ' ' if shown else ''}in column 'l' {problem}"
+
+
+def test_custom_empty_csv_label_is_rejected(tmp_path):
+    write(tmp_path / "train.csv", ["t,s", "a,0.5", "b,", "c,1.5"])
+    message = one_line_error(lambda: load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s"))
+    assert message == f"{tmp_path}/train.csv line 3: label in column 's' is empty"
+
+
+@pytest.mark.parametrize(("name", "labels", "expected"), [
+    ("train.jsonl", ["1", '"1"', "0"], "train.jsonl line 2: label '1' in column 'l' is label 1 of line 1"),
+    ("train.jsonl", ["0", "1", "1.0"], "train.jsonl line 3: label 1.0 in column 'l' is label 1 of line 2"),
+    ("train.csv", ["1", "0", "1.0"], "train.csv line 4: label '1.0' in column 'l' is label '1' of line 2"),
+], ids=["jsonl-number-and-string", "jsonl-int-and-float", "csv-1-and-1.0"])
+def test_custom_class_written_two_ways_in_one_file_is_rejected(tmp_path, name, labels, expected):
+    if name.endswith(".csv"):
+        write(tmp_path / name, ["t,l", *(f"x,{y}" for y in labels)])
+    else:
+        write(tmp_path / name, ['{"t": "x", "l": ' + y + "}" for y in labels])
+    message = one_line_error(lambda: load_custom(tmp_path / name, tmp_path / name, ["t"], "l"))
+    assert message == f"{tmp_path}/{expected} written another way; write each class one way"
+
+
+@pytest.mark.parametrize(("name", "lines", "expected"), [
+    ("train.csv", ["t,l,t", "a,x,b", "c,y,d"], "train.csv line 1: column 't' appears 2 times in the header; "
+                                               "rename or remove all but one"),
+    ("train.jsonl", ['{"t": "a", "l": "x"}', '{"t": "b", "l": "x", "l": "y"}'],
+     "train.jsonl line 2: field 'l' appears more than once; remove all but one"),
+], ids=["csv-column", "jsonl-field"])
+def test_custom_column_or_field_given_twice_is_rejected(tmp_path, name, lines, expected):
+    write(tmp_path / name, lines)
+    message = one_line_error(lambda: load_custom(tmp_path / name, tmp_path / name, ["t"], "l"))
+    assert message == f"{tmp_path}/{expected}"
+
+
+def test_a_text_field_longer_than_the_csv_module_limit_is_read(tmp_path):
+    import csv
+
+    long_text = "word " * 200_000  # 1 MB: csv's default field limit is 128 Ki characters
+    write(tmp_path / "train.csv", ["t,l", f"{long_text},x", "short,y"])
+    splits, _ = load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "l")
+    assert splits["train"][0]["t"] == long_text
+    write_rte(tmp_path, [f"0\t{long_text}\tb\tentailment"], ["0\ta\tb\tentailment"])
+    assert load_glue_dir("rte", tmp_path)["train"][0]["sentence1"] == long_text
+    assert csv.field_size_limit() == 131072  # the process-wide limit is back
+
+
+def test_task_type_flag_reaches_the_custom_loader(tmp_path):
+    from soralib.train.config import build_config
+    from soralib.train.run import load_splits
+
+    write(tmp_path / "train.csv", ["t,s", *(f"x{i},{i % 6}" for i in range(12))])
+    files = {"task": "custom", "train_file": str(tmp_path / "train.csv"), "validation_file": str(tmp_path / "train.csv"),
+             "text_columns": "t", "label_column": "s"}
+    spec, _ = load_splits(build_config("lora", None, {**files, "task_type": "regression"}))
+    assert spec.is_regression and spec.main_metric == "pearson"
 
 
 # ------------------------------------------------------------------------------------------ splits

@@ -1,5 +1,6 @@
-"""SoRA under DDP: 2 CPU processes (torchrun, gloo) agree with each other and with one process."""
+"""SoRA under DDP and FSDP2: 2 CPU processes (torchrun, gloo) agree with each other and with one process."""
 
+import json
 import os
 import shutil
 import socket
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from test_train_cli import glue_dir  # noqa: F401  (session fixture)
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +33,21 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def run(tmp_path, name, nproc, batch, glue_dir, tiny_model):
-    out, dump = tmp_path / name, tmp_path / f"{name}-dump"
-    dump.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SORALIB_CACHE": str(tmp_path / "cache")}
+def torchrun(worker, nproc, *args, env=None):
     with socket.socket() as sock:  # a free port: torchrun's --master_port=0 does not pick one for a single node
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
-           "--master_addr=127.0.0.1",
-           str(WORKER), str(glue_dir), str(tiny_model), str(out), str(dump), str(batch)]
+           "--master_addr=127.0.0.1", str(worker), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def run(tmp_path, name, nproc, batch, glue_dir, tiny_model):
+    out, dump = tmp_path / name, tmp_path / f"{name}-dump"
+    dump.mkdir()
+    torchrun(WORKER, nproc, glue_dir, tiny_model, out, dump, batch, env={"SORALIB_CACHE": str(tmp_path / "cache")})
     return out, dump
 
 
@@ -64,3 +70,46 @@ def test_ddp_gates_identical_across_ranks_match_single_process_and_only_rank0_wr
     assert files(out2) == files(out1)
     rng = sorted(p.name for p in out2.rglob("rng_state*"))
     assert rng and set(rng) == {"rng_state_0.pth", "rng_state_1.pth"}
+
+
+def _has_fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not _has_fully_shard(), reason="no FSDP2 (fully_shard)")
+def test_fsdp2_sharded_gates_prox_step_budget_trim_and_gathered_export_match_single_process(tmp_path):
+    """FSDP2 on 2 CPU processes (gloo), gates of length 5 sharded 3 + 2, against an unsharded copy
+    trained on the same global batches in the same process (see fsdp2_worker.py)."""
+    torchrun(FSDP2_WORKER, 2, tmp_path)
+    rank0, rank1 = (torch.load(tmp_path / f"gates-rank{r}.pt") for r in (0, 1))
+    for stage in ("prox", "trim", "final"):
+        # (a) The gathered gates agree across ranks, and with one process to float rounding, zeros included.
+        assert all(torch.equal(a, b) for a, b in zip(rank0[stage], rank1[stage])), f"gates differ across ranks ({stage})"
+        for a, b in zip(rank0[stage], rank0[f"reference_{stage}"]):
+            assert torch.equal(a != 0, b != 0), stage
+            assert (a - b).abs().max().item() <= 1e-5, stage
+    # Each rank really holds only its shard: 3 + 2 values of each length-5 gate.
+    assert all(a.numel() == 3 and b.numel() == 2 and torch.equal(torch.cat([a, b]), g)
+               for a, b, g in zip(rank0["local"], rank1["local"], rank0["final"]))
+    # (b) The trim on sharded gates kept the budget and dropped ranks (the reference trims the same ones).
+    def kept(gates):
+        return sum(int((g != 0).sum()) * c for g, c in zip(gates, rank0["costs"]))
+
+    assert kept(rank0["trim"]) <= rank0["budget"] < kept(rank0["prox"])
+    # Counts of sharded gates are whole-model counts on every rank, not the rank's shard's.
+    for dump in (rank0, rank1):
+        assert dump["report"] == rank0["reference_report"]
+        assert dump["kept_cost"] == kept(rank0["final"]) == rank0["reference_report"]["kept_params"]
+    # (c) export_lora refuses the sharded model; the export of the gathered full state is the single-process one.
+    for dump in (rank0, rank1):
+        assert dump["sharded_export_error"].startswith("export_lora needs an unsharded model")
+    assert not list(tmp_path.glob("sharded-export-rank*"))
+    fsdp2, single = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("fsdp2-adapter", "single-adapter"))
+    assert fsdp2.keys() == single.keys() and any("lora_A" in k for k in fsdp2)
+    assert max((fsdp2[k] - single[k]).abs().max().item() for k in fsdp2) <= 1e-5
+    config = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("fsdp2-adapter", "single-adapter")]
+    assert config[0] == config[1]

@@ -53,7 +53,28 @@ def fails_cleanly(capsys, argv, expected, out=None, code=2) -> str:
     ({"lora_dropout": -0.1}, "lora_dropout must be in [0, 1), got -0.1"),
     ({"kept_ranks": ["fc1"]}, "kept_ranks must be a dict of module path -> rank, got ['fc1']"),
     ({"r": 4, "kept_ranks": {"fc1": 5}}, "kept_ranks['fc1'] must be an integer in [0, r=4], got 5"),
-], ids=["r-bool", "lora_alpha-nan", "lora_dropout-negative", "kept_ranks-list", "kept_ranks-above-r"])
+    ({"r": 4, "rank_pattern": {"fc1": 6}, "kept_ranks": {"fc1": 7}},
+     "kept_ranks['fc1'] must be an integer in [0, r_max=6 (rank_pattern)], got 7"),
+    ({"rank_pattern": ["fc1"]}, "rank_pattern must be a dict of module key (regex) -> value, got ['fc1']"),
+    ({"rank_pattern": {"fc1": 0}}, "rank_pattern['fc1'] must be a positive integer, got 0"),
+    ({"rank_pattern": {"fc1": 2.0}}, "rank_pattern['fc1'] must be a positive integer, got 2.0"),
+    ({"rank_pattern": {"fc(": 2}}, "rank_pattern key 'fc(' is not a valid regex (missing ), unterminated subpattern "
+                                   "at position 2)"),
+    ({"alpha_pattern": {"fc1": -1}}, "alpha_pattern['fc1'] must be a finite number > 0, got -1"),
+    ({"alpha_pattern": {"": 2}}, "alpha_pattern keys must be non-empty module names or regexes, got ''"),
+    ({"use_rslora": "yes"}, "use_rslora must be true or false, got 'yes'"),
+    ({"bias": "all"}, "bias must be 'none' (SoRA trains no biases; put the module in modules_to_save to train its "
+                      "bias), got 'all'"),
+    ({"layers_pattern": "layer"}, "layers_pattern='layer' needs layers_to_transform (the layer indexes to adapt)"),
+    ({"target_modules": ".*query", "layers_to_transform": [0]}, "layers_to_transform and layers_pattern need "
+     "target_modules as a list of names, not one regex; got target_modules='.*query'"),
+    ({"layers_to_transform": [0, -1]}, "layers_to_transform must be a layer index >= 0 or a list of them, got [0, -1]"),
+    ({"layers_to_transform": [0], "layers_pattern": 3}, "layers_pattern must be a name or a list of names, got 3"),
+], ids=["r-bool", "lora_alpha-nan", "lora_dropout-negative", "kept_ranks-list", "kept_ranks-above-r",
+        "kept_ranks-above-pattern-r_max", "rank_pattern-list", "rank_pattern-zero", "rank_pattern-float",
+        "rank_pattern-bad-regex", "alpha_pattern-negative", "alpha_pattern-empty-key", "use_rslora-str", "bias-all",
+        "layers_pattern-alone", "layers_to_transform-with-regex-targets", "layers_to_transform-negative",
+        "layers_pattern-int"])
 def test_sora_config_rejects_bad_field_values(kwargs, expected):
     with pytest.raises(ValueError) as excinfo:
         soralib.SoraConfig(**kwargs)
@@ -103,10 +124,15 @@ def test_no_target_modules_on_an_architecture_peft_does_not_know_is_rejected():
     assert "Please specify `target_modules` in `peft_config`" in one_line(excinfo)  # PEFT's own message
 
 
-def test_a_sora_layer_refuses_a_base_layer_that_is_not_linear():
+@pytest.mark.parametrize("layer, expected", [
+    (nn.Embedding(3, 4), "cannot adapt an nn.Embedding: SoRA adapts nn.Linear and Conv1D; for embeddings use "
+                         "peft.LoraConfig or modules_to_save"),
+    (nn.Conv2d(3, 4, 1), "cannot adapt a layer of type Conv2d; allowed: torch.nn.Linear, transformers Conv1D"),
+], ids=["embedding", "conv2d"])
+def test_a_sora_layer_refuses_a_base_layer_that_is_not_linear(layer, expected):
     with pytest.raises(ValueError) as excinfo:
-        SoraLinear(nn.Embedding(3, 4), "default", r_max=2, rank=2, lora_alpha=4, lora_dropout=0.0, gate_init="randn")
-    assert one_line(excinfo) == "cannot adapt a layer of type Embedding; allowed: torch.nn.Linear, transformers Conv1D"
+        SoraLinear(layer, "default", r_max=2, rank=2, lora_alpha=4, lora_dropout=0.0, gate_init="randn")
+    assert one_line(excinfo) == expected
 
 
 # ---- export, prune, sparsity report, merge --------------------------------------------------------------------------
@@ -278,7 +304,29 @@ BAD_FLAGS += [  # rejected up front since docs/errors.md listed them as gaps
     ("adalora-schedule", ["--method", "adalora", "--schedule", "linear"], "a threshold schedule needs method sora, got 'adalora'"),
     ("modules-to-save-typo", ["--modules-to-save", "clasifier"], "modules_to_save entry 'clasifier' matches no module of the model"),
     ("target-modules-typo", ["--target-modules", "qeury"], "closest linear modules: key, query"),
+    ("task-type-unknown", ["--task-type", "ordinal"],
+     "task_type must be one of classification, regression (or unset: inferred), got 'ordinal'"),
+    ("task-type-against-glue", ["--task-type", "regression"],
+     "task rte is classification: task_type regression conflicts with it (leave task_type unset)"),
 ]
+
+
+def test_max_length_beyond_the_models_positions_is_refused_without_writing(glue_dir, tiny_model, tmp_path, capsys):
+    # The tiny BERT has 512 positions; a longer example would fail in the forward pass, after config.yaml exists.
+    out = tmp_path / "run"
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--max-length", "2048"),
+                  "max_length 2048 is more than the model's 512 positions (max_position_embeddings); "
+                  "pass --max-length 512 or less", out)
+
+
+def test_a_nan_regression_label_is_refused_without_writing(tiny_model, tmp_path, capsys):
+    # It used to train a 4-class classifier on these scores and exit 0.
+    _write(tmp_path / "train.csv", "t,s\na b,0.5\nc d,1.5\ne f,nan\ng h,2.5\n")
+    out = tmp_path / "run"
+    fails_cleanly(capsys, ["train", "--task", "custom", "--train-file", tmp_path / "train.csv", "--validation-file",
+                           tmp_path / "train.csv", "--text-columns", "t", "--label-column", "s", "--model", tiny_model,
+                           "--output-dir", out, "--max-steps", "1"],
+                  f"{tmp_path / 'train.csv'} line 4: label 'nan' in column 's' is not a finite number", out)
 
 
 def test_a_config_file_method_is_used_when_no_method_flag_is_given(tmp_path):
@@ -443,7 +491,7 @@ def test_report_refuses_what_is_not_a_readable_run_and_writes_nothing(tmp_path, 
     assert not (tmp_path / "run" / "report").exists()
 
 
-@pytest.mark.parametrize("command", ["eval", "export"])
+@pytest.mark.parametrize("command", ["eval", "export", "ranks"])
 def test_eval_and_export_refuse_a_directory_without_config_yaml(tmp_path, capsys, command):
     fails_cleanly(capsys, [command, tmp_path], f"not a soralib run directory: {tmp_path} (no config.yaml)")
     assert list(tmp_path.iterdir()) == []
@@ -479,6 +527,21 @@ def test_export_refuses_an_unknown_layout_before_loading_anything(glue_dir, tiny
     before = _listing(run)
     fails_cleanly(capsys, ["export", run, "--layout", "ragged"], "layout must be one of exact, uniform, got 'ragged'")
     assert _listing(run) == before
+
+
+@pytest.mark.parametrize("where", ["directory", "missing-parent"])
+def test_ranks_refuses_an_out_path_that_is_not_a_file_before_loading_anything(glue_dir, tiny_model, tmp_path, capsys,
+                                                                              where):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, **{"sora_adapter/adapter_config.json": "{}"})
+    out = tmp_path if where == "directory" else tmp_path / "nowhere" / "lora.json"
+    what = "is a directory" if where == "directory" else "is in a directory that does not exist"
+    fails_cleanly(capsys, ["ranks", run, "--out", out], f"--out {out} {what}; give a JSON file path such as "
+                                                         f"{run}/lora_config.json")
+
+
+def test_ranks_refuses_a_run_that_is_not_a_finished_sora_run(glue_dir, tiny_model, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, method="lora", **{"adapter/adapter_config.json": "{}"})
+    fails_cleanly(capsys, ["ranks", run], f"{run} is not a finished SoRA run (no sora_adapter/)")
 
 
 def test_eval_with_a_missing_data_dir_is_refused(glue_dir, tiny_model, tmp_path, capsys):

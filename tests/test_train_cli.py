@@ -196,6 +196,43 @@ def test_eval_and_export_reuse_a_finished_run(glue_dir, tiny_model, tmp_path, ca
     assert config["peft_type"] == "LORA" and not config["rank_pattern"]
 
 
+def test_ranks_writes_a_lora_config_with_the_ranks_the_run_kept(glue_dir, tiny_model, tmp_path, capsys):
+    import peft
+    from transformers import BertForSequenceClassification
+
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--max-steps", "2", "--threshold", "0.3")) == 0
+    kept = {m["module"]: m["kept_rank"] for m in json.loads((out / "sparsity.json").read_text())["modules"]}
+    capsys.readouterr()
+    assert main(["ranks", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert main(["ranks", str(out), "--out", str(tmp_path / "lora.json")]) == 0
+    assert json.loads((tmp_path / "lora.json").read_text()) == printed
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(tmp_path / "lora.json", tmp_path / "cfg" / "adapter_config.json")
+    for config in (peft.LoraConfig(**printed), peft.LoraConfig.from_pretrained(str(tmp_path / "cfg"))):
+        model = peft.get_peft_model(BertForSequenceClassification.from_pretrained(tiny_model, num_labels=2), config)
+        got = {n.removeprefix("base_model.model."): m.r["default"] for n, m in model.named_modules()
+               if isinstance(m, peft.tuners.lora.LoraLayer)}
+        assert got == {name: rank for name, rank in kept.items() if rank} and 0 < len(got) < len(kept) + 1
+    assert printed["task_type"] == "SEQ_CLS" and "classifier" in printed["modules_to_save"]
+    assert printed["base_model_name_or_path"] == str(tiny_model)  # a directory: as the user gave it
+
+
+def test_a_run_on_minilm_names_the_hub_model_its_weights_come_from(glue_dir, tiny_model, tmp_path, monkeypatch):
+    from soralib.train import methods
+
+    monkeypatch.setattr(methods, "resolve_model_path", lambda name: str(tiny_model))  # no real MiniLM in tests
+    out = tmp_path / "run"
+    args = train_args(glue_dir, tiny_model, out, "--max-steps", "1")
+    args[args.index("--model") + 1] = "minilm"
+    assert main(args) == 0
+    for adapter in ("adapter", "sora_adapter"):
+        config = json.loads((out / adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert methods.base_model_name("org/model") == "org/model"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_without_pooler(tiny_model, tmp_path_factory):
     """The tiny BERT saved without its pooler, as DeBERTa-v3 checkpoints come: loading initialises it randomly."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .optim import sora_layers
+from .optim import shard_like, sora_layers, whole
 
 
 def _check(gates: list[torch.Tensor], costs: list[int], budget: float, min_rank: int) -> None:
@@ -81,7 +81,8 @@ def kept_cost(gates: list[torch.Tensor], costs: list[int]) -> int:
     """Adapter parameters of the non-zero ranks: ``Σ_i c_i·nnz(g_i)``."""
     if len(gates) != len(costs):
         raise ValueError(f"gates and costs must have the same length, got {len(gates)} gates and {len(costs)} costs")
-    return sum(int(torch.count_nonzero(gate)) * cost for gate, cost in zip(gates, costs))
+    # whole: int() of a sharded (FSDP2) count is this rank's part of it, not the sum
+    return sum(int(torch.count_nonzero(whole(gate))) * cost for gate, cost in zip(gates, costs))
 
 
 @torch.no_grad()
@@ -110,4 +111,7 @@ def trim_model_(model: nn.Module, budget: float, measure: str = "kept_params", m
     layers = [layer for _, layer in sora_layers(model) if adapter in layer.sora_gate]
     gates = [layer.sora_gate[adapter] for layer in layers]
     costs = [layer.in_features + layer.out_features if measure == "kept_params" else 1 for layer in layers]
-    apply_masks_(gates, trim_to_budget([g.detach() for g in gates], costs, int(budget), min_rank))
+    # The trim ranks all modules' gates at once: gather sharded (FSDP2) gates whole; every rank computes the
+    # same masks and keeps its own shard of them.
+    masks = trim_to_budget([whole(g.detach()) for g in gates], costs, int(budget), min_rank)
+    apply_masks_(gates, [shard_like(mask, gate) for mask, gate in zip(masks, gates)])

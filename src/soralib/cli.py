@@ -4,6 +4,7 @@
     sora report RUN_DIR
     sora eval RUN_DIR [--data-dir DIR]
     sora export RUN_DIR --layout uniform [--out DIR]
+    sora ranks RUN_DIR [--out FILE.json]
     sora bench speed|quality|tables [ARGS]   (repository checkout only: runs python -m bench.<tool> ARGS)
 """
 
@@ -88,6 +89,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ranks(args: argparse.Namespace) -> int:
+    from .train.reuse import ranks_run
+
+    text = ranks_run(args.run_dir, out=args.out)
+    if args.out:
+        print(f"wrote: {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Delegate to the repository's bench/ package (not installed): found next to src/ in an editable checkout."""
     import importlib
@@ -121,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--layout", default="uniform", help="exact or uniform (default uniform)")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/adapter-LAYOUT)")
+    p = sub.add_parser("ranks", help="the ranks a SoRA run kept, as a complete peft.LoraConfig JSON to retrain with")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="JSON file to write (default: print to stdout)")
     p = sub.add_parser("bench", add_help=False, help="benchmarks (repository checkout): speed, quality, tables; "
                        "`sora bench TOOL -h` for each")
     p.add_argument("tool", choices=("speed", "quality", "tables"))
@@ -130,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench}
+    commands = {"train": cmd_train, "report": cmd_report, "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench,
+                "ranks": cmd_ranks}
     try:
         return commands[args.command](args)
     except TrainingDiverged as err:

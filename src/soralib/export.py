@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -27,8 +26,9 @@ from torch import nn
 
 from .io import atomic_dir
 from .layer import SoraLayer
-from .optim import sora_layers
+from .optim import DTensor, sora_layers
 from .prune import _adapter_name, _strip
+from .ranks import exact_key, exact_targets
 
 LAYOUTS = ("exact", "uniform")
 
@@ -55,6 +55,10 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        # Each rank holds only shards: DTensors refuse the kept-rank indexing, and a gather on rank 0 alone hangs.
+        raise ValueError("export_lora needs an unsharded model, got FSDP2-sharded (DTensor) parameters; gather the full "
+                         "state dict and export an unsharded copy on rank 0 (docs/distributed.md)")
     adapter = _adapter_name(model, adapter)
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or adapter not in configs:
@@ -86,16 +90,12 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
             tensors[key] = value.detach().contiguous()
 
     is_conv1d = {n for n, layer in sora_layers(model) if adapter in layer.sora_gate and layer.fan_in_fan_out}
-    # PEFT matches pattern keys and listed targets as *suffixes* of module paths: anchor the patterns, and
-    # when one adapted path is the tail of another module's path ("0" and "1.0"), name targets by one regex.
+    # Each module's own scale (its lora_alpha and r_max, rsLoRA or not) is folded into B', so alpha' = r' = k.
     names = sorted(factors)
-    paths = {_strip(n) for n, _ in model.named_modules()}
-    ambiguous = any(p != t and p.endswith("." + t) for t in names for p in paths)
-    targets = "|".join(map(re.escape, names)) if ambiguous else names
-    pattern = {"^" + re.escape(name): ranks[name] for name in names if ranks[name] != top}
+    pattern = {exact_key(name): ranks[name] for name in names if ranks[name] != top}
     lora_config = LoraConfig(
         r=top, lora_alpha=top,
-        target_modules=targets,
+        target_modules=exact_targets(names, model),
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
         modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,

@@ -1,6 +1,6 @@
 """The SoRA layer: a gated low-rank update around a frozen linear layer.
 
-    h = W0 x + s · B (g ⊙ A x),        s = lora_alpha / r
+    h = W0 x + s · B (g ⊙ A x),        s = lora_alpha / r_max   (lora_alpha / √r_max with use_rslora)
 
 ``A`` (r × in) and ``B`` (out × r) train as in LoRA; the gate ``g`` (length r) is trained by a proximal
 step (see `soralib.optim`) that sets whole ranks to exactly zero. The wrapped layer is kept as
@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but the 
     Conv1D = ()
 
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers Conv1D"
+EMBEDDING_ADVICE = "SoRA adapts nn.Linear and Conv1D; for embeddings use peft.LoraConfig or modules_to_save"
 
 
 def gated_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, gate: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -57,17 +58,21 @@ class SoraLayer(BaseTunerLayer):
         elif Conv1D and isinstance(base, Conv1D):
             self.in_features, self.out_features = base.weight.shape
             self.fan_in_fan_out = True
+        elif isinstance(base, nn.Embedding):
+            raise ValueError(f"cannot adapt an nn.Embedding: {EMBEDDING_ADVICE}")
         else:
             raise ValueError(f"cannot adapt a layer of type {type(base).__name__}; allowed: {SUPPORTED_LAYERS}")
 
     def update_layer(self, adapter_name: str, r_max: int, rank: int, lora_alpha: float, lora_dropout: float,
-                     gate_init: str, inference_mode: bool = False) -> None:
-        """Add adapter `adapter_name` with `rank` live ranks (r_max unless rebuilt after pruning)."""
+                     gate_init: str, inference_mode: bool = False, use_rslora: bool = False) -> None:
+        """Add adapter `adapter_name` with `rank` live ranks (r_max unless rebuilt after pruning).
+
+        s = lora_alpha / r_max, or lora_alpha / sqrt(r_max) with `use_rslora` (rank-stabilised LoRA)."""
         self.r[adapter_name] = rank
         self.r_max[adapter_name] = r_max
         self.lora_alpha[adapter_name] = lora_alpha
         # The scale is tied to r_max, not the live rank, so that pruning never changes the function.
-        self.scaling[adapter_name] = lora_alpha / r_max
+        self.scaling[adapter_name] = lora_alpha / (math.sqrt(r_max) if use_rslora else r_max)
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.sora_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False)
         self.sora_B[adapter_name] = nn.Linear(rank, self.out_features, bias=False)
@@ -116,11 +121,11 @@ class SoraLinear(nn.Module, SoraLayer):
     """SoRA around an `nn.Linear` or a GPT-2 `Conv1D`."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r_max: int, rank: int, lora_alpha: float,
-                 lora_dropout: float, gate_init: str, **kwargs) -> None:
+                 lora_dropout: float, gate_init: str, use_rslora: bool = False, **kwargs) -> None:
         super().__init__()
         SoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r_max, rank, lora_alpha, lora_dropout, gate_init)
+        self.update_layer(adapter_name, r_max, rank, lora_alpha, lora_dropout, gate_init, use_rslora=use_rslora)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """W0 ← W0 + ΔW for each adapter, gate included."""

@@ -10,7 +10,7 @@ from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from .config import SoraConfig, SoraPeftType
-from .layer import SUPPORTED_LAYERS, Conv1D, SoraLayer, SoraLinear
+from .layer import EMBEDDING_ADVICE, SUPPORTED_LAYERS, Conv1D, SoraLayer, SoraLinear
 
 PREFIX = "sora_"
 
@@ -24,13 +24,15 @@ class SoraModel(BaseTuner):
 
     def _create_and_replace(self, config: SoraConfig, adapter_name, target, target_name, parent, current_key,
                             **kwargs) -> None:
-        rank = config.kept_ranks.get(current_key, config.r)
-        args = dict(r_max=config.r, rank=rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                    gate_init=config.gate_init)
+        args = dict(r_max=config.r_max_of(current_key), rank=config.rank_of(current_key),
+                    lora_alpha=config.alpha_of(current_key), lora_dropout=config.lora_dropout,
+                    gate_init=config.gate_init, use_rslora=config.use_rslora)
         if isinstance(target, SoraLinear):
             target.update_layer(adapter_name, **args, inference_mode=config.inference_mode)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, nn.Embedding):
+            raise ValueError(f"target module {current_key!r} is an nn.Embedding: {EMBEDDING_ADVICE}")
         if not isinstance(base, (nn.Linear, Conv1D) if Conv1D else nn.Linear):
             raise ValueError(
                 f"target module {current_key!r} has type {type(base).__name__}; allowed: {SUPPORTED_LAYERS}"

@@ -23,6 +23,11 @@ from torch import nn
 
 from .layer import SoraLayer
 
+try:  # FSDP2 shards parameters as DTensors; a torch built without torch.distributed has none
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
+
 THRESHOLD_MODES = ("fixed", "lr_scaled")
 _HOOKED = "_sora_prox_hooked"
 
@@ -30,6 +35,18 @@ _HOOKED = "_sora_prox_hooked"
 def soft_threshold(g: torch.Tensor, tau: float) -> torch.Tensor:
     """T_τ(g) = sign(g) · max(|g| − τ, 0): exactly zero wherever |g| ≤ τ."""
     return torch.sign(g) * torch.clamp(g.abs() - tau, min=0.0)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded DTensor (FSDP2) gathered on every rank (a collective), else `t`."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` (whole, the same on every rank) placed as `like`: each rank takes its own shard, no collective."""
+    if not isinstance(like, DTensor):
+        return value
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
 
 
 def sora_layers(model: nn.Module) -> Iterator[tuple[str, SoraLayer]]:
@@ -74,12 +91,16 @@ def prox_step(optimizer: torch.optim.Optimizer) -> None:
         for p in group["params"]:
             if p.grad is None:  # not stepped by the optimizer either (e.g. a step skipped for non-finite grads)
                 continue
-            shrunk = soft_threshold(p, tau)
-            if keep > 0:
-                # The ℓ1 penalty spares each module's `keep` largest gates, so no module can vanish.
-                top = p.abs().topk(min(keep, p.numel())).indices
-                shrunk[top] = p[top]
-            p.copy_(shrunk)
+            if keep == 0:  # elementwise: a sharded (FSDP2) gate shrinks shard by shard
+                p.copy_(soft_threshold(p, tau))
+                continue
+            # The ℓ1 penalty spares each module's `keep` largest gates, so no module can vanish; the top-k
+            # needs the module's whole gate vector.
+            g = whole(p)
+            shrunk = soft_threshold(g, tau)
+            top = g.abs().topk(min(keep, g.numel())).indices
+            shrunk[top] = g[top]
+            p.copy_(shard_like(shrunk, p))
 
 
 def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -126,7 +147,7 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     gates = gate_parameters(model)
     if not gates:
-        raise ValueError("the model has no trainable SoRA gates; wrap it with peft.get_peft_model(model, SoraConfig(...))")
+        raise ValueError(_why_no_gates(model))
     gate_ids = {id(g) for g in gates}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
     groups = [
@@ -136,6 +157,18 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
          "sora_threshold_mode": threshold_mode, "sora_min_rank": min_rank, **(gate_group_kwargs or {})},
     ]
     return [g for g in groups if g["params"]]
+
+
+def _why_no_gates(model: nn.Module) -> str:
+    """Why `model` has no trainable gate: no SoRA layer at all, an adapter loaded for inference, or frozen gates."""
+    if not gate_parameters(model, trainable_only=False):
+        return "the model has no trainable SoRA gates; wrap it with peft.get_peft_model(model, SoraConfig(...))"
+    configs = getattr(model, "peft_config", None) or {}
+    # PeftModel.from_pretrained(..., is_trainable=False), the default, sets inference_mode and freezes the adapter
+    if any(getattr(c, "inference_mode", False) for c in configs.values()):
+        return ("no trainable SoRA gates: the adapter was loaded for inference; load it with "
+                "PeftModel.from_pretrained(model, path, is_trainable=True)")
+    return "no trainable SoRA gates: every gate has requires_grad=False; unfreeze them or set the adapter active"
 
 
 def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, threshold: float = 0.0,

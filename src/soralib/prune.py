@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .optim import sora_layers
+from .optim import sora_layers, whole
 
 
 def _adapter_name(model: nn.Module, adapter: str | None) -> str:
@@ -29,7 +29,8 @@ def sparsity_report(model: nn.Module, adapter: str | None = None) -> dict[str, A
         if adapter not in layer.sora_gate:
             continue
         r_max = layer.r_max[adapter]
-        kept = int((layer.sora_gate[adapter] != 0).sum())
+        # whole: int() of a sharded (FSDP2) count is this rank's part of it, not the sum
+        kept = int((whole(layer.sora_gate[adapter]) != 0).sum())
         per_rank = layer.in_features + layer.out_features
         modules.append({"module": _strip(name), "r_max": r_max, "kept_rank": kept, "in_features": layer.in_features,
                         "out_features": layer.out_features, "kept_params": kept * per_rank})

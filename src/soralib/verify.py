@@ -183,7 +183,7 @@ def _targets(model: nn.Module, config: peft.PeftConfig, path: Path) -> list[str]
 
 def _rank(config: peft.PeftConfig, name: str, path: Path) -> int:
     if config.peft_type == "SORA":
-        return config.kept_ranks.get(name, config.r)  # SoraConfig has checked it is in [0, r]
+        return config.rank_of(name)  # SoraConfig has checked it is in [0, r_max], rank_pattern included
     rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise InputError(f"{path}: LoRA rank of {name!r} is {rank!r}; expected a positive integer")

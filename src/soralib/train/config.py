@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import InputError
+from .custom import TASK_TYPES
+from .tasks import GLUE_TASKS
 
 METHODS = ("sora", "lora", "adalora", "full", "bitfit")
 SCHEDULES = ("linear", "log_linear", "exp_linear")
@@ -40,7 +42,11 @@ class TrainConfig:
     text_columns: Optional[list[str]] = None
     """Custom task: one or two text columns."""
     label_column: str = "label"
-    """Custom task: the label column (strings/ints: classification; floats: regression)."""
+    """Custom task: the label column (classification or regression: see task_type)."""
+    task_type: Optional[str] = None
+    """classification or regression; None: inferred from a custom task's training labels (all text:
+    classification; numbers with a fraction: regression; 2-3 distinct whole numbers: classification; else
+    an error asks for this flag). A GLUE task fixes it (stsb is regression)."""
     protocol: str = "default"
     """default: train on train, evaluate on dev. paper: the SoRA code's split (dev halves, or 1k held-out train)."""
     max_length: int = 128
@@ -212,6 +218,13 @@ class TrainConfig:
             raise InputError("give eval_each_epoch or eval_fraction, not both")
         if self.lora_config is not None and self.method != "lora":
             raise InputError(f"lora_config is a LoraConfig for method lora, got method {self.method!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            bad("task_type", "one of " + ", ".join(TASK_TYPES) + " (or unset: inferred)")
+        glue = GLUE_TASKS.get(self.task.lower())
+        fixed = glue and ("regression" if glue.is_regression else "classification")
+        if self.task_type is not None and fixed and self.task_type != fixed:
+            raise InputError(f"task {glue.name} is {fixed}: task_type {self.task_type} conflicts with it "
+                             "(leave task_type unset)")
         if self.task == "custom" and not (self.train_file and self.validation_file and self.text_columns):
             raise InputError("task custom needs train_file, validation_file and text_columns")
         return self

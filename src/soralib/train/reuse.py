@@ -1,4 +1,5 @@
-"""Use a finished run again: re-evaluate it (`sora eval`) or re-export it (`sora export`)."""
+"""Use a finished run again: re-evaluate it (`sora eval`), re-export it (`sora export`) or read its ranks
+(`sora ranks`)."""
 
 from __future__ import annotations
 
@@ -81,13 +82,8 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
     """Re-export a SoRA run's gated adapter (sora_adapter/) as a standard LoRA with `layout`."""
     import soralib
 
-    from .methods import load_base
-    from .tasks import get_task
-
     run = Path(run_dir)
-    config = load_run_config(run)
-    if config.method != "sora" or not (run / "sora_adapter" / "adapter_config.json").is_file():
-        raise InputError(f"{run} is not a finished SoRA run (no sora_adapter/)")
+    _sora_run_config(run)
     if layout not in soralib.export.LAYOUTS:
         raise InputError(f"layout must be one of {', '.join(soralib.export.LAYOUTS)}, got {layout!r}")
     out = Path(out_dir) if out_dir else run / f"adapter-{layout}"
@@ -96,11 +92,55 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
         raise InputError(f"--out {out} would overwrite part of the run {run}; use {run}/adapter-NAME or another dir")
     if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
         raise InputError(f"--out {out} is a non-empty directory that is not an adapter; choose another")
+    return soralib.export_lora(load_sora_run(run), out, layout=layout)
+
+
+def ranks_run(run_dir: str | Path, out: str | None = None) -> str:
+    """The JSON of a complete `peft.LoraConfig` giving each module the rank the run kept (`soralib.lora_config_from`);
+    written atomically to `out` when given. It is what `LoraConfig.save_pretrained` writes: `LoraConfig(**json.load(f))`
+    rebuilds it, and saved as DIR/adapter_config.json, `LoraConfig.from_pretrained(DIR)` reads it."""
+    import json
+
+    import soralib
+
+    from ..io import atomic_write_text
+
+    run = Path(run_dir)
+    _sora_run_config(run)
+    if out is not None and (Path(out).is_dir() or not Path(out).resolve().parent.is_dir()):
+        what = "is a directory" if Path(out).is_dir() else "is in a directory that does not exist"
+        raise InputError(f"--out {out} {what}; give a JSON file path such as {run}/lora_config.json")
+    config = soralib.lora_config_from(load_sora_run(run))
+    text = json.dumps({k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()},
+                      indent=2, sort_keys=True) + "\n"
+    if out is not None:
+        atomic_write_text(out, text)
+    return text
+
+
+def load_sora_run(run_dir: str | Path):
+    """The base model with the run's gated adapter (sora_adapter/) loaded, for export and rank reading."""
+    import soralib
+
+    from .methods import base_model_name, load_base
+    from .tasks import get_task
+
+    run = Path(run_dir)
+    config = _sora_run_config(run)
     num_labels = get_task(config.task).num_labels if config.task != "custom" else _custom_labels(run)
     base, _, fresh = load_base(config, num_labels)
     _warn_unsaved(config, fresh)
     model = soralib.load_adapter_safely(base, run / "sora_adapter")
-    return soralib.export_lora(model, out, layout=layout)
+    # runs saved before load_base named the base portably recorded the venv path of "minilm"
+    model.peft_config["default"].base_model_name_or_path = base_model_name(config.model)
+    return model
+
+
+def _sora_run_config(run: Path) -> TrainConfig:
+    config = load_run_config(run)
+    if config.method != "sora" or not (run / "sora_adapter" / "adapter_config.json").is_file():
+        raise InputError(f"{run} is not a finished SoRA run (no sora_adapter/)")
+    return config
 
 
 def _custom_labels(run: Path) -> int:

@@ -68,7 +68,7 @@ def load_splits(config: TrainConfig):
     """(task spec, {"train", "validation", "test", ...} rows) with the sample limits applied."""
     if config.task == "custom":
         loaded, spec = data_mod.load_custom(config.train_file, config.validation_file, config.text_columns,
-                                            config.label_column)
+                                            config.label_column, config.task_type)
     else:
         spec = get_task(config.task)
         loaded = data_mod.load_glue_dir(spec, config.data_dir) if config.data_dir else data_mod.load_hub(spec)
@@ -107,6 +107,7 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
     spec, splits = load_splits(config)
     seed_everything(config.seed)
     model, tokenizer, fresh = load_base(config, spec.num_labels)
+    data_mod.check_max_length(config.max_length, model)
     fresh = [m for m in fresh if not within(m, config.modules_to_save or ())]  # listed already: no nested wrapper
     # Full fine-tuning saves every parameter anyway; a resumed run keeps its saved config and optimizer groups.
     if fresh and config.method != "full" and not resume:

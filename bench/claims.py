@@ -28,6 +28,7 @@ CLAIMS = (
     ("sora-budget", "sora-budget-static", "learning the gates beats keeping the largest initial gates"),
     ("sora-budget-ones", "lora-equal", "gates that start equal (only the data separates them) beat LoRA of that size"),
     ("sora-budget-ones-glr", "lora-equal", "the same with a gate lr of their own (1e-2)"),
+    ("sora-budget-ones-sgd", "lora-equal", "the same with plain SGD gates (the paper's proximal step)"),
     ("sora-budget-ones", "sora-budget", "gates that start equal beat random initial gates"),
     ("sora-budget", "lora", "SoRA-budget (half the size) scores above LoRA r8"),
     ("lora-equal", "lora", "LoRA r4 scores above LoRA r8"),

@@ -30,6 +30,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # shared lr, and with a gate lr of their own that lets them move apart within 3 epochs).
     "sora-budget-ones": ("sora", {"r": 8, "target_rank": 4, "gate_init": "ones"}),
     "sora-budget-ones-glr": ("sora", {"r": 8, "target_rank": 4, "gate_init": "ones", "gate_lr": 1e-2}),
+    # The paper's proximal gradient step: plain SGD on the gates, then the soft-threshold (the budget steers
+    # τ itself, so the paper's τ = η_t·λ with a fixed λ has no role here).
+    "sora-budget-ones-sgd": ("sora", {"r": 8, "target_rank": 4, "gate_init": "ones", "gate_update": "sgd"}),
     # Plain LoRA with the per-module ranks of the matching sora-budget cell (bench/patterns.py): as found,
     # and shuffled over the modules. r is replaced by the pattern; 8 is only the key's reference size.
     "lora-pattern": ("lora", {"r": 8}),

@@ -119,6 +119,9 @@ class TrainConfig:
     """fixed or lr_scaled."""
     gate_lr: Optional[float] = None
     """Learning rate of the gates; None: lr."""
+    gate_update: str = "optimizer"
+    """How the gates step before the soft-threshold: optimizer (AdamW like A and B, the reference code) or
+    sgd (plain SGD at the gate lr: the paper's proximal gradient step, with threshold_mode lr_scaled)."""
     gate_eps: float = 1e-6
     """AdamW eps of the gate group (the reference code's gate optimizer)."""
     l1_coef: float = 0.0
@@ -160,6 +163,8 @@ class TrainConfig:
             bad("schedule", "one of " + ", ".join(SCHEDULES))
         if self.threshold_mode not in ("fixed", "lr_scaled"):
             bad("threshold_mode", "one of fixed, lr_scaled")
+        if self.gate_update not in ("optimizer", "sgd"):
+            bad("gate_update", "one of optimizer, sgd")
         if self.gate_init not in ("randn", "ones"):
             bad("gate_init", "one of randn, ones")
         if self.layout not in ("exact", "uniform"):

@@ -179,7 +179,8 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
     if config.method == "sora":
         return soralib.create_sora_optimizer(
             model, lr=config.lr, weight_decay=config.weight_decay, threshold=config.stage_thresholds()[0],
-            threshold_mode=config.threshold_mode, gate_lr=config.gate_lr, gate_group_kwargs={"eps": config.gate_eps},
+            threshold_mode=config.threshold_mode, gate_lr=config.gate_lr, gate_update=config.gate_update,
+            gate_group_kwargs={} if config.gate_update == "sgd" else {"eps": config.gate_eps},
             min_rank=config.effective_min_rank())
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW([

@@ -687,3 +687,67 @@ def test_export_out_inside_the_run_is_refused_and_the_run_kept(glue_dir, tiny_mo
     (run / "sora_adapter" / "adapter_config.json").write_text("{}")
     fails_cleanly(capsys, ["export", run, "--out", tmp_path / where], "would overwrite part of the run")
     assert (run / "metrics.json").read_text() == '{"task": "rte"}'
+
+
+# ---- eval never scores a broken result ---------------------------------------------------------------------------
+
+def _sora_run(run, glue_dir, tiny_model, b_value, **config_edit):
+    """A SoRA run directory whose adapter/ holds B = `b_value` everywhere and the config edited with `config_edit`."""
+    import json
+
+    from soralib.train.config import build_config
+    from soralib.train.methods import load_base, wrap
+
+    _fake_run(run, glue_dir, tiny_model)
+    config = build_config("sora", None, {"task": "rte", "model": str(tiny_model), "output_dir": str(run)})
+    model = wrap(config, load_base(config, 2)[0], total_steps=1)
+    with torch.no_grad():
+        for layer in (m for m in model.modules() if isinstance(m, SoraLinear)):
+            layer.sora_B["default"].weight.fill_(b_value)
+    model.save_pretrained(str(run / "adapter"))
+    path = run / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config_edit}))
+    return run
+
+
+def _full_run(run, glue_dir, tiny_model, name, value):
+    """A full-fine-tuning run directory whose model/trainable.safetensors holds parameter `name` filled with `value`."""
+    from safetensors.torch import load_file, save_file
+
+    _fake_run(run, glue_dir, tiny_model, method="full")
+    (run / "model").mkdir()
+    shape = load_file(str(tiny_model / "model.safetensors"))[name].shape
+    save_file({name: torch.full(shape, value)}, str(run / "model" / "trainable.safetensors"))
+    return run
+
+
+def test_eval_of_a_run_whose_adapter_has_an_absurd_scale_is_refused(glue_dir, tiny_model, tmp_path, capsys):
+    run = _sora_run(tmp_path / "run", glue_dir, tiny_model, 0.01, lora_alpha=1e308)
+    fails_cleanly(capsys, ["eval", run], "lora_alpha / r, is 1e+308 / 8 = 1.25e+307; expected |scale| <= 10000")
+
+
+def test_eval_of_a_full_run_with_non_finite_weights_is_refused_before_evaluating(glue_dir, tiny_model, tmp_path,
+                                                                                  capsys, monkeypatch):
+    run = _full_run(tmp_path / "run", glue_dir, tiny_model, "classifier.weight", float("nan"))
+    monkeypatch.setattr("transformers.Trainer.evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    fails_cleanly(capsys, ["eval", run], f"{run / 'model' / 'trainable.safetensors'}: tensor 'classifier.weight' has "
+                                         "NaN or Inf values; expected finite numbers")
+
+
+def test_eval_of_a_full_run_whose_parameter_has_another_shape_is_refused(glue_dir, tiny_model, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, method="full")
+    (run / "model").mkdir()
+    save_file({"classifier.bias": torch.zeros(5)}, str(run / "model" / "trainable.safetensors"))
+    fails_cleanly(capsys, ["eval", run], f"{run}/model does not fit the base model: 'classifier.bias' has shape (5,), "
+                                         "expected (2,)")
+
+
+@pytest.mark.parametrize("method", ["sora", "full"])
+def test_eval_refuses_non_finite_outputs_instead_of_reporting_a_score(glue_dir, tiny_model, tmp_path, capsys, method):
+    # finite weights that pass every check, large enough to overflow float32 in the forward pass
+    run = (_sora_run(tmp_path / "run", glue_dir, tiny_model, 3e38) if method == "sora" else
+           _full_run(tmp_path / "run", glue_dir, tiny_model, "bert.embeddings.word_embeddings.weight", 3e38))
+    fails_cleanly(capsys, ["eval", run], f"{run}: the model's outputs on validation hold NaN or Inf; the saved result "
+                                         "is broken, so no score is reported")

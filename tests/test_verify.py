@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 
+import peft
 import pytest
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -348,3 +349,145 @@ def test_load_adapter_safely_refuses_before_touching_the_model(tmp_path, mlp_ada
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- scales, depth, task_type, and a load that fails inside PEFT ------------------------------------------------------
+
+def with_raw_number(adapter, placeholder, raw):
+    """Put a number JSON allows but json.dumps cannot write (1e400 parses as inf) where `placeholder` stands."""
+    text = (adapter / CONFIG).read_text()
+    assert str(placeholder) in text
+    (adapter / CONFIG).write_text(text.replace(str(placeholder), raw))
+    return adapter
+
+
+@pytest.mark.parametrize("edit, raw, fragment", [
+    ({"lora_alpha": 1e308}, None, "the scale of 'fc1', lora_alpha / r, is 1e+308 / 4 = 2.5e+307; "
+                                  "expected |scale| <= 10000"),
+    ({"lora_alpha": 40004}, None, "the scale of 'fc1', lora_alpha / r, is 40004 / 4 = 1e+04; expected"),
+    ({"lora_alpha": 12345.5}, "1e400", "lora_alpha is inf; expected a finite number"),
+    ({"lora_alpha": 10**400}, None, "lora_alpha is 1000"),
+    ({"r": 10**400}, None, "r is 1000"),
+], ids=["alpha-1e308", "scale-above-1e4", "alpha-inf", "alpha-huge-int", "r-huge"])
+def test_a_sora_config_with_an_absurd_or_non_finite_scale_is_refused(tmp_path, mlp_adapter, edit, raw, fragment):
+    adapter = tampered(mlp_adapter, tmp_path / "scale", lambda c: c.update(edit))
+    if raw:
+        with_raw_number(adapter, edit["lora_alpha"], raw)
+    refused(make_model("mlp"), adapter, f"{CONFIG}: {fragment}")
+
+
+def test_a_scale_of_exactly_the_bound_passes(tmp_path, mlp_adapter):
+    adapter = tampered(mlp_adapter, tmp_path / "bound", lambda c: c.update(lora_alpha=40000))  # r = 4: scale 1e4
+    verify_adapter(make_model("mlp"), adapter)
+
+
+def first_pattern(adapter):
+    return next(iter(json.loads((adapter / CONFIG).read_text())["alpha_pattern"]))
+
+
+@pytest.mark.parametrize("edit, raw, fragment", [
+    (lambda c: c.update(lora_alpha=1e308), None, "lora_alpha / r, is 1e+308 / 3 = 3.333e+307; expected |scale| <= "
+                                                 "10000"),
+    (lambda c: c.update(lora_alpha=-1e5), None, "lora_alpha / r, is -100000.0 / 3 = -3.333e+04; expected"),
+    (lambda c: c.update(lora_alpha=20000, use_rslora=True), None, "lora_alpha / sqrt(r), is 20000 / 3 = 1.155e+04"),
+    (lambda c: c["alpha_pattern"].update({next(iter(c["alpha_pattern"])): 1e308}), None,
+     "the scale of 'bert.encoder.layer.0.attention.output.dense', lora_alpha / r, is 1e+308 / 1"),
+    (lambda c: c["alpha_pattern"].update({next(iter(c["alpha_pattern"])): 12345.5}), "1e400",
+     "alpha_pattern['^bert\\\\.encoder\\\\.layer\\\\.0\\\\.attention\\\\.output\\\\.dense'] is inf; expected a finite "
+     "number"),
+    (lambda c: c["rank_pattern"].update({next(iter(c["rank_pattern"])): 2.5}), None,
+     "rank_pattern['^bert\\\\.encoder\\\\.layer\\\\.0\\\\.attention\\\\.output\\\\.dense'] is 2.5; expected an integer "
+     "in [1, 1048576]"),
+], ids=["alpha-1e308", "alpha-negative", "rslora", "alpha_pattern-1e308", "alpha_pattern-inf", "rank_pattern-float"])
+def test_a_lora_config_with_an_absurd_or_non_finite_scale_is_refused(tmp_path, bert_lora, edit, raw, fragment):
+    adapter = tampered(bert_lora, tmp_path / "scale", edit)
+    if raw:
+        with_raw_number(adapter, 12345.5, raw)
+    refused(make_model("bert"), adapter, f"{CONFIG}: ", fragment)
+
+
+def test_rslora_within_the_bound_and_the_same_alpha_without_it_pass(tmp_path, bert_lora):
+    verify_adapter(make_model("bert"), tampered(bert_lora, tmp_path / "plain", lambda c: c.update(lora_alpha=20000)))
+    verify_adapter(make_model("bert"), tampered(bert_lora, tmp_path / "rs", lambda c: c.update(lora_alpha=100,
+                                                                                            use_rslora=True)))
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 100000 + "]" * 100000,
+    '{"peft_type": "SORA", "r": 4, "target_modules": ["fc1"], "auto_mapping": ' + "[" * 100 + "]" * 100 + "}",
+], ids=["100000-lists", "100-lists-in-a-field"])
+def test_a_deeply_nested_config_is_refused_in_one_line(tmp_path, mlp_adapter, text):
+    adapter = tampered(mlp_adapter, tmp_path / "deep")
+    (adapter / CONFIG).write_text(text)
+    refused(make_model("mlp"), adapter, f"{CONFIG}: the JSON nests more than 32 levels deep; expected a PEFT adapter "
+                                        "config")
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_a_module_pattern_that_is_not_a_regular_expression_is_refused(tmp_path, mlp_adapter, field):
+    adapter = tampered(mlp_adapter, tmp_path / "regex", lambda c: c.update({field: "fc(1"}))
+    refused(make_model("mlp"), adapter, f"{CONFIG}: 'fc(1' is not a valid regular expression (missing ),")
+
+
+@pytest.fixture
+def bert_seq_cls(tmp_path):
+    model = sora_model("bert", task_type="SEQ_CLS")
+    model.save_pretrained(str(tmp_path / "seq_cls"))
+    return tmp_path / "seq_cls", output(model, make_input("bert"))
+
+
+def test_a_seq_cls_adapter_loads_on_a_sequence_classifier(bert_seq_cls):
+    adapter, expected = bert_seq_cls
+    loaded = load_adapter_safely(make_model("bert"), adapter)
+    assert isinstance(loaded, peft.PeftModelForSequenceClassification)
+    torch.testing.assert_close(output(loaded, make_input("bert")), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["CAUSAL_LM", "TOKEN_CLS", "FEATURE_EXTRACTION"])
+def test_a_task_type_that_does_not_fit_the_model_is_refused_and_the_model_untouched(tmp_path, bert_seq_cls, task):
+    adapter = tampered(bert_seq_cls[0], tmp_path / "task", lambda c: c.update(task_type=task))
+    model = make_model("bert")
+    refused(model, adapter, f"{CONFIG}: task_type is '{task}', which does not fit the base model "
+                            "BertForSequenceClassification; expected SEQ_CLS (or null)")
+    with pytest.raises(InputError, match="does not fit the base model"):
+        load_adapter_safely(model, adapter)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def test_a_task_type_on_a_model_that_is_not_a_transformers_model_is_refused(tmp_path, mlp_adapter):
+    adapter = tampered(mlp_adapter, tmp_path / "task", lambda c: c.update(task_type="SEQ_CLS"))
+    refused(make_model("mlp"), adapter, f"{CONFIG}: task_type is 'SEQ_CLS', which needs a transformers model, and "
+                                        "the base model MLP is not one; expected task_type null")
+
+
+def model_state(model):
+    """Everything a failed load must leave as it was: module tree (by identity), attributes, tensors, config."""
+    return ([(name, type(m), id(m), sorted(vars(m))) for name, m in model.named_modules()],
+            [(name, id(p), p.requires_grad, p.clone()) for name, p in model.named_parameters()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            dict(vars(model.config)) if hasattr(model, "config") else None)
+
+
+def assert_same_state(before, after):
+    assert before[0] == after[0]
+    assert [x[:3] for x in before[1]] == [x[:3] for x in after[1]]
+    assert all(torch.equal(b[3], a[3]) for b, a in zip(before[1], after[1]))
+    assert before[2].keys() == after[2].keys() and all(torch.equal(before[2][k], after[2][k]) for k in before[2])
+    assert before[3] == after[3]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "bert"])
+def test_a_load_that_fails_inside_peft_leaves_the_model_as_it_was(tmp_path, monkeypatch, request, arch):
+    adapter, expected = saved_sora(tmp_path / "a") if arch == "mlp" else request.getfixturevalue("bert_seq_cls")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("failed while loading the weights")
+    monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", boom)
+    model = make_model(arch)
+    before = model_state(model)
+    with pytest.raises(RuntimeError, match="failed while loading the weights"):
+        load_adapter_safely(model, adapter, is_trainable=True)
+    assert_same_state(before, model_state(model))
+    monkeypatch.undo()  # the same model then loads the adapter as a fresh one would
+    loaded = load_adapter_safely(model, adapter)
+    torch.testing.assert_close(output(loaded, make_input(arch)), expected, atol=1e-5, rtol=0)

@@ -15,7 +15,10 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
+import reprlib
 from pathlib import Path
 
 import peft
@@ -29,6 +32,7 @@ from torch import nn
 from .errors import InputError
 from .layer import Conv1D
 from .model import _closest_names
+from .undo import snapshot
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,6 +40,22 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 PEFT_TYPES = ("LORA", "SORA")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 PREFIX = "base_model.model."
+# A scale lora_alpha / r (or / sqrt(r), rsLoRA) larger than this in size is refused. Published recipes stay below
+# ~1e2 (alpha = 2r gives 2; rsLoRA with alpha 16..256 a few dozen), so 1e4 leaves two orders of headroom; yet at 1e4
+# ordinary entries (|A|, |B| ~ 0.1) already make s * B @ A hundreds of times the base weights (~0.05), a short step
+# from float16's 65504. A larger scale comes from a broken or hostile file, not from training.
+MAX_SCALE = 1e4
+# A rank above 2**20 exceeds every weight matrix's side; bounding it also keeps lora_alpha / r a computable float.
+MAX_RANK = 2**20
+# A PEFT config is 3 levels deep at most; deeper JSON is refused before anything recurses into it.
+MAX_DEPTH = 32
+# Which PEFT task_type fits a transformers model, by its class name in transformers' auto mappings.
+TASK_MAPPINGS = {"SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                 "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                 "SEQ_2_SEQ_LM": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+                 "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+                 "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
+                 "FEATURE_EXTRACTION": "MODEL_MAPPING_NAMES"}
 # The LoRA fields a plain LoRA uses. Every other one (DoRA, bias, Megatron, PiSSA and other initialisations, ...)
 # must keep its default: they add tensors, change the layers or base weights, or make PEFT import a named module.
 LORA_FIELDS = {"peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
@@ -77,9 +97,12 @@ def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, expect
     """Check `adapter_dir` against `base_model` and return its parsed config; raise `InputError` if anything is off.
 
     Checked: the files (adapter_config.json and adapter_model.safetensors present; no pickle-only weights),
-    the config (valid JSON without NaN/Infinity, peft_type LORA or SORA, known fields, the base model named
-    `expected_base` when both are set, every target_modules entry matching a Linear/Conv1D module), and the
-    weights (a parseable safetensors file with exactly the expected keys and shapes, float dtypes, finite values).
+    the config (valid JSON without NaN/Infinity, at most MAX_DEPTH levels deep, peft_type LORA or SORA, known
+    fields, the base model named `expected_base` when both are set, a task_type that fits the base model, every
+    target_modules entry matching a Linear/Conv1D module, finite lora_alpha and alpha_pattern values, ranks up to
+    MAX_RANK, and a scale lora_alpha / r (rsLoRA: / sqrt(r)) of at most MAX_SCALE in size for every adapted
+    module), and the weights (a parseable safetensors file with exactly the expected keys and shapes, float
+    dtypes, finite values).
 
     Pickle files (*.bin, *.pt, *.pth, *.pkl, *.ckpt) are refused when there is no adapter_model.safetensors:
     unpickling can run arbitrary code. When the safetensors file is there too, the pickles are ignored with a
@@ -89,20 +112,42 @@ def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, expect
     config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     _check_files(adapter_dir, config_path, weights_path)
     config = _read_config(config_path, expected_base)
-    _check_weights(weights_path, _expected_tensors(base_model, config, config_path))
+    _check_task(base_model, config, config_path)
+    try:
+        expected = _expected_tensors(base_model, config, config_path)
+    except re.error as err:  # target_modules, exclude_modules and the pattern keys are regular expressions to PEFT
+        raise InputError(f"{config_path}: {_short(err.pattern)} is not a valid regular expression ({err})") from None
+    _check_weights(weights_path, expected)
     return config
 
 
 def load_adapter_safely(base_model: nn.Module, adapter_dir: str | os.PathLike, expected_base: str | None = None,
                         is_trainable: bool = False) -> peft.PeftModel:
     """`verify_adapter`, then `peft.PeftModel.from_pretrained`. The directory must not change in between:
-    verify a local copy that only you can write."""
+    verify a local copy that only you can write.
+
+    On success `base_model` is changed in place, as PEFT does. On any failure, in verification or later inside
+    PEFT (which injects the adapter layers before it builds the task's PeftModel and loads the weights), the
+    exception propagates and `base_model` is as it was: its module tree, attributes, parameters (the same
+    tensors) and their requires_grad, and its config. This is undone from a snapshot of each module's attribute
+    dicts, not by copying the model: O(modules) in time and memory, whatever the size of the weights.
+    """
     verify_adapter(base_model, adapter_dir, expected_base)
-    return peft.PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    undo = snapshot(base_model)
+    try:
+        return peft.PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    except BaseException:
+        undo()
+        raise
 
 
 def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
+
+
+def _short(value) -> str:
+    """A bounded repr for messages: a hostile config can hold huge or deeply nested values."""
+    return reprlib.repr(value)
 
 
 def _check_files(adapter_dir: Path, config_path: Path, weights_path: Path) -> None:
@@ -123,18 +168,35 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number")
 
 
+def _depth(value) -> int:
+    """How deeply lists and objects nest in parsed JSON, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def _read_config(path: Path, expected_base: str | None) -> peft.PeftConfig:
+    too_deep = f"{path}: the JSON nests more than {MAX_DEPTH} levels deep; expected a PEFT adapter config"
     try:
         data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as err:
         raise InputError(f"{path}: not valid JSON ({_one_line(err)}); expected a PEFT adapter config") from None
+    except RecursionError:  # the parser recurses once per level
+        raise InputError(too_deep) from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: the JSON is a {type(data).__name__}; expected an object")
+    if _depth(data) > MAX_DEPTH:  # what parsed can still be too deep for the repr, copy and checks below
+        raise InputError(too_deep)
     peft_type = data.get("peft_type")
     if peft_type not in PEFT_TYPES:
         raise InputError(f"{path}: peft_type {peft_type!r}; expected one of {', '.join(PEFT_TYPES)}")
     config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
     _check_fields(data, config_cls, path)
+    _check_numbers(data, path)
     try:
         config = config_cls(**data)
     except (TypeError, ValueError) as err:
@@ -160,6 +222,63 @@ def _check_fields(data: dict, config_cls: type, path: Path) -> None:
         if field.name not in LORA_FIELDS and (type(value), value) != (type(default), default):  # 1 is not True
             raise InputError(f"{path}: {field.name} is {value!r}; expected {default!r}, its default "
                              "(only plain LoRA adapters are verified)")
+
+
+def _finite(number) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # a JSON integer beyond float's range
+        return False
+
+
+def _check_numbers(data: dict, path: Path) -> None:
+    """Finite alphas and bounded ranks, so that every scale below is a finite float (JSON's 1e400 parses as inf)."""
+    alphas = {"lora_alpha": data.get("lora_alpha", 0)}
+    alphas.update({f"alpha_pattern[{k!r}]": v for k, v in (data.get("alpha_pattern") or {}).items()})
+    for name, alpha in alphas.items():
+        if not _finite(alpha):
+            raise InputError(f"{path}: {name} is {_short(alpha)}; expected a finite number")
+    r = data.get("r")
+    if type(r) is int and r > MAX_RANK:  # other bad values of r get the config class's own message
+        raise InputError(f"{path}: r is {_short(r)}; expected a positive integer <= {MAX_RANK}")
+    for key, rank in (data.get("rank_pattern") or {}).items():
+        if type(rank) is not int or not 1 <= rank <= MAX_RANK:
+            raise InputError(f"{path}: rank_pattern[{key!r}] is {_short(rank)}; expected an integer in [1, {MAX_RANK}]")
+
+
+def _check_task(model: nn.Module, config: peft.PeftConfig, path: Path) -> None:
+    """PEFT picks the PeftModel class from task_type: one that does not fit the model fails inside PEFT, after the
+    adapter layers are injected (CAUSAL_LM on a classifier), or at the first forward pass."""
+    from transformers import PreTrainedModel
+    from transformers.models.auto import modeling_auto
+
+    task = getattr(config.task_type, "value", config.task_type)
+    if task is None:
+        return  # a plain PeftModel: any model
+    name = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        raise InputError(f"{path}: task_type is {task!r}, which needs a transformers model, and the base model "
+                         f"{name} is not one; expected task_type null")
+    fits = set()
+    for kind, mapping in TASK_MAPPINGS.items():
+        for names in getattr(modeling_auto, mapping).values():
+            if name in ((names,) if isinstance(names, str) else names):
+                fits.add(kind)
+    if fits and task not in fits:  # a class in no mapping (remote code, multimodal) cannot be told: accepted
+        raise InputError(f"{path}: task_type is {task!r}, which does not fit the base model {name}; "
+                         f"expected {' or '.join(sorted(fits))} (or null)")
+
+
+def _check_scale(config: peft.PeftConfig, name: str, rank: int, path: Path) -> None:
+    """PEFT's scale of module `name`: lora_alpha (alpha_pattern's if a key matches) / r, or / sqrt(r) (rsLoRA)."""
+    alpha, rslora = config.lora_alpha, config.peft_type == "LORA" and config.use_rslora
+    if config.peft_type == "LORA":
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), alpha)
+    scale = alpha / (math.sqrt(rank) if rslora else rank)
+    if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+        formula = "lora_alpha / sqrt(r)" if rslora else "lora_alpha / r"
+        raise InputError(f"{path}: the scale of {name!r}, {formula}, is {alpha!r} / {rank} = {scale:.4g}; "
+                         f"expected |scale| <= {MAX_SCALE:g}")
 
 
 def _matches(config: peft.PeftConfig, key: str) -> bool:
@@ -205,6 +324,7 @@ def _expected_tensors(model: nn.Module, config: peft.PeftConfig, path: Path) -> 
     expected, targets = {}, _targets(model, config, path)
     for name in targets:
         (n_in, n_out), rank = _in_out(modules[name], name, path), _rank(config, name, path)
+        _check_scale(config, name, config.r if kind == "sora" else rank, path)  # SoRA scales by r_max
         expected[f"{PREFIX}{name}.{kind}_A.weight"] = ((rank, n_in), True)
         expected[f"{PREFIX}{name}.{kind}_B.weight"] = ((n_out, rank), True)
         if kind == "sora":

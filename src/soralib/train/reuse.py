@@ -24,9 +24,9 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 
 
 def load_trained_model(run_dir: str | Path, config: TrainConfig, num_labels: int):
-    """The base model with the run's result applied: exported adapter, or trained parameters."""
+    """The base model with the run's result applied: exported adapter, or trained parameters (checked to fit the
+    base model and to be finite before any is applied)."""
     import peft
-    from safetensors.torch import load_file
 
     from ..verify import load_adapter_safely
     from .methods import load_base
@@ -44,16 +44,39 @@ def load_trained_model(run_dir: str | Path, config: TrainConfig, num_labels: int
     else:
         if not (run / "model" / "trainable.safetensors").is_file():
             raise InputError(f"{run} has no finished model (model/trainable.safetensors)")
-        trained = load_file(str(run / "model" / "trainable.safetensors"))
-        missing = set(trained) - {n for n, _ in model.named_parameters()}
-        if missing:
-            raise InputError(f"{run}/model does not fit the base model: unknown parameters {sorted(missing)[:3]}")
-        model.load_state_dict(trained, strict=False)
+        model.load_state_dict(_read_trained(run, model), strict=False)
     return model.eval(), tokenizer
 
 
+def _read_trained(run: Path, model) -> dict:
+    """model/trainable.safetensors, refused unless every tensor names a parameter of its shape and is finite."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = run / "model" / "trainable.safetensors"
+    try:
+        trained = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{path}: not a valid safetensors file ({' '.join(str(err).split())})") from None
+    params = dict(model.named_parameters())
+    missing = set(trained) - set(params)
+    if missing:
+        raise InputError(f"{run}/model does not fit the base model: unknown parameters {sorted(missing)[:3]}")
+    for name, tensor in sorted(trained.items()):
+        if tensor.shape != params[name].shape:
+            raise InputError(f"{run}/model does not fit the base model: {name!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(params[name].shape)}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise InputError(f"{path}: tensor {name!r} has NaN or Inf values; expected finite numbers")
+    return trained
+
+
 def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, dict[str, float]]:
-    """Metrics of every evaluation split of the run's task, recomputed from the saved result."""
+    """Metrics of every evaluation split of the run's task, recomputed from the saved result.
+
+    A result whose outputs hold NaN or Inf is refused (`InputError`: `sora eval` exits 2, the saved run being the
+    bad input) instead of scored: argmax over NaN logits gives a plausible-looking accuracy."""
     import tempfile
 
     from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
@@ -70,12 +93,28 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="sora-eval-") as scratch:  # Trainer wants an output_dir
         args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=config.eval_batch_size,
                                  report_to=[], disable_tqdm=True, use_cpu=True)
-        trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
-                          compute_metrics=metrics_fn(spec))
+        trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer))
         trainer.remove_callback(PrinterCallback)
-        return {name: evaluate(trainer, data_mod.tokenize_rows(rows, tokenizer, spec.text_columns,
-                                                               config.max_length, cache_dir()), name)
-                for name, rows in splits.items() if rows and name != "train"}
+        results = {}
+        for name, rows in splits.items():
+            if rows and name != "train":
+                trainer.compute_metrics = _finite_only(metrics_fn(spec), run_dir, name)
+                results[name] = evaluate(trainer, data_mod.tokenize_rows(rows, tokenizer, spec.text_columns,
+                                                                         config.max_length, cache_dir()), name)
+        return results
+
+
+def _finite_only(compute, run_dir, split: str):
+    """`compute` (a Trainer compute_metrics), refusing predictions that hold NaN or Inf."""
+    import numpy as np
+
+    def check(prediction):
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        if not np.isfinite(np.asarray(logits, dtype=np.float64)).all():
+            raise InputError(f"{run_dir}: the model's outputs on {split} hold NaN or Inf; the saved result is broken, "
+                             "so no score is reported")
+        return compute(prediction)
+    return check
 
 
 def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> Path:

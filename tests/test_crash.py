@@ -3,6 +3,7 @@ the run with exactly the uninterrupted run's result."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from soralib.cli import main
+from soralib.train import loop
 from soralib.train.loop import latest_checkpoint
 from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
 
@@ -112,3 +114,60 @@ def test_a_resumed_run_keeps_the_training_time_and_skipped_steps_counted_before_
     assert 1000.0 < metrics["train_seconds"] < 1000.0 + 180 and metrics["skipped_steps"] == 5
     last = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()][-1]
     assert last["elapsed_seconds"] > 1000.0
+
+
+EVERY_STEP = ["--max-train-samples", "16", "--save-steps", "1", "--logging-steps", "1"]  # 2 epochs of 2 steps
+
+
+@pytest.fixture(scope="module")
+def every_checkpoint(glue_dir, tiny_model, tmp_path_factory):  # noqa: F811
+    """A straight length-grouped run (the default) that keeps its checkpoint of every step."""
+    out = tmp_path_factory.mktemp("every-step") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SORALIB_CACHE", str(out.parent / "cache"))
+        patch.setattr(loop, "KEEP", 100)
+        assert main(train_args(glue_dir, tiny_model, out, *EVERY_STEP)) == 0
+    assert len(list(out.glob("checkpoints/stage-1/checkpoint-*"))) == 4
+    return out
+
+
+def _step_lines(run: Path) -> dict[int, dict]:
+    """history.jsonl's per-step lines without the wall-clock time."""
+    lines = (json.loads(x) for x in (run / "history.jsonl").read_text().splitlines())
+    return {x["step"]: {k: v for k, v in x.items() if k != "elapsed_seconds"} for x in lines if "loss" in x}
+
+
+@pytest.mark.parametrize("step", range(1, 5))
+def test_a_run_resumed_from_any_checkpoint_goes_on_bitwise_like_the_straight_run(
+        glue_dir, tiny_model, every_checkpoint, tmp_path, monkeypatch, step):  # noqa: F811
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    name = f"checkpoints/stage-1/checkpoint-{step}"
+    shutil.copytree(every_checkpoint / name, run / name)
+    shutil.copy(every_checkpoint / "config.yaml", run / "config.yaml")  # as if killed right after that checkpoint
+    assert main(train_args(glue_dir, tiny_model, run, *EVERY_STEP, "--resume")) == 0
+    straight = _step_lines(every_checkpoint)
+    assert _step_lines(run) == {s: line for s, line in straight.items() if s > step}
+    ta, tb = (load_file(str(d / "sora_adapter" / "adapter_model.safetensors")) for d in (every_checkpoint, run))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_ctrl_c_exits_130_with_one_line_naming_the_checkpoint_and_its_command_resumes(glue_dir, tiny_model, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "soralib.cli", *train_args(glue_dir, tiny_model, run, "--max-steps", "12",
+                                                            "--save-steps", "2", "--batch-size", "4")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not MOMENTS["right_after_a_checkpoint"](run):
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-3000:]
+    assert not (run / "metrics.json").exists() and "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("sora train: ")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err[-3000:]
+    checkpoint = lines[0].rsplit(" continues from ", 1)[1]
+    assert checkpoint == latest_checkpoint(run / "checkpoints" / "stage-1")
+    command = f"`sora train --output-dir {run} --resume`"
+    assert lines[0] == f"sora train: interrupted; {command} continues from {checkpoint}"
+    assert main(command.strip("`").split()[1:]) == 0 and (run / "metrics.json").is_file()

@@ -2,6 +2,8 @@
 for the CLI, exit code 2 with nothing written. The `test_gap_*` tests cover gaps found while the table was
 written, closed since."""
 
+import json
+import logging
 import sys
 
 import peft
@@ -16,6 +18,7 @@ from soralib.errors import InputError
 from soralib.layer import SoraLinear
 from soralib.report import write_report
 from soralib.train import data
+from soralib.train.config import build_config, save_yaml
 from soralib.train.methods import resolve_model_path
 from soralib.train.tasks import get_task
 from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
@@ -426,17 +429,52 @@ def test_an_output_dir_that_is_a_file_is_refused_and_kept(glue_dir, tiny_model, 
     assert out.read_text() == "mine"
 
 
-@pytest.mark.parametrize("make", ["missing", "empty", "not-a-run"])
-def test_resume_without_an_earlier_run_is_refused(glue_dir, tiny_model, tmp_path, capsys, make):
+def test_resume_in_a_directory_that_holds_no_run_is_refused_and_kept(glue_dir, tiny_model, tmp_path, capsys):
     out = tmp_path / "run"
-    if make != "missing":
-        out.mkdir()
-    if make == "not-a-run":
-        _write(out / "notes.txt", "mine")
+    out.mkdir()
+    _write(out / "notes.txt", "mine")
     fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--resume"),
-                  f"nothing to resume in {out}: no config.yaml from an earlier run", out if make == "missing" else None)
-    if make != "missing":
-        assert [p.name for p in out.iterdir()] == ([] if make == "empty" else ["notes.txt"])
+                  f"nothing to resume in {out}: no config.yaml from an earlier run")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_resume_before_the_run_wrote_anything_starts_it_from_scratch_with_a_notice(
+        glue_dir, tiny_model, tmp_path, caplog, make):  # noqa: F811
+    out = tmp_path / "run"
+    if make == "empty":
+        out.mkdir()
+    with caplog.at_level(logging.WARNING, logger="soralib.train.run"):
+        assert main(train_args(glue_dir, tiny_model, out, "--max-steps", "1", "--resume")) == 0
+    notices = [r.getMessage() for r in caplog.records if r.name == "soralib.train.run"]
+    assert notices == [f"--resume: no run in {out} yet; starting it from scratch"]
+    assert (out / "metrics.json").is_file() and (out / "config.yaml").is_file()
+
+
+def _saved_run(glue_dir, tiny_model, out, **fields):  # noqa: F811
+    """A run directory as a run killed before its first checkpoint leaves it: only config.yaml."""
+    out.mkdir()
+    given = {"task": "rte", "model": str(tiny_model), "data_dir": str(glue_dir), "output_dir": str(out),
+             "epochs": "2", "batch_size": "8", "logging_steps": "2", **fields}
+    save_yaml(build_config("sora", None, given), out / "config.yaml")
+    return (out / "config.yaml").read_text()
+
+
+def test_resume_with_flags_other_than_the_saved_run_is_refused_naming_them(glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    saved = _saved_run(glue_dir, tiny_model, out)
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--lr", "1e-3", "--r", "4", "--resume"),
+                  f"cannot resume {out} with other settings (lr: saved 0.0008, given 0.001; r: saved 8, given 4): "
+                  "drop these flags to resume it, or start a new run in another --output-dir")
+    assert [p.name for p in out.iterdir()] == ["config.yaml"] and (out / "config.yaml").read_text() == saved
+
+
+def test_resume_with_only_the_output_dir_continues_with_the_saved_settings(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    saved = _saved_run(glue_dir, tiny_model, out, lr="1e-3", r="4", max_steps="1")
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert (out / "config.yaml").read_text() == saved
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 1
 
 
 @pytest.mark.parametrize("files, expected", [

@@ -158,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # a bad value caught by the library (config, export layout, ...)
         print(f"sora {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: one line, no traceback; `sora train`'s says how to resume
+        print(f"sora {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 import soralib
@@ -28,10 +30,12 @@ from ..io import atomic_write_text
 from ..schedule import budget_threshold
 from .config import TrainConfig
 from .methods import make_optimizer
+from .sampler import LengthGroupedEpochs
 
 logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked checkpoints are resumed
 CLOCK = "training_seconds.json"  # in each checkpoint: training time and skipped steps up to it, kept on resume
+KEEP = 2  # complete checkpoints kept per stage, the newest ones
 
 
 class SoraTrainer(Trainer):
@@ -50,7 +54,28 @@ class SoraTrainer(Trainer):
             saved = json.loads(clock.read_text())
             self.seconds_before = saved["training_seconds"]
             self.nonfinite.skipped = saved.get("skipped_steps", 0)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except KeyboardInterrupt:  # end the progress bars' line: the message about resuming gets its own line
+            for callback in self.callback_handler.callbacks:
+                for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
+                    if bar is not None:
+                        bar.close()
+            raise
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super().get_train_dataloader()  # random order: accelerate seeds it with data_seed + epoch
+        lengths = [len(feature["input_ids"]) for feature in self.train_dataset]
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        # The state's epoch is e + (steps done in epoch e) / (steps per epoch): whole only at an epoch's end.
+        sampler = LengthGroupedEpochs(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                      seed, epoch=lambda: int(self.state.epoch or 0))
+        # The features hold only what the tokenizer gives the model, and labels: no columns to remove.
+        loader = DataLoader(self.train_dataset, batch_size=self.args.train_batch_size, sampler=sampler,
+                            collate_fn=self.data_collator, drop_last=self.args.dataloader_drop_last,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
 
     @property
     def nonfinite(self) -> "NonFiniteGuard":
@@ -113,7 +138,7 @@ class SoraTrainer(Trainer):
             atomic_write_text(staging / name / COMPLETE, "ok\n")
             shutil.rmtree(final / name, ignore_errors=True)
             os.replace(staging / name, final / name)
-            for old in _complete_checkpoints(final)[:-2]:  # keep the newest two
+            for old in _complete_checkpoints(final)[:-KEEP]:
                 shutil.rmtree(old)
         self.accelerator.wait_for_everyone()
 
@@ -209,6 +234,17 @@ def latest_checkpoint(directory: Path) -> str | None:
     """The newest checkpoint that was completely written (has the COMPLETE marker), or None."""
     done = _complete_checkpoints(directory) if directory.is_dir() else []
     return str(done[-1]) if done else None
+
+
+def resume_hint(run_dir: Path) -> str:
+    """One line for an interrupted run: the command that resumes it, and the checkpoint it continues from."""
+    stages = [p for p in (run_dir / "checkpoints").glob("stage-*") if p.name[6:].isdigit()]
+    stages.sort(key=lambda p: int(p.name[6:]), reverse=True)
+    newest = next(filter(None, map(latest_checkpoint, stages)), None)
+    command = f"`sora train --output-dir {shlex.quote(str(run_dir))} --resume`"
+    if newest is None:
+        return f"interrupted before the first checkpoint; {command} starts the run again"
+    return f"interrupted; {command} continues from {newest}"
 
 
 def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) -> TrainingArguments:

@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from . import data as data_mod
 from .config import TrainConfig, save_yaml
-from .loop import evaluate, latest_checkpoint, make_trainer
+from .loop import evaluate, latest_checkpoint, make_trainer, resume_hint
 from .methods import adapter_size, export_layout, load_base, within, wrap
 from .tasks import get_task
 
@@ -97,10 +97,23 @@ def seed_everything(seed: int) -> None:
 
 
 def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, show_progress: bool = False) -> dict:
-    """Run one experiment end to end; returns what metrics.json holds."""
+    """Run one experiment end to end; returns what metrics.json holds.
+
+    Ctrl-C raises KeyboardInterrupt with a one-line message: the command that resumes and its checkpoint.
+    """
+    try:
+        return _train(config, overwrite, resume, show_progress)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(resume_hint(Path(config.output_dir))) from None
+
+
+def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bool) -> dict:
     config.validate()
+    if resume and not overwrite and _no_run_yet(config.output_dir):  # killed before it wrote anything
+        logger.warning("--resume: no run in %s yet; starting it from scratch", config.output_dir)
+        resume = False
     replace_old = check_output_dir(config, overwrite, resume)
-    if resume:  # the saved run's config wins; only the output directory comes from the command line
+    if resume:  # the saved run's config wins (flags that disagree are refused); the output directory may differ
         config = _resumed_config(Path(config.output_dir or "."), config)
     thresholds = config.stage_thresholds()
     # Everything that can fail on bad input (data, model path, tokenizer) runs before anything is written.
@@ -251,7 +264,38 @@ def _resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
     if not (out / "config.yaml").is_file():
         raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
     saved = TrainConfig(**{k: coerce(k, v) for k, v in load_yaml(out / "config.yaml").items() if k in FIELDS})
+    changed = _changed_settings(saved, given)
+    if changed:
+        raise InputError(f"cannot resume {out} with other settings ({changed}): drop these flags to resume it, "
+                         "or start a new run in another --output-dir")
     return replace(saved, output_dir=given.output_dir)
+
+
+def _changed_settings(saved: TrainConfig, given: TrainConfig) -> str:
+    """The fields the user set (to other than the method's defaults) that differ from the saved run's, as text.
+
+    `given` holds every field, so only a value the user chose can disagree: re-issuing the run's command with
+    --resume passes, and so does a bare `sora train --output-dir DIR --resume`. The output directory may differ.
+    """
+    from .config import CONFIG_DIR, FIELDS, coerce, load_yaml
+
+    defaults = {**TrainConfig().to_dict(), "method": "sora"}  # "sora": the method when none is given
+    defaults.update({k: coerce(k, v) for k, v in load_yaml(CONFIG_DIR / f"{given.method}.yaml").items()
+                     if k != "method"})
+    differ = []
+    for name in FIELDS:
+        old, new = getattr(saved, name), getattr(given, name)
+        if name == "output_dir" or new == defaults[name] or new == old:
+            continue
+        if name == "modules_to_save" and old and new and old[:len(new)] == new:
+            continue  # the run appended the modules its checkpoint lacked (see train)
+        differ.append(f"{name}: saved {old!r}, given {new!r}")
+    return "; ".join(differ)
+
+
+def _no_run_yet(output_dir: str) -> bool:
+    out = Path(output_dir)
+    return bool(output_dir) and (not out.exists() or (out.is_dir() and not any(out.iterdir())))
 
 
 def _read_json(path: Path, default: dict) -> dict:

@@ -22,8 +22,8 @@ from . import common
 
 
 def initial_and_final_gates(run_dir: Path) -> tuple[Any, Any, Any]:
-    """(config, g0, g_final): the run's config and its gates before and after training, one flat tensor each,
-    in the same module order."""
+    """(config, g0, g_final, sizes, costs): the run's config, its gates before and after training (one flat
+    tensor each, in the same module order), each module's rank count and its cost per rank (in + out)."""
     import torch
     from safetensors.torch import load_file
 
@@ -41,23 +41,51 @@ def initial_and_final_gates(run_dir: Path) -> tuple[Any, Any, Any]:
     layers = list(sora_layers(model))
     g0 = torch.cat([layer.sora_gate["default"].detach().flatten() for _, layer in layers])
     g_final = torch.cat([final[f"{name}.sora_gate"].flatten() for name, _ in layers])
-    return config, g0, g_final
+    sizes = [layer.sora_gate["default"].numel() for _, layer in layers]
+    return config, g0, g_final, sizes, [layer.in_features + layer.out_features for _, layer in layers]
+
+
+def predicted_alive(config: Any, g0: Any, sizes: list[int], costs: list[int], steps: int) -> Any:
+    """Which ranks g0 alone would keep: abs(g0) > ξ·T for one fixed ξ; for a budget, the ranks its trim keeps
+    when applied to abs(g0) (the largest initial gates that fit, each module keeping min_rank); None where
+    g0 cannot decide (every gate starts equal, or a schedule, lr-scaled threshold or L1 term acts)."""
+    import torch
+
+    from soralib.budget import trim_to_budget
+
+    if config.gate_init == "ones" or config.schedule or config.thresholds or config.l1_coef:
+        return None
+    if config.target_rank or config.target_params:
+        budget = config.target_params or config.target_rank * len(sizes)
+        masks = trim_to_budget(list(g0.split(sizes)), costs if config.target_params else [1] * len(sizes),
+                               budget, config.effective_min_rank())
+        return torch.cat(masks)
+    if config.threshold_mode != "fixed" or config.effective_min_rank():
+        return None
+    return g0.abs() > config.threshold * steps
 
 
 def measure(key: str, run_dir: Path, steps: int) -> dict[str, Any] | None:
     """The record of one cell (T = its optimizer steps that ran: a skipped step has no prox step either):
-    alive ranks against |g0| > ξ·T; None for a run whose gates more than ξ·T decides (schedule, budget,
-    a minimum rank, an L1 term)."""
-    config, g0, g_final = initial_and_final_gates(run_dir)
-    if config.threshold_mode != "fixed" or config.schedule or config.thresholds or config.target_rank \
-            or config.target_params or config.effective_min_rank() or config.l1_coef:
+    alive ranks against what g0 alone predicts (`predicted_alive`); for gates that all start equal only the
+    alive count and the agreement a random kept set of that size would have with any other (`chance`)."""
+    config, g0, g_final, sizes, costs = initial_and_final_gates(run_dir)
+    if config.schedule or config.thresholds or config.l1_coef:
         return None
-    alive, predicted = g_final != 0, g0.abs() > config.threshold * steps
-    return {"kind": "gates", "key": key, "task": config.task, "seed": config.seed, "steps": steps,
-            "threshold": config.threshold, "xi_T": config.threshold * steps, "ranks": len(g0),
-            "alive": int(alive.sum()), "predicted": int(predicted.sum()), "agree": int((alive == predicted).sum()),
-            "alive_not_predicted": int((alive & ~predicted).sum()),
-            "predicted_not_alive": int((~alive & predicted).sum())}
+    alive, predicted = g_final != 0, predicted_alive(config, g0, sizes, costs, steps)
+    a = float(alive.float().mean())
+    p = a if predicted is None else float(predicted.float().mean())
+    record = {"kind": "gates", "key": key, "task": config.task, "seed": config.seed, "steps": steps,
+              "threshold": config.threshold, "xi_T": config.threshold * steps, "ranks": len(g0),
+              "alive": int(alive.sum()), "gate_init": config.gate_init,
+              "rule": "budget" if config.target_rank or config.target_params else "fixed",
+              # the same-verdict share of two independent random draws with these shares alive
+              "chance": round(a * p + (1 - a) * (1 - p), 4)}
+    if predicted is not None:
+        record.update(predicted=int(predicted.sum()), agree=int((alive == predicted).sum()),
+                      alive_not_predicted=int((alive & ~predicted).sum()),
+                      predicted_not_alive=int((~alive & predicted).sum()))
+    return record
 
 
 def table(records: list[dict[str, Any]]) -> list[str]:
@@ -65,13 +93,19 @@ def table(records: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in records if r.get("kind") == "gates"]
     if not rows:
         return []
-    lines = ["### Which ranks a fixed-ξ SoRA run keeps (`python -m bench.gates`)", "",
-             "| cell | steps T | ξ·T | ranks alive | ranks with abs(g0) > ξ·T | same verdict "
-             "| alive, not predicted | predicted, dead |", "|---" * 8 + "|"]
+    lines = ["### Which ranks a SoRA run keeps, against what its initial gates alone predict (`python -m bench.gates`)",
+             "", "Prediction: abs(g0) > ξ·T for a fixed ξ; for a budget, the ranks its trim keeps applied to abs(g0); "
+             "none when every gate starts at 1. \"Chance\" is the agreement of two random kept sets of this size: "
+             "a same-verdict share near it means g0 decides nothing, near 100 % that g0 decides everything.", "",
+             "| cell | rule | gate init | steps T | ξ·T | ranks alive | predicted alive | same verdict | chance "
+             "| alive, not predicted | predicted, dead |", "|---" * 11 + "|"]
     for r in sorted(rows, key=lambda r: r["key"]):
-        lines.append(f"| {r['key']} | {r['steps']} | {r['xi_T']:.2f} | {r['alive'] / r['ranks']:.1%} | "
-                     f"{r['predicted'] / r['ranks']:.1%} | {r['agree'] / r['ranks']:.1%} | "
-                     f"{r['alive_not_predicted']} | {r['predicted_not_alive']} |")
+        def share(k: str) -> str:
+            return f"{r[k] / r['ranks']:.1%}" if k in r else "–"
+        chance = f"{r['chance']:.1%}" if "chance" in r else "–"  # records older than the column
+        lines.append(f"| {r['key']} | {r.get('rule', 'fixed')} | {r.get('gate_init', 'randn')} | {r['steps']} | "
+                     f"{r['xi_T']:.2f} | {share('alive')} | {share('predicted')} | {share('agree')} | {chance} "
+                     f"| {r.get('alive_not_predicted', '–')} | {r.get('predicted_not_alive', '–')} |")
     return lines + [""]
 
 
@@ -86,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     origin = common.provenance("bench.gates", argv)
     for r in common.read_jsonl(args.results):
         run_dir = Path(args.runs_dir) / r["key"]
-        if r.get("variant") != "sora" or r["key"] in done:
+        if not r.get("variant", "").startswith("sora") or r["key"] in done:
             continue
         if not (run_dir / "sora_adapter").is_dir():
             print(f"skip  {r['key']}: no run directory {run_dir} here")
@@ -94,13 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = r["metrics"]["steps"] - r["metrics"].get("skipped_steps", 0)
         record = measure(r["key"], run_dir, steps)
         if record is None:
-            print(f"skip  {r['key']}: not one fixed ξ from start to end")
+            print(f"skip  {r['key']}: a schedule or an L1 term decides with the threshold")
             continue
         # g0 is rebuilt by today's code: the cell's own commit is kept beside it, to spot an init that changed
         record.update(origin, cell_commit=r.get("commit"))
         common.append_jsonl(args.out, record)
         done.add(r["key"])
-        print(f"done  {r['key']}: {record['agree']} of {record['ranks']} ranks as |g0| > ξ·T predicts")
+        print(f"done  {r['key']}: {record.get('agree', '–')} of {record['ranks']} ranks as g0 alone predicts "
+              f"(chance {record['chance']:.0%})")
     return 0
 
 

@@ -24,9 +24,12 @@ SEARCH_SEED = 0
 
 
 def text(value: float) -> str:
-    """8e-4, not 0.0008: the spelling of the `--set lr=` values beside it."""
-    mantissa, exponent = f"{value:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+    """8e-4, not 0.0008: the spelling of the `--set lr=` values beside it (more digits where one is not exact)."""
+    for digits in range(6):
+        mantissa, exponent = f"{value:.{digits}e}".split("e")
+        if float(f"{mantissa}e{exponent}") == value:
+            return f"{mantissa}e{int(exponent)}"
+    return repr(value)
 
 
 def shipped(method: str) -> float:
@@ -124,3 +127,44 @@ def search_tables(records: list[dict[str, Any]]) -> list[str]:
                 lines.append(f"| {fam} | {name} | {cells} | {mean} | {verdict} |")
         lines.append("")
     return lines
+
+
+# ------------------------------------------------------------------------------------ per-task search
+# The fair footing for a claim between methods (issue 13): every variant picks its own lr per task from the
+# same grid, on seed 0's validation half. A grid lr equal to the method's shipped one is run without `lr` in
+# the cell's overrides, so the shipped-lr cells of earlier sittings are this search's points too.
+GRID = ("2e-4", "8e-4", "2e-3")
+PATTERNED = ("lora-pattern", "random-pattern")  # cells that count only with the pattern they trained (bench.patterns)
+
+
+def grid_extra(method: str, value: str) -> dict[str, str]:
+    """The cell overrides that train `method` at `value`: none at its shipped lr."""
+    return {} if float(value) == shipped(method) else {"lr": text(float(value))}
+
+
+def cell_lr(r: dict[str, Any], method: str) -> str:
+    """The lr a finished cell trained at, in `text` spelling."""
+    return text(float((r.get("extra") or {}).get("lr", shipped(method))))
+
+
+def per_task_points(records: Iterable[dict[str, Any]], model: str, epochs: float, jobs: int, task: str,
+                    variant: str, method: str, given: dict[str, str]) -> dict[str, float]:
+    """{lr: validation score} of the seed-0 cells of (task, variant) whose other overrides are `given`."""
+    found: dict[str, float] = {}
+    for r in records:
+        extra = {k: v for k, v in (r.get("extra") or {}).items() if k != "lr"}
+        if (same_setting(r, model, epochs, jobs) and r["task"] == task and r["variant"] == variant
+                and r["seed"] == SEARCH_SEED and extra == given and (r.get("pattern") or variant not in PATTERNED)):
+            metrics = r["metrics"]
+            score = metrics.get("eval", {}).get(metrics.get("main_metric"))
+            if score is not None:
+                found[cell_lr(r, method)] = score
+    return found
+
+
+def per_task_choice(scores: dict[str, float], grid: Iterable[str]) -> str | None:
+    """The grid lr with the best validation score; None until every grid lr has one. Ties: the smaller lr."""
+    grid = sorted((text(float(g)) for g in grid), key=float)
+    if not all(g in scores for g in grid):
+        return None
+    return max(grid, key=lambda g: scores[g])  # max keeps the first (smallest) of equals

@@ -26,57 +26,20 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import common, lr
-
-# variant -> (method, TrainConfig overrides). r_max / r is 8 everywhere (the YAMLs' default, stated here too).
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "sora": ("sora", {"r": 8, "threshold": 3e-4, "threshold_mode": "fixed"}),
-    "sora-schedule": ("sora", {"r": 8, "schedule": "linear", "num_stages": 3}),
-    "sora-budget": ("sora", {"r": 8, "target_rank": 4}),
-    # The control for what learning the gates adds: gates that never learn (lr 1e-9), so only the threshold
-    # acts and abs(g0) > ξ·T alone picks the ranks, each kept rank scaled by abs(g0) - ξ·T (see bench.gates).
-    "sora-static-gates": ("sora", {"r": 8, "threshold": 3e-4, "threshold_mode": "fixed", "gate_lr": 1e-9}),
-    "lora": ("lora", {"r": 8}),
-    "adalora": ("adalora", {"r": 8}),  # budget: the matching sora cell's kept_params (target_r 4 if it kept all)
-    "full": ("full", {}),
-}
-TASKS = ("rte", "mrpc", "cola", "stsb")
-
-
-@dataclass(frozen=True)
-class Cell:
-    task: str
-    variant: str
-    seed: int
-    epochs: float
-    model: str = "minilm"
-    extra: tuple[tuple[str, str], ...] = ()  # --set FIELD=VALUE overrides and the searched lr, part of the key
-    jobs: int = 1  # cells run at once: it changes every wall time, so it is part of the key
-    budget_from: str | None = None  # adalora: the key of the sora cell whose final size is its budget
-
-    @property
-    def key(self) -> str:
-        key = f"{self.task}-{self.variant}-s{self.seed}-e{self.epochs:g}"
-        if self.model != "minilm" or self.extra:  # anything else that changes the run changes the key
-            key += "-" + common.short_hash([self.model, list(self.extra)])
-        if self.budget_from and self.budget_from != replace(self, variant="sora", budget_from=None).key:
-            key += "-b" + common.short_hash(self.budget_from)  # sized by a sora cell of another lr
-        return key + (f"-j{self.jobs}" if self.jobs > 1 else "")
-
-    @property
-    def threads(self) -> int:
-        return max(1, (os.cpu_count() or 1) // self.jobs)
+from . import common, lr, patterns
+from .matrix import TASKS, VARIANTS, Cell, cells  # noqa: F401  (the matrix, re-exported)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated GLUE tasks")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--methods", default=",".join(VARIANTS), help=f"variants among {', '.join(VARIANTS)}")
+    p.add_argument("--methods", default=None, help=f"variants among {', '.join(VARIANTS)} (default: every "
+                   "variant the --lr-search mode runs: per-task all but adalora and full, family all but the "
+                   "pattern controls)")
     p.add_argument("--epochs", type=float, default=20.0, help="training epochs of every method (default 20); "
                    "sora-schedule spreads them over its 3 stages")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each with cores // jobs threads")
@@ -86,37 +49,33 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="minilm")
     p.add_argument("--data-dir", default=str(common.GLUE_DIR) if common.GLUE_DIR.is_dir() else None,
                    help="GLUE TSV directory (default: ../shared/data/glue when present, else the hub)")
+    p.add_argument("--lr-search", choices=("per-task", "family"), default="per-task",
+                   help="per-task (default): every variant picks its lr per task from --lr-grid on seed 0's "
+                        "validation half; family: one lr per method family from bench/lr.py's older search")
+    p.add_argument("--lr-grid", default=",".join(lr.GRID), help="the per-task search's lrs (default %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="extra TrainConfig override for every cell (part of the cell key), e.g. max_steps=5")
     p.add_argument("--results", default=str(common.RESULTS / "quality.jsonl"), help="results JSONL")
+    p.add_argument("--ranks", default=str(patterns.STORE), help="the sora cells' ranks (`sora ranks`), JSONL")
     p.add_argument("--runs-dir", default=str(common.RUNS), help="where the run directories go")
     p.add_argument("--dry-run", action="store_true", help="list what would run and what is skipped; run nothing")
     args = p.parse_args(argv)
+    if args.methods is None:
+        left_out = ("adalora", "full") if args.lr_search == "per-task" else tuple(patterns.SHUFFLED)
+        args.methods = ",".join(v for v in VARIANTS if v not in left_out)
     unknown = [v for v in args.methods.split(",") if v not in VARIANTS]
     if unknown or any("=" not in s for s in args.set):
         p.error(f"unknown variant(s) {unknown}" if unknown else "--set takes FIELD=VALUE")
+    if args.lr_search == "per-task" and "adalora" in args.methods.split(","):
+        p.error("adalora is sized by its sora cell, which the per-task search does not pair: "
+                "run it with --lr-search family")
+    one_lr = args.lr_search == "family" or any(s.startswith("lr=") for s in args.set)
+    if one_lr and set(args.methods.split(",")) & set(patterns.SHUFFLED):
+        p.error(f"{', '.join(patterns.SHUFFLED)} take their ranks from the per-task search's sora-budget cells: "
+                "run them with --lr-search per-task and no --set lr=")
     if not 1 <= args.jobs <= (os.cpu_count() or 1):
         p.error(f"--jobs {args.jobs}: allowed 1 to the number of cores ({os.cpu_count()})")
     return args
-
-
-def cells(args: argparse.Namespace, records: dict[str, dict]) -> list[Cell]:
-    """The matrix in run order: per task and seed, the SoRA variants first (AdaLoRA's budget comes from sora).
-
-    Each method family trains at the lr its validation search chose (bench/lr.py), unless `--set lr=` fixes
-    one lr for all (which is how the search's own cells are run). AdaLoRA's budget is the final size of the
-    sora cell of its task and seed at sora's lr: in a search the same lr as its own, in the matrix sora's."""
-    given = dict(s.split("=", 1) for s in args.set)
-    lrs = {} if "lr" in given else lr.chosen(records.values(), args.model, args.epochs, args.jobs)
-
-    def cell(task: str, variant: str, seed: int) -> Cell:
-        fam_lr = lrs.get(lr.family(variant) or "")
-        extra = tuple(sorted({**given, **({"lr": fam_lr} if fam_lr else {})}.items()))
-        budget_from = cell(task, "sora", seed).key if variant == "adalora" else None
-        return Cell(task, variant, seed, args.epochs, args.model, extra, args.jobs, budget_from)
-
-    variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
-    return [cell(t, v, int(s)) for t in args.tasks.split(",") for s in args.seeds.split(",") for v in variants]
 
 
 def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> tuple[list[str], dict[str, Any]]:
@@ -137,10 +96,13 @@ def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> t
             overrides["adalora_target_r"] = 4
             budget = {"source": "default", "adalora_target_r": 4}
     overrides.update({"task": cell.task, "model": cell.model, "protocol": "paper", "seed": cell.seed,
-                      "eval_each_epoch": "true",  # the validation curve behind the time-to-score column
+                      # the validation curve behind the time-to-score column (finer with --set eval_fraction=)
+                      "eval_each_epoch": "false" if "eval_fraction" in dict(cell.extra) else "true",
                       "epochs": epochs, "output_dir": str(Path(args.runs_dir) / cell.key)})
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
+    if cell.pattern_from:  # written by run_cell from the source's stored ranks
+        overrides["lora_config"] = str(Path(args.runs_dir) / f"{cell.key}.lora.json")
     overrides.update(dict(cell.extra))
     argv = [sys.executable, "-m", "soralib.cli", "train", "--method", method]
     for name, value in overrides.items():
@@ -184,6 +146,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
     wall = None
     if not (run_dir / "metrics.json").is_file():  # else: trained earlier, only the JSONL line was lost
         run_dir.parent.mkdir(parents=True, exist_ok=True)
+        if cell.pattern_from:
+            patterns.write(cell.variant, cell.task, cell.seed, patterns.load(args.ranks)[cell.pattern_from],
+                           Path(args.runs_dir) / f"{cell.key}.lora.json")
         started = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": str(cell.threads)}  # torch's intra-op threads
         with open(run_dir.parent / f"{cell.key}.log", "a") as log:  # outside run_dir: sora train wants it empty
@@ -192,13 +157,30 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
         if done.returncode != 0 or not (run_dir / "metrics.json").is_file():
             return None
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    sparsity = run_dir / "sparsity.json"
+    ranks = ({m["module"]: m["kept_rank"] for m in json.loads(sparsity.read_text())["modules"]}
+             if sparsity.is_file() else None)
     curve, curve_note = validation_curve(run_dir / "history.jsonl", metrics.get("main_metric", ""))
     return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "method": metrics["method"],
             "seed": cell.seed, "epochs": cell.epochs, "model": cell.model, "protocol": "paper",
             "jobs": cell.jobs, "threads": cell.threads,
             "extra": dict(cell.extra), "metrics": metrics, "wall_seconds": wall, "resumed": resumed,
-            "budget": budget or None, "curve": curve, "curve_note": curve_note,
+            "budget": budget or None, "ranks": ranks, "curve": curve,
+            "lr_grid": args.lr_grid.split(",") if args.lr_search == "per-task" else None,
+            "pattern": {"source": cell.pattern_from, "shuffled": patterns.SHUFFLED[cell.variant]}
+            if cell.pattern_from else None, "curve_note": curve_note,
             "run_command": f"OMP_NUM_THREADS={cell.threads} {shlex.join(argv)}"}
+
+
+def waiting_for_ranks(args: argparse.Namespace, records: dict[str, dict]) -> list[str]:
+    """A line per pattern variant and task that planned no cell: its sora-budget source has no stored ranks."""
+    if args.lr_search != "per-task":
+        return []
+    planned = {(c.task, c.variant) for c in cells(args, records)}
+    return [f"wait  {task} {variant}: the ranks of its {patterns.SOURCE} cells are not stored yet "
+            f"({args.ranks}; `sora ranks` runs when such a cell finishes here)"
+            for task in args.tasks.split(",") for variant in args.methods.split(",")
+            if variant in patterns.SHUFFLED and (task, variant) not in planned]
 
 
 def ready(cell: Cell, waiting: set[str]) -> bool:
@@ -216,11 +198,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     records = {r["key"]: r for r in common.read_jsonl(args.results) if "key" in r}
+    if not args.dry_run:  # the ranks of sora cells trained before the ranks were stored, while their runs exist
+        patterns.backfill(records, Path(args.runs_dir), args.ranks)
     queue = []
     matrix = cells(args, records)
+    searching = args.lr_search == "per-task" and "lr" not in dict(s.split("=", 1) for s in args.set)
     for variant in sorted({c.variant for c in matrix}, key=list(VARIANTS).index):
-        extra = dict(next(c.extra for c in matrix if c.variant == variant))
-        print(f"lr    {variant}: {extra['lr'] if 'lr' in extra else 'shipped'}")
+        lrs = sorted({dict(c.extra).get("lr", "shipped") for c in matrix
+                      if c.variant == variant and not (searching and c.seed == lr.SEARCH_SEED)})
+        print(f"lr    {variant}: {', '.join(lrs) or ('searching' if searching else 'shipped')}")
     for cell in matrix:
         if cell.key in records:
             print(f"skip  {cell.key} (done)")
@@ -231,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"run   {cell.key}: {shlex.join(command(cell, args, records)[0])}")
         else:
             queue.append(cell)
-    failed = 0
+    failed, gave_up = 0, set()
     origin = common.provenance("bench.quality", argv)  # the code the cells run: taken before the first starts
     running: dict[Any, Cell] = {}
     deadline = None if args.start_within is None else time.monotonic() + 60 * args.start_within
@@ -247,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for cell in [c for c in queue if ready(c, waiting) and sized_by_missing(c, records)]:
                 queue.remove(cell)  # an AdaLoRA cell sized by default would keep its key: never run it so
                 failed += 1
+                gave_up.add(cell.key)
                 print(f"FAIL  {cell.key}: its budget comes from {cell.budget_from}, which has no result", flush=True)
             for cell in [c for c in queue if ready(c, waiting)][: args.jobs - len(running)]:
                 queue.remove(cell)
@@ -257,14 +244,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cell, record = running.pop(future), future.result()
                 if record is None:
                     failed += 1
+                    gave_up.add(cell.key)
                     print(f"FAIL  {cell.key}: see {Path(args.runs_dir) / (cell.key + '.log')}", flush=True)
                     continue
                 record.update({**origin, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})  # command, commit, machine
                 common.append_jsonl(args.results, record)
                 records[cell.key] = record
+                if cell.variant == patterns.SOURCE:
+                    patterns.capture(cell.key, Path(args.runs_dir) / cell.key, args.ranks)
                 main_metric = record["metrics"].get("main_metric")
                 print(f"done  {cell.key}: test {main_metric} {record['metrics'].get('test', {}).get(main_metric)}",
                       flush=True)
+            if queue or deadline is None or time.monotonic() <= deadline:
+                # A finished search plans its other seeds' cells: the queue is the matrix again, in its order.
+                busy = {c.key for c in running.values()} | set(records) | gave_up
+                queue = [c for c in cells(args, records) if c.key not in busy]
+    for note in waiting_for_ranks(args, records):
+        print(note)
     return 1 if failed else 0
 
 

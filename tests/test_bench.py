@@ -6,11 +6,13 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is a package at the repository root, not part of the installed soralib
     sys.path.insert(0, str(ROOT))
 
-from bench import common, gates, lr, quality, quality_tables, speed, tables  # noqa: E402
+from bench import common, gates, lr, patterns, quality, quality_tables, speed, tables  # noqa: E402
 from test_train_cli import glue_dir, tiny_model, train_args  # noqa: E402,F401  (fixtures)
 
 
@@ -34,7 +36,7 @@ def test_speed_smoke_records_every_ratio_and_the_machine(tmp_path, capsys):
 
 
 def _quality_record(task, variant, seed, test, kept, wall=100.0, val=None):
-    metric = {"mrpc": "f1", "rte": "accuracy", "cola": "matthews_correlation"}[task]
+    metric = {"mrpc": "f1", "rte": "accuracy", "cola": "matthews_correlation", "stsb": "pearson"}[task]
     return {"kind": "quality", "key": f"{task}-{variant}-s{seed}-e20", "task": task, "variant": variant,
             "method": variant.split("-")[0], "seed": seed, "epochs": 20.0, "model": "minilm", "protocol": "paper",
             "extra": {}, "wall_seconds": wall, "curve": None, "commit": "a" * 40, "machine": {"cores": 2},
@@ -45,7 +47,7 @@ def _quality_record(task, variant, seed, test, kept, wall=100.0, val=None):
 
 def test_quality_dry_run_skips_finished_cells(tmp_path, capsys):
     results, runs = tmp_path / "quality.jsonl", tmp_path / "runs"
-    argv = ["--dry-run", "--tasks", "rte", "--seeds", "0,1", "--methods", "lora,sora,adalora", "--results",
+    argv = ["--lr-search", "family", "--dry-run", "--tasks", "rte", "--seeds", "0,1", "--methods", "lora,sora,adalora", "--results",
             str(results), "--runs-dir", str(runs)]
     assert quality.main(argv) == 0
     first = capsys.readouterr().out
@@ -114,7 +116,7 @@ def test_quality_jobs_run_cells_side_by_side_and_adalora_waits_for_its_sora_cell
 
     monkeypatch.setattr(quality, "run_cell", fake_run_cell)
     results = tmp_path / "quality.jsonl"
-    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "sora,lora,adalora,full", "--jobs", "2", "--results",
+    argv = ["--lr-search", "family", "--tasks", "rte", "--seeds", "0", "--methods", "sora,lora,adalora,full", "--jobs", "2", "--results",
             str(results), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 0
     assert most[0] == 2  # two cells at a time
@@ -136,13 +138,13 @@ def test_quality_never_runs_adalora_without_its_sora_cells_result(tmp_path, monk
         return {"key": cell.key, "metrics": {"main_metric": "accuracy", "test": {"accuracy": 0.5}}}
 
     monkeypatch.setattr(quality, "run_cell", fake_run_cell)
-    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "sora,lora,adalora", "--results",
+    argv = ["--lr-search", "family", "--tasks", "rte", "--seeds", "0", "--methods", "sora,lora,adalora", "--results",
             str(tmp_path / "quality.jsonl"), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 1
     assert started == ["rte-sora-s0-e20", "rte-lora-s0-e20"]
     assert "FAIL  rte-adalora-s0-e20: its budget comes from rte-sora-s0-e20, which has no result" in \
         capsys.readouterr().out
-    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "adalora", "--results", str(tmp_path / "quality.jsonl"),
+    argv = ["--lr-search", "family", "--tasks", "rte", "--seeds", "0", "--methods", "adalora", "--results", str(tmp_path / "quality.jsonl"),
             "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 1 and len(started) == 2  # asked for AdaLoRA alone: nothing runs, and it says so
     assert quality.main(argv + ["--dry-run"]) == 0
@@ -216,7 +218,7 @@ def test_time_to_lora_score_is_measured_in_seconds_and_in_steps():
 def test_quality_starts_no_cell_after_its_time_is_up(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(quality, "run_cell", lambda *a: (_ for _ in ()).throw(AssertionError("a cell started")))
     results = tmp_path / "quality.jsonl"
-    argv = ["--tasks", "rte", "--seeds", "0", "--methods", "sora,lora", "--start-within", "0", "--results",
+    argv = ["--lr-search", "family", "--tasks", "rte", "--seeds", "0", "--methods", "sora,lora", "--start-within", "0", "--results",
             str(results), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 0
     assert "2 cell(s) left for the next run" in capsys.readouterr().out and not results.exists()
@@ -308,7 +310,7 @@ def test_the_matrix_runs_each_family_at_its_searched_lr_unless_one_lr_is_set(tmp
     results = tmp_path / "quality.jsonl"
     for record in _lr_search():
         common.append_jsonl(results, record)
-    argv = ["--dry-run", "--tasks", "rte", "--seeds", "0,1", "--methods", "sora,lora,adalora", "--results",
+    argv = ["--lr-search", "family", "--dry-run", "--tasks", "rte", "--seeds", "0,1", "--methods", "sora,lora,adalora", "--results",
             str(results), "--runs-dir", str(tmp_path / "runs")]
     assert quality.main(argv) == 0
     out = capsys.readouterr().out
@@ -364,4 +366,140 @@ def test_gates_tool_finds_the_ranks_a_fixed_threshold_alone_would_keep(glue_dir,
     assert record["xi_T"] == 0.08 * metrics["steps"] and 0 < record["alive"] < record["ranks"]
     assert record["agree"] == record["ranks"] and record["alive"] == record["predicted"]
     assert gates.main(argv) == 0 and len(common.read_jsonl(out)) == 1  # a measured cell is skipped
-    assert "| rte-sora-s0-e2 | 12 | 0.96 |" in "\n".join(gates.table([record]))
+    assert "| rte-sora-s0-e2 | fixed | randn | 12 | 0.96 |" in "\n".join(gates.table([record]))
+
+
+def test_gates_tool_predicts_a_budget_runs_kept_ranks_from_g0_and_gives_only_chance_for_equal_gates(
+        glue_dir, tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    from soralib.cli import main as sora
+
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
+    results, out = tmp_path / "quality.jsonl", tmp_path / "gates.jsonl"
+    # static gates under a budget: the trim keeps the largest abs(g0) that fit, which the tool must rebuild
+    for name, flags in (("rte-sora-budget-s0-e2", ["--gate-init", "randn"]),
+                        ("rte-sora-budget-ones-s0-e2", ["--gate-init", "ones"])):
+        run = tmp_path / "runs" / name
+        assert sora(train_args(glue_dir, tiny_model, run, "--target-rank", "2", "--gate-lr", "1e-9", *flags)) == 0
+        metrics = json.loads((run / "metrics.json").read_text())
+        common.append_jsonl(results, {"key": name, "variant": name[4:].rsplit("-s0", 1)[0], "metrics": metrics})
+    assert gates.main(["--results", str(results), "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    budget, ones = common.read_jsonl(out)
+    assert budget["rule"] == "budget" and 0 < budget["alive"] < budget["ranks"]
+    assert budget["agree"] == budget["ranks"]  # gates that never learn: g0 decides every rank
+    assert ones["gate_init"] == "ones" and "predicted" not in ones  # all equal: nothing to predict from
+    assert budget["alive"] == ones["alive"]  # the same budget: the same number of ranks alive
+    assert 0.5 <= ones["chance"] < 1 and ones["chance"] == budget["chance"]  # two random draws of that share
+    assert "| rte-sora-budget-ones-s0-e2 | budget | ones |" in "\n".join(gates.table([budget, ones]))
+
+
+def test_per_task_search_runs_every_grid_lr_on_seed_0_then_the_other_seeds_at_the_winner(tmp_path, monkeypatch,
+                                                                                          capsys):
+    score = {"2e-4": 0.70, None: 0.60, "2e-3": 0.75}  # None: the shipped 8e-4; rte's winner is 2e-3
+    ran = []
+
+    def fake_run_cell(cell, args, records):
+        extra = dict(cell.extra)
+        ran.append((cell.task, cell.seed, extra.get("lr")))
+        best = score[extra.get("lr")] - (0.2 if cell.task == "mrpc" and extra.get("lr") == "2e-3" else 0)
+        return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "seed": cell.seed,
+                "epochs": cell.epochs, "model": cell.model, "jobs": cell.jobs, "extra": extra,
+                "metrics": {"main_metric": "accuracy", "eval": {"accuracy": best}, "test": {"accuracy": 0.5}}}
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    results = tmp_path / "quality.jsonl"
+    argv = ["--tasks", "rte,mrpc", "--seeds", "0,1,2", "--methods", "lora-equal", "--results", str(results),
+            "--runs-dir", str(tmp_path / "runs")]
+    assert quality.main(argv + ["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("run   ") == 6 and "lr    lora-equal: searching" in out  # seeds 1, 2 wait for the search
+    assert quality.main(argv) == 0  # one invocation: the search, then the seeds it planned
+    assert sorted(ran, key=str) == sorted([(t, 0, lr_) for t in ("rte", "mrpc") for lr_ in ("2e-4", None, "2e-3")]
+                                 + [("rte", 1, "2e-3"), ("rte", 2, "2e-3"), ("mrpc", 1, "2e-4"), ("mrpc", 2, "2e-4")],
+                                 key=str)
+    assert ran.index(("rte", 1, "2e-3")) < ran.index(("mrpc", 0, "2e-4"))  # a task's seeds before the next task
+    records = common.read_jsonl(results)
+    assert lr.per_task_choice(lr.per_task_points(records, "minilm", 20.0, 1, "rte", "lora-equal", "lora",
+                                                 {"split_seed": "0"}), lr.GRID) == "2e-3"
+    assert all(r["extra"]["split_seed"] == "0" for r in records)  # one dev split for every seed
+    assert lr.per_task_choice({"2e-4": 0.5, "8e-4": 0.5}, lr.GRID) is None  # incomplete: nothing chosen
+    assert lr.per_task_choice({"2e-4": 0.5, "8e-4": 0.5, "2e-3": 0.4}, lr.GRID) == "2e-4"  # a tie: the smaller
+    assert quality.main(argv + ["--dry-run"]) == 0
+    assert "lr    lora-equal: 2e-3, 2e-4" in capsys.readouterr().out
+
+
+def test_claims_pair_each_variant_at_its_own_per_task_lr_and_show_only_intervals_that_exclude_zero(tmp_path):
+    from bench import claims
+
+    def cell(task, variant, seed, lr_, val, test, kept=1000):
+        method = quality.VARIANTS[variant][0]
+        extra = tuple(sorted({"split_seed": "0", **lr.grid_extra(method, lr_)}.items()))
+        record = _quality_record(task, variant, seed, test=test, kept=kept, val=val)
+        record.update(key=quality.Cell(task, variant, seed, 20.0, extra=extra).key, extra=dict(extra))
+        return record
+
+    records = []
+    for task in ("mrpc", "rte", "cola", "stsb"):
+        for variant, best in (("sora-budget", "8e-4"), ("lora-equal", "2e-3")):
+            records += [cell(task, variant, 0, g, 0.9 if g == best else 0.5, 0.1) for g in lr.GRID if g != best]
+        # at the winning lr: sora-budget above lora-equal by 2, 3, 4 points (seed 0 also the search's)
+        records += [cell(task, "sora-budget", s, "8e-4", 0.9, 0.80 + 0.01 * s) for s in range(3)]
+        records += [cell(task, "lora-equal", s, "2e-3", 0.9, 0.78 - 0.01 * s) for s in range(3)]
+    records += [cell("mrpc", "lora", 0, g, 0.5, 0.5) for g in ("2e-4", "8e-4")]  # search incomplete: left out
+    assert claims.t_interval([0.02, 0.04, 0.06]) == pytest.approx((0.04, 0.04 - 0.0497, 0.04 + 0.0497), abs=1e-4)
+    text = "\n".join(claims.claims_section(records))
+    assert "| mrpc (f1) | sora-budget | 8e-4 | 3 | 81.00 ± 1.00 |" in text
+    assert "| mrpc (f1) | lora-equal | 2e-3 | 3 | 77.00 ± 1.00 |" in text  # only its cells at the winning lr
+    assert "| mrpc (f1) | lora |" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| sora-budget − lora-equal"))
+    assert "+4.00 [-0.97, +8.97] not shown" in row  # Δ 2, 4, 6: too few seeds for so much spread
+    assert row.endswith("| **shown** |")  # over the four tasks the interval excludes 0
+    three = "\n".join(claims.claims_section([r for r in records if r["task"] != "stsb"]))
+    assert "not judged (tasks missing)" in three  # a mean over three of the four tasks is no verdict
+    old = "\n".join(claims.claims_section([{**r, "extra": {k: v for k, v in r["extra"].items() if k != "split_seed"},
+                                            "key": r["key"] + "-old"} for r in records]))
+    assert old == ""  # cells whose dev split moved with the seed are not in the per-task protocol's tables
+    assert claims.verdict((0.01, 0.005, 0.02), 2).startswith("not judged")
+    assert claims.verdict((-0.01, -0.02, -0.005), 3) == "shown worse"
+
+
+def test_pattern_controls_train_the_ranks_of_their_seeds_sora_budget_cell_as_found_and_shuffled(tmp_path, monkeypatch,
+                                                                                              capsys):
+    ran = {}
+
+    def fake_run_cell(cell, args, records):
+        ran[cell.key] = cell
+        extra = dict(cell.extra)
+        return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "seed": cell.seed,
+                "epochs": cell.epochs, "model": cell.model, "jobs": cell.jobs, "extra": extra,
+                "pattern": {"source": cell.pattern_from} if cell.pattern_from else None,
+                "metrics": {"main_metric": "f1", "eval": {"f1": 0.9 if extra.get("lr") == "2e-3" else 0.5}}}
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    results, ranks = tmp_path / "quality.jsonl", tmp_path / "ranks.jsonl"
+    argv = ["--tasks", "mrpc", "--seeds", "0,1", "--methods", "sora-budget,lora-pattern,random-pattern", "--results",
+            str(results), "--ranks", str(ranks), "--runs-dir", str(tmp_path / "runs")]
+    assert quality.main(argv) == 0
+    assert {c.variant for c in ran.values()} == {"sora-budget"}  # no ranks stored yet: the controls wait
+    assert "wait  mrpc lora-pattern: the ranks of its sora-budget cells are not stored yet" in capsys.readouterr().out
+    source = {s: quality.Cell("mrpc", "sora-budget", s, 20.0, extra=(("lr", "2e-3"), ("split_seed", "0"))).key
+              for s in (0, 1)}
+    for seed, key in source.items():  # what `sora ranks` stores once a sora cell's run exists
+        common.append_jsonl(ranks, {"key": key, "lora_config": {"r": 3, "rank_pattern": {"^a": 1, "^b": 2, "^c": 3},
+                                                                "alpha_pattern": {"^a": 2, "^b": 4, "^c": 6}}})
+    assert quality.main(argv) == 0
+    controls = [c for c in ran.values() if c.variant != "sora-budget"]
+    assert len(controls) == 8  # each: three lrs on seed 0, then seed 1 at the winner
+    assert all(c.pattern_from == source[c.seed] for c in controls)
+    argv_ = quality.command(controls[0], quality.parse(argv), {})[0]
+    assert argv_[argv_.index("--lora-config") + 1].endswith(f"{controls[0].key}.lora.json")
+    found, shuffled = tmp_path / "found.json", tmp_path / "shuffled.json"
+    stored = patterns.load(ranks)[source[0]]
+    patterns.write("lora-pattern", "mrpc", 0, stored, found)
+    patterns.write("random-pattern", "mrpc", 0, stored, shuffled)
+    assert json.loads(found.read_text()) == stored
+    moved = json.loads(shuffled.read_text())
+    assert sorted(moved["rank_pattern"].values()) == [1, 2, 3] and moved["rank_pattern"] != stored["rank_pattern"]
+    assert all(moved["alpha_pattern"][m] == 2 * r for m, r in moved["rank_pattern"].items())  # alpha goes along
+    for one_lr in (["--lr-search", "family"], ["--set", "lr=2e-4"]):  # a pattern needs the per-task search
+        with pytest.raises(SystemExit):
+            quality.parse(argv + one_lr)

@@ -192,3 +192,30 @@ def test_min_rank_spares_each_modules_largest_gates_from_the_threshold():
     train_steps(model, opt, steps=2, arch="bert")
     for gate in soralib.gate_parameters(model):
         assert int((gate != 0).sum()) == 2
+
+
+def test_sgd_gates_take_the_papers_proximal_gradient_step_while_adamw_steps_a_and_b():
+    model = sora_model("mlp")
+    lr, lam = 0.1, 8.0  # τ = lr · λ = 0.8: some gates die, some survive
+    opt = soralib.create_sora_optimizer(model, lr=lr, threshold=lam, threshold_mode="lr_scaled", gate_update="sgd")
+    gates = soralib.gate_parameters(model)
+    B = layers(model)[0].sora_B["default"].weight  # A has no gradient yet: B starts at zero
+    B0 = B.detach().clone()
+    out = model(**make_input("mlp")).pow(2).mean() + sum((g * torch.arange(g.numel())).sum() for g in gates)
+    out.backward()
+    stepped = [g.detach() - lr * g.grad for g in gates]
+    expected = [torch.where(v.abs() > lr * lam, v - torch.sign(v) * lr * lam, torch.zeros_like(v)) for v in stepped]
+    grads = [g.grad.clone() for g in gates]
+    opt.step()
+    for g, e, grad in zip(gates, expected, grads):
+        torch.testing.assert_close(g.detach(), e)  # SGD then the soft-threshold, not AdamW's normalised step
+        assert torch.equal(g.grad, grad)  # the gradient is back where zero_grad and others look
+    assert not torch.equal(B.detach(), B0) and len(opt.state[B]) > 0  # B: AdamW
+    assert all(len(opt.state[g]) == 0 for g in gates)  # no Adam moments for the gates
+    assert "sora_gate_update" in opt.state_dict()["param_groups"][-1]
+    opt.zero_grad()
+    before = [g.detach().clone() for g in gates]
+    opt.step()  # a skipped step (no gradients): the gates stay
+    assert all(torch.equal(g, b) for g, b in zip(gates, before))
+    with pytest.raises(ValueError, match="gate_update must be one of optimizer, sgd, got 'adam'"):
+        soralib.create_sora_optimizer(model, lr=lr, gate_update="adam")

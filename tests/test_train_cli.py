@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from soralib.cli import main
+from soralib.errors import InputError
 from soralib.train.config import METHODS, build_config
 from soralib.train.rundir import foreign
 
@@ -98,6 +99,20 @@ def test_eval_each_epoch_writes_a_validation_curve_with_elapsed_time(glue_dir, t
     assert evals[0]["step"] < evals[1]["step"] and 0 < evals[0]["elapsed_seconds"] < evals[1]["elapsed_seconds"]
     final = [h for h in history if "validation_accuracy" in h]
     assert len(final) == 1 and "split" not in final[0]  # the final evaluation, told apart by its prefix
+
+
+def test_eval_fraction_writes_a_validation_point_every_tenth_of_training(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    # 48 rows, batch 8, 2 epochs: 12 steps; every 0.25 of them is every 3 steps
+    assert main(train_args(glue_dir, tiny_model, out, "--eval-fraction", "0.25")) == 0
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if h.get("split") == "validation"] == [3, 6, 9, 12]
+    with pytest.raises(InputError, match="eval_fraction must be in"):
+        build_config("sora", None, {"eval_fraction": 1.5})
+    with pytest.raises(InputError, match="gate_update must be one of optimizer, sgd, got 'adam'"):
+        build_config("sora", None, {"gate_update": "adam"})
+    with pytest.raises(InputError, match="give eval_each_epoch or eval_fraction, not both"):
+        build_config("sora", None, {"eval_fraction": 0.1, "eval_each_epoch": True})
 
 
 def test_regression_task_reports_pearson_and_spearman(glue_dir, tiny_model, tmp_path):
@@ -426,3 +441,37 @@ def test_resuming_a_finished_run_is_refused(glue_dir, tiny_model, tmp_path, caps
     capsys.readouterr()
     _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--resume"), "is finished (metrics.json exists)")
     assert (out / "metrics.json").read_bytes() == before
+
+
+def test_lora_trains_with_the_per_module_ranks_of_a_lora_config_file(glue_dir, tiny_model, tmp_path):
+    pattern = tmp_path / "ranks.json"
+    pattern.write_text(json.dumps({"r": 3, "lora_alpha": 6, "target_modules": ["query", "value"],
+                                   "rank_pattern": {"^bert.encoder.layer.0.attention.self.query": 1},
+                                   "alpha_pattern": {"^bert.encoder.layer.0.attention.self.query": 2},
+                                   "task_type": "CAUSAL_LM"}))  # not a rank field: the run's own task stays
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--method", "lora", "--lora-config", str(pattern))) == 0
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    ranks = {k.split(".lora_A")[0].removeprefix("base_model.model."): v.shape[0] for k, v in weights.items()
+             if "lora_A" in k}
+    assert ranks == {"bert.encoder.layer.0.attention.self.query": 1, "bert.encoder.layer.0.attention.self.value": 3,
+                     "bert.encoder.layer.1.attention.self.query": 3, "bert.encoder.layer.1.attention.self.value": 3}
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    with pytest.raises(InputError, match="lora-config is used only with method lora"):
+        build_config("sora", None, {"lora_config": str(pattern)})
+    pattern.write_text("[1]")
+    assert main(train_args(glue_dir, tiny_model, tmp_path / "bad", "--method", "lora", "--lora-config",
+                           str(pattern))) == 2
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_split_seed_gives_every_seed_the_same_validation_and_test_halves(glue_dir):
+    from soralib.train.run import load_splits
+
+    def halves(**fields):
+        config = build_config("sora", None, {"task": "rte", "data_dir": str(glue_dir), "protocol": "paper", **fields})
+        splits = load_splits(config)[1]
+        return splits["validation"], splits["test"]
+
+    assert halves(seed=1, split_seed=0) == halves(seed=0, split_seed=0) == halves(seed=0)
+    assert halves(seed=1) != halves(seed=0)  # without it, each seed draws its own halves

@@ -29,7 +29,9 @@ except ImportError:  # pragma: no cover
     DTensor = ()
 
 THRESHOLD_MODES = ("fixed", "lr_scaled")
+GATE_UPDATES = ("optimizer", "sgd")
 _HOOKED = "_sora_prox_hooked"
+_HIDDEN = "_sora_hidden_gate_grads"
 
 
 def soft_threshold(g: torch.Tensor, tau: float) -> torch.Tensor:
@@ -103,10 +105,35 @@ def prox_step(optimizer: torch.optim.Optimizer) -> None:
             p.copy_(shard_like(shrunk, p))
 
 
+def hide_sgd_gate_grads(optimizer: torch.optim.Optimizer) -> None:
+    """Before the step: gates of a ``sora_gate_update="sgd"`` group take plain SGD, not the optimizer's own
+    update, so their gradients are set aside (an optimizer leaves a parameter without ``.grad`` alone)."""
+    hidden = []
+    for group in optimizer.param_groups:
+        if group.get("sora_gate_update") == "sgd":
+            hidden += [(p, group, p.grad) for p in group["params"]]
+            for p in group["params"]:
+                p.grad = None
+    setattr(optimizer, _HIDDEN, hidden)
+
+
+@torch.no_grad()
+def sgd_gate_step(optimizer: torch.optim.Optimizer) -> None:
+    """After the step: g ← g − η_t ∇g for the hidden gates, their gradients put back (for the prox step,
+    `zero_grad` and anyone reading them): with the prox step, the paper's proximal gradient step."""
+    for p, group, grad in getattr(optimizer, _HIDDEN, ()):
+        p.grad = grad
+        if grad is not None:
+            p.add_(grad, alpha=-group["lr"])
+    setattr(optimizer, _HIDDEN, [])
+
+
 def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Run `prox_step` after every `optimizer.step()`. Idempotent; returns the optimizer."""
+    """Run `prox_step` after every `optimizer.step()` (plain-SGD gates first take their step). Idempotent;
+    returns the optimizer."""
     if not getattr(optimizer, _HOOKED, False):
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: prox_step(opt))
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: hide_sgd_gate_grads(opt))
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: (sgd_gate_step(opt), prox_step(opt)))
         setattr(optimizer, _HOOKED, True)
     return optimizer
 
@@ -130,13 +157,18 @@ def get_threshold(optimizer: torch.optim.Optimizer) -> float:
 
 def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, threshold: float = 0.0,
                       threshold_mode: str = "fixed", gate_lr: float | None = None,
-                      gate_group_kwargs: dict[str, Any] | None = None, min_rank: int = 0) -> list[dict[str, Any]]:
+                      gate_group_kwargs: dict[str, Any] | None = None, min_rank: int = 0,
+                      gate_update: str = "optimizer") -> list[dict[str, Any]]:
     """Param groups: decayed matrices (A, B, head weights), undecayed vectors (biases, norms), gates.
 
     Gates never get weight decay: the ℓ1 prox step is their only regulariser. With `min_rank` > 0 the
-    prox step leaves each module's `min_rank` largest gates alone.
+    prox step leaves each module's `min_rank` largest gates alone. `gate_update` "optimizer": the gates take
+    the optimizer's own update (AdamW in the reference code); "sgd": plain SGD at the group's lr, whatever
+    the optimizer (the paper's proximal gradient step, with ``threshold_mode="lr_scaled"``).
     """
     check_threshold(threshold, threshold_mode)
+    if gate_update not in GATE_UPDATES:
+        raise ValueError(f"gate_update must be one of {', '.join(GATE_UPDATES)}, got {gate_update!r}")
     if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:
         raise ValueError(f"min_rank must be an integer >= 0, got {min_rank!r}")
     if not 0 < lr < math.inf:
@@ -154,7 +186,8 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
         {"params": [p for p in others if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in others if p.ndim < 2], "weight_decay": 0.0},
         {"params": gates, "weight_decay": 0.0, "lr": gate_lr or lr, "sora_threshold": float(threshold),
-         "sora_threshold_mode": threshold_mode, "sora_min_rank": min_rank, **(gate_group_kwargs or {})},
+         "sora_threshold_mode": threshold_mode, "sora_min_rank": min_rank, "sora_gate_update": gate_update,
+         **(gate_group_kwargs or {})},
     ]
     return [g for g in groups if g["params"]]
 
@@ -175,8 +208,11 @@ def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
                           threshold_mode: str = "fixed", gate_lr: float | None = None,
                           optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
                           gate_group_kwargs: dict[str, Any] | None = None, min_rank: int = 0,
-                          **optimizer_kwargs: Any) -> torch.optim.Optimizer:
+                          gate_update: str = "optimizer", **optimizer_kwargs: Any) -> torch.optim.Optimizer:
     """A torch optimizer over the model's trainable parameters, with the prox step on the gate group.
+
+    `gate_update="sgd"` gives the gates plain SGD at their lr before the soft-threshold, whatever
+    `optimizer_cls` does to A and B: with ``threshold_mode="lr_scaled"`` the paper's proximal gradient step.
 
     `gate_group_kwargs` overrides optimizer settings for the gates only, e.g. ``{"eps": 1e-6}`` as in the
     reference code's separate gate AdamW. With transformers' Trainer pass it as
@@ -185,7 +221,7 @@ def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
     replaces adapter parameters when it casts them.
     """
     groups = sora_param_groups(model, lr, weight_decay, threshold, threshold_mode, gate_lr, gate_group_kwargs,
-                               min_rank)
+                               min_rank, gate_update)
     return add_prox_step(optimizer_cls(groups, lr=lr, **optimizer_kwargs))
 
 

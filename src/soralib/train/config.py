@@ -24,7 +24,7 @@ PROTOCOLS = ("default", "paper")
 # Fields with a fixed set of values: validate() checks them and `sora train --help` lists them.
 CHOICES = {
     "method": METHODS, "protocol": PROTOCOLS, "schedule": SCHEDULES, "threshold_mode": ("fixed", "lr_scaled"),
-    "gate_init": ("randn", "ones"), "layout": ("exact", "uniform"),
+    "gate_init": ("randn", "ones"), "gate_update": ("optimizer", "sgd"), "layout": ("exact", "uniform"),
 }
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -86,10 +86,16 @@ class TrainConfig:
     """Global gradient clipping."""
     seed: int = 0
     """Seed of initialisation, data order and splits."""
+    split_seed: Optional[int] = None
+    """Seed of the paper protocol's validation/test split alone; None: seed. Fixed across seeds, no seed's
+    validation half (where hyperparameters are chosen) is another seed's test half."""
     logging_steps: int = 10
     """Steps between logged scalars (loss, lr, threshold, kept rank, kept parameters)."""
     eval_each_epoch: bool = False
     """Also evaluate the validation set after every epoch (history.jsonl gets eval_* lines)."""
+    eval_fraction: Optional[float] = None
+    """Evaluate the validation set every this fraction of each stage's steps instead (0.1: ten points), for
+    a validation curve finer than an epoch; None: as eval_each_epoch says."""
     save_steps: int = 0
     """Steps between resumable checkpoints; 0: once per epoch."""
     max_bad_steps: int = 10
@@ -108,6 +114,10 @@ class TrainConfig:
     """Modules to adapt; None: every linear layer of each block (PEFT's "all-linear")."""
     modules_to_save: Optional[list[str]] = None
     """Trained in full and saved; None: the task head the model declares."""
+    lora_config: Optional[str] = None
+    """Method lora: a LoraConfig JSON (as `sora ranks RUN_DIR --out FILE` writes) whose r, lora_alpha,
+    target_modules, rank_pattern, alpha_pattern and use_rslora replace the run's: plain LoRA with the
+    per-module ranks a SoRA run found. Everything else (head, dropout, task) comes from the run."""
     # --- SoRA
     gate_init: str = "randn"
     """randn (reference code) or ones."""
@@ -117,6 +127,9 @@ class TrainConfig:
     """fixed or lr_scaled."""
     gate_lr: Optional[float] = None
     """Learning rate of the gates; None: lr."""
+    gate_update: str = "optimizer"
+    """How the gates step before the soft-threshold: optimizer (AdamW like A and B, the reference code) or
+    sgd (plain SGD at the gate lr: the paper's proximal gradient step, with threshold_mode lr_scaled)."""
     gate_eps: float = 1e-6
     """AdamW eps of the gate group (the reference code's gate optimizer)."""
     l1_coef: float = 0.0
@@ -201,6 +214,10 @@ class TrainConfig:
                 # the model (the budget's trim) come back from the fp32 copy at the next step.
                 raise InputError("deepspeed cannot run a parameter budget or min_rank > 0 (ZeRO flattens the gates); "
                                  "drop --deepspeed, or the budget and --min-rank")
+        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
+            bad("eval_fraction", "in (0, 1) (or unset)")
+        if self.eval_fraction is not None and self.eval_each_epoch:
+            raise InputError("give eval_each_epoch or eval_fraction, not both")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             bad("task_type", "one of " + ", ".join(TASK_TYPES) + " (or unset: inferred)")
         glue = GLUE_TASKS.get(self.task.lower())
@@ -260,8 +277,9 @@ USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
     **dict.fromkeys(("r", "lora_alpha", "lora_dropout", "target_modules"), [_ADAPTER]),
     "modules_to_save": [("method", "with method sora, lora, adalora or bitfit (full trains every parameter)",
                          lambda c: c.method != "full")],
-    **dict.fromkeys(("gate_init", "threshold_mode", "gate_lr", "gate_eps", "l1_coef", "thresholds", "min_rank",
-                     "target_rank", "layout"), [_SORA]),
+    **dict.fromkeys(("gate_init", "gate_update", "threshold_mode", "gate_lr", "gate_eps", "l1_coef", "thresholds",
+                     "min_rank", "target_rank", "layout"), [_SORA]),
+    "lora_config": [("method", "with method lora", lambda c: c.method == "lora")],
     "threshold": [_SORA, ("schedule", "without --schedule", lambda c: not c.schedule),
                   ("thresholds", "without --thresholds (each stage has its own threshold)", lambda c: not c.thresholds)],
     "schedule": [_SORA, _NO_LIST],

@@ -263,7 +263,8 @@ def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) ->
         save_strategy="steps" if config.save_steps else "epoch",
         save_steps=config.save_steps or 500,
         save_total_limit=None,  # SoraTrainer keeps the newest two complete checkpoints itself
-        eval_strategy="epoch" if config.eval_each_epoch else "no",
+        eval_strategy="steps" if config.eval_fraction else "epoch" if config.eval_each_epoch else "no",
+        eval_steps=config.eval_fraction,  # a float < 1 is a ratio of the stage's steps
         seed=config.seed,
         data_seed=config.seed,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",

@@ -132,8 +132,8 @@ def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget
             r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, gate_init=config.gate_init,
             **common()))
     if config.method == "lora":
-        return peft.get_peft_model(model, peft.LoraConfig(
-            r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, **common()))
+        fields = dict(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, **common())
+        return peft.get_peft_model(model, peft.LoraConfig(**{**fields, **lora_file(config.lora_config)}))
     if config.method == "adalora":
         if config.r < 2:
             raise InputError(f"adalora needs r >= 2 (it prunes from r down to a smaller target), got {config.r}")
@@ -159,12 +159,40 @@ def wrap(config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget
     return model
 
 
+PATTERN_FIELDS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora")
+
+
+def lora_file(path: str | None) -> dict[str, Any]:
+    """The rank-related fields of a LoraConfig JSON (`sora ranks` output), checked; {} without a file."""
+    import json
+
+    import peft
+
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"lora_config {path} cannot be read as JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"lora_config {path} must be a JSON object of LoraConfig fields, got {type(data).__name__}")
+    fields = {k: data[k] for k in PATTERN_FIELDS if k in data}
+    if isinstance(fields.get("target_modules"), list):
+        fields["target_modules"] = list(fields["target_modules"])
+    try:
+        peft.LoraConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"lora_config {path}: {str(err).splitlines()[0]}") from None
+    return fields
+
+
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW; for SoRA with the gate group and its prox step, at the stage's first threshold."""
     if config.method == "sora":
         return soralib.create_sora_optimizer(
             model, lr=config.lr, weight_decay=config.weight_decay, threshold=config.stage_thresholds()[0],
-            threshold_mode=config.threshold_mode, gate_lr=config.gate_lr, gate_group_kwargs={"eps": config.gate_eps},
+            threshold_mode=config.threshold_mode, gate_lr=config.gate_lr, gate_update=config.gate_update,
+            gate_group_kwargs={} if config.gate_update == "sgd" else {"eps": config.gate_eps},
             min_rank=config.effective_min_rank())
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW([

@@ -84,7 +84,8 @@ def load_splits(config: TrainConfig):
     else:
         spec = get_task(config.task)
         loaded = data_mod.load_glue_dir(spec, config.data_dir) if config.data_dir else data_mod.load_hub(spec)
-    splits = data_mod.make_splits(spec, loaded, config.protocol, config.seed)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    splits = data_mod.make_splits(spec, loaded, config.protocol, split_seed)
     if config.max_train_samples:
         splits["train"] = splits["train"][: config.max_train_samples]
     if config.max_eval_samples:

@@ -17,7 +17,8 @@ from soralib.train.loop import latest_checkpoint
 from soralib.train.rundir import LOCK, foreign
 from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
 
-QUICK = ["--max-steps", "4", "--save-steps", "2", "--batch-size", "4", "--threshold", "0.01"]
+STEPS = ["--max-steps", "4", "--save-steps", "2", "--batch-size", "4"]
+QUICK = [*STEPS, "--threshold", "0.01"]
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,7 @@ def finished(glue_dir, tiny_model, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("finished") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SORALIB_CACHE", str(tmp_path_factory.getbasetemp() / "rundir-cache"))
-        assert main(train_args(glue_dir, tiny_model, out, *QUICK, "--schedule", "linear", "--schedule-start", "0.002",
+        assert main(train_args(glue_dir, tiny_model, out, *STEPS, "--schedule", "linear", "--schedule-start", "0.002",
                                "--schedule-end", "0.01", "--num-stages", "2")) == 0
         assert main(["export", str(out)]) == 0 and main(["report", str(out)]) == 0
     return out

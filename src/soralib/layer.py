@@ -9,6 +9,7 @@ step (see `soralib.optim`) that sets whole ranks to exactly zero. The wrapped la
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, Optional
@@ -16,14 +17,44 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 try:  # GPT-2 style layers store the weight as (in, out)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but the math does not need it
     Conv1D = ()
 
+logger = logging.getLogger("soralib")
+
 SUPPORTED_LAYERS = "torch.nn.Linear, transformers Conv1D"
 EMBEDDING_ADVICE = "SoRA adapts nn.Linear and Conv1D; for embeddings use peft.LoraConfig or modules_to_save"
+
+
+# The gates some optimizer soft-thresholds (filled by `soralib.optim.add_prox_step`), weakly held. A plain
+# WeakSet cannot hold tensors: its membership test compares them with `==`, which is elementwise.
+PROX_GATES = WeakIdKeyDictionary()
+UNTHRESHOLDED_WARNING = (
+    "SoRA gates are not soft-thresholded: this model trains without soralib's prox step, so no rank will ever "
+    "be pruned; build the optimizer with soralib.create_sora_optimizer(...) or add "
+    "soralib.SoraCallback(threshold=...) to the Trainer's callbacks")
+
+
+class TrainingCheck:
+    """Shared by the SoRA layers of one model, so that the unthresholded-gates warning comes once per model."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+
+def warn_if_unthresholded(layer: "SoraLayer") -> None:
+    """At a layer's first training forward: warn (once per model) if no optimizer soft-thresholds its gates.
+    An optimizer is built before the first training step (Trainer builds it before its loop), so a training
+    run that goes on without the prox step leaves every rank alive: better loud at the start than silent."""
+    gates = [layer.sora_gate[a] for a in layer.active_adapters if a in layer.sora_gate]
+    gates = [g for g in gates if g.requires_grad]
+    if gates and not layer._sora_check.warned and not any(g in PROX_GATES for g in gates):
+        layer._sora_check.warned = True
+        logger.warning(UNTHRESHOLDED_WARNING)
 
 
 def gated_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, gate: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -50,6 +81,8 @@ class SoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
+        self._sora_unchecked = True  # until the first forward in training mode, see `warn_if_unthresholded`
+        self._sora_check = TrainingCheck()  # SoraModel gives all its layers one shared check
 
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
@@ -149,6 +182,9 @@ class SoraLinear(nn.Module, SoraLayer):
                 self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._sora_unchecked and self.training and torch.is_grad_enabled():
+            self._sora_unchecked = False
+            warn_if_unthresholded(self)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -10,7 +10,7 @@ from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from .config import SoraConfig, SoraPeftType
-from .layer import EMBEDDING_ADVICE, SUPPORTED_LAYERS, Conv1D, SoraLayer, SoraLinear
+from .layer import EMBEDDING_ADVICE, SUPPORTED_LAYERS, Conv1D, SoraLayer, SoraLinear, TrainingCheck
 
 PREFIX = "sora_"
 
@@ -38,6 +38,9 @@ class SoraModel(BaseTuner):
                 f"target module {current_key!r} has type {type(base).__name__}; allowed: {SUPPORTED_LAYERS}"
             )
         new_module = SoraLinear(target, adapter_name, **args)
+        if getattr(self, "_sora_check", None) is None:
+            self._sora_check = TrainingCheck()
+        new_module._sora_check = self._sora_check  # one unthresholded-gates warning per model, not per layer
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # a second adapter is not trained unless it is made active
         self._replace_module(parent, target_name, new_module, target)

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .layer import SoraLayer
+from .layer import PROX_GATES, SoraLayer
 
 try:  # FSDP2 shards parameters as DTensors; a torch built without torch.distributed has none
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -79,6 +79,18 @@ def check_threshold(threshold: float, mode: str) -> None:
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
 
 
+def check_gate_options(threshold: float, threshold_mode: str, gate_lr: float | None, min_rank: int,
+                       gate_update: str) -> None:
+    """The gate group's settings, checked before any optimizer is built or changed."""
+    check_threshold(threshold, threshold_mode)
+    if gate_update not in GATE_UPDATES:
+        raise ValueError(f"gate_update must be one of {', '.join(GATE_UPDATES)}, got {gate_update!r}")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:
+        raise ValueError(f"min_rank must be an integer >= 0, got {min_rank!r}")
+    if gate_lr is not None and not 0 < gate_lr < math.inf:
+        raise ValueError(f"gate_lr must be a finite number > 0 (or None: lr), got {gate_lr!r}")
+
+
 @torch.no_grad()
 def prox_step(optimizer: torch.optim.Optimizer) -> None:
     """Soft-threshold every param group that carries a ``sora_threshold``."""
@@ -131,6 +143,10 @@ def sgd_gate_step(optimizer: torch.optim.Optimizer) -> None:
 def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Run `prox_step` after every `optimizer.step()` (plain-SGD gates first take their step). Idempotent;
     returns the optimizer."""
+    for group in optimizer.param_groups:  # so that training these gates does not warn they are not thresholded
+        if "sora_threshold" in group:
+            for p in group["params"]:
+                PROX_GATES[p] = True
     if not getattr(optimizer, _HOOKED, False):
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: hide_sgd_gate_grads(opt))
         optimizer.register_step_post_hook(lambda opt, args, kwargs: (sgd_gate_step(opt), prox_step(opt)))
@@ -166,15 +182,9 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
     the optimizer's own update (AdamW in the reference code); "sgd": plain SGD at the group's lr, whatever
     the optimizer (the paper's proximal gradient step, with ``threshold_mode="lr_scaled"``).
     """
-    check_threshold(threshold, threshold_mode)
-    if gate_update not in GATE_UPDATES:
-        raise ValueError(f"gate_update must be one of {', '.join(GATE_UPDATES)}, got {gate_update!r}")
-    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:
-        raise ValueError(f"min_rank must be an integer >= 0, got {min_rank!r}")
+    check_gate_options(threshold, threshold_mode, gate_lr, min_rank, gate_update)
     if not 0 < lr < math.inf:
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if gate_lr is not None and not 0 < gate_lr < math.inf:
-        raise ValueError(f"gate_lr must be a finite number > 0 (or None: lr), got {gate_lr!r}")
     if not 0 <= weight_decay < math.inf:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     gates = gate_parameters(model)

@@ -1,0 +1,93 @@
+"""SoraCallback: the prox step for a model trained by a plain transformers Trainer (or a Trainer subclass).
+
+A Trainer left to build its own optimizer puts the gates in its AdamW groups: never soft-thresholded (no rank
+is ever pruned) and weight-decayed when ``args.weight_decay`` > 0. `SoraCallback` fixes that Trainer's
+optimizer at ``on_train_begin``, the first event that sees it (the Trainer builds the optimizer and its
+learning-rate schedule in ``train()``, just before): the gates move out of their groups into a gate group of
+their own (no weight decay, the ``sora_*`` keys of `soralib.create_sora_optimizer`), the schedule gets an entry
+for the new group, and the prox step is added. An optimizer that already has a gate group is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import TrainerCallback
+
+from .optim import _why_no_gates, add_prox_step, check_gate_options, gate_parameters
+
+logger = logging.getLogger(__name__)
+
+FIX = ("pass soralib's optimizer instead: Trainer(..., optimizers=(soralib.create_sora_optimizer(model, "
+       "lr=args.learning_rate, threshold=...), None))")
+
+
+class SoraCallback(TrainerCallback):
+    """Give a Trainer-built optimizer SoRA's gate group and prox step: ``Trainer(..., callbacks=[SoraCallback(
+    threshold=3e-4)])``. The arguments are `soralib.create_sora_optimizer`'s; `gate_lr` None: the lr of the
+    group the gates came from (``args.learning_rate``), on the Trainer's schedule either way."""
+
+    def __init__(self, threshold: float, threshold_mode: str = "fixed", min_rank: int = 0,
+                 gate_lr: float | None = None, gate_update: str = "optimizer",
+                 gate_group_kwargs: dict[str, Any] | None = None) -> None:
+        check_gate_options(threshold, threshold_mode, gate_lr, min_rank, gate_update)
+        self.gate_group = {"sora_threshold": float(threshold), "sora_threshold_mode": threshold_mode,
+                           "sora_min_rank": min_rank, "sora_gate_update": gate_update, **(gate_group_kwargs or {})}
+        self.gate_lr = gate_lr
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        add_gate_group(model, optimizer, lr_scheduler, self.gate_group, self.gate_lr)
+
+
+def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper (whose ``step`` calls it, so its hooks run)."""
+    from accelerate.optimizer import AcceleratedOptimizer  # a dependency of transformers' Trainer
+
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):  # DeepSpeed's, SageMaker's: param groups not torch's
+        raise ValueError(f"SoraCallback cannot add the prox step to a {type(optimizer).__name__}; {FIX}")
+    if type(optimizer).__module__.startswith("bitsandbytes"):  # its state is laid out per parameter at creation
+        raise ValueError(f"SoraCallback cannot move the gates of a bitsandbytes {type(optimizer).__name__}; {FIX}")
+    return optimizer
+
+
+def add_gate_group(model: torch.nn.Module, optimizer: Any, scheduler: Any, gate_group: dict[str, Any],
+                   gate_lr: float | None) -> None:
+    """Move the gates of `model` out of `optimizer`'s groups into a gate group, extend `scheduler` to it and
+    add the prox step. Everything is checked before anything changes. The optimizer state of each gate stays
+    (torch keys it by parameter, not by group)."""
+    gates = gate_parameters(model)
+    if not gates:
+        raise ValueError(_why_no_gates(model))
+    opt = torch_optimizer(optimizer)
+    if any("sora_threshold" in group for group in opt.param_groups):
+        add_prox_step(opt)  # soralib's optimizer (or its groups): keep its threshold; the hook is idempotent
+        return
+    gate_ids = {id(g) for g in gates}
+    sources = [i for i, group in enumerate(opt.param_groups) if any(id(p) in gate_ids for p in group["params"])]
+    found = sum(id(p) in gate_ids for group in opt.param_groups for p in group["params"])
+    if found != len(gates):  # layer-wise or LOMO optimizers, FSDP1's flat parameters, or gates left out on purpose
+        raise ValueError(f"{len(gates) - found} of the model's {len(gates)} trainable SoRA gates are not in the "
+                         f"Trainer's optimizer, so SoraCallback cannot threshold them; {FIX}")
+    if scheduler is not None and not isinstance(scheduler, LambdaLR):
+        raise ValueError(f"SoraCallback cannot extend a {type(scheduler).__name__} learning-rate schedule to "
+                         f"the gate group; {FIX}")
+
+    source = opt.param_groups[sources[0]]
+    base_lr = gate_lr or source.get("initial_lr", source["lr"])
+    factor = scheduler.lr_lambdas[sources[0]](scheduler.last_epoch) if scheduler is not None else 1.0
+    for group in opt.param_groups:  # an emptied group stays, so that the schedule's entries keep their places
+        group["params"] = [p for p in group["params"] if id(p) not in gate_ids]
+    settings = {k: v for k, v in source.items() if k != "params"}  # betas, eps, fused, ... as the gates had
+    opt.add_param_group({**settings, "params": gates, "weight_decay": 0.0, "lr": base_lr * factor,
+                         "initial_lr": base_lr, **gate_group})
+    if scheduler is not None:
+        scheduler.lr_lambdas.append(scheduler.lr_lambdas[sources[0]])
+        scheduler.base_lrs.append(base_lr)
+    add_prox_step(opt)
+    logger.info("SoraCallback: %d gates moved into a gate group (threshold %g, %s)", len(gates),
+                gate_group["sora_threshold"], gate_group["sora_threshold_mode"])

@@ -1,0 +1,145 @@
+"""A SoRA model under a plain transformers Trainer: SoraCallback adds the prox step, and without it (or
+soralib's optimizer) the first training forward warns, so that no run goes silently unpruned."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import soralib
+from conftest import make_input, sora_model
+from soralib.layer import UNTHRESHOLDED_WARNING
+
+
+def dataset(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, 9), generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": y} for i, y in zip(ids, labels)]
+
+
+def train(tmp_path, model, callbacks=(), optimizers=(None, None), weight_decay=0.1):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, report_to=[], use_cpu=True, learning_rate=1e-2,
+                             weight_decay=weight_decay, per_device_train_batch_size=4, save_strategy="no",
+                             logging_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=list(callbacks),
+                      optimizers=optimizers)
+    trainer.train()
+    return trainer
+
+
+def warnings_in(caplog):
+    return [r for r in caplog.records if r.name == "soralib" and r.getMessage() == UNTHRESHOLDED_WARNING]
+
+
+def gate_groups(optimizer):
+    return [g for g in optimizer.param_groups if "sora_threshold" in g]
+
+
+def test_callback_gives_a_plain_trainer_the_prox_step_without_weight_decay_on_the_gates(tmp_path, caplog):
+    model = sora_model("bert")
+    with caplog.at_level(logging.WARNING, logger="soralib"):
+        trainer = train(tmp_path, model, callbacks=[soralib.SoraCallback(threshold=0.3)])
+    gates = torch.cat([g.detach() for g in soralib.gate_parameters(model)])
+    assert (gates == 0).any() and (gates != 0).any()
+    [group] = gate_groups(trainer.optimizer)
+    assert group["weight_decay"] == 0.0 and group["sora_threshold"] == 0.3
+    gate_ids = {id(g) for g in soralib.gate_parameters(model)}
+    assert {id(p) for p in group["params"]} == gate_ids
+    others = [g for g in trainer.optimizer.param_groups if g is not group]
+    assert not any(id(p) in gate_ids for g in others for p in g["params"])
+    assert any(g["weight_decay"] == 0.1 for g in others)  # the Trainer's own decay still applies elsewhere
+    # the gate group follows the Trainer's linear schedule down to 0 with the others
+    assert group["initial_lr"] == 1e-2 and group["lr"] == others[0]["lr"] == 0.0
+    assert not warnings_in(caplog)
+
+
+def test_plain_trainer_without_the_prox_step_warns_once_naming_the_fix(tmp_path, caplog):
+    model = sora_model("bert")
+    with caplog.at_level(logging.WARNING, logger="soralib"):
+        train(tmp_path, model)
+    assert len(warnings_in(caplog)) == 1
+    assert "soralib.SoraCallback(threshold=...)" in UNTHRESHOLDED_WARNING
+    assert "soralib.create_sora_optimizer" in UNTHRESHOLDED_WARNING
+
+
+def test_callback_leaves_soralibs_optimizer_alone_and_nothing_warns(tmp_path, caplog):
+    model = sora_model("bert")
+    optimizer = soralib.create_sora_optimizer(model, lr=1e-2, threshold=0.2)
+    groups = len(optimizer.param_groups)
+    with caplog.at_level(logging.WARNING, logger="soralib"):
+        trainer = train(tmp_path, model, callbacks=[soralib.SoraCallback(threshold=0.9)],
+                        optimizers=(optimizer, None))
+    assert len(trainer.optimizer.param_groups) == groups
+    assert soralib.get_threshold(optimizer) == 0.2
+    assert not warnings_in(caplog)
+
+
+def test_training_forward_warns_once_per_model_and_inference_never(caplog):
+    model = sora_model("mlp")
+    inputs = make_input("mlp")
+    with caplog.at_level(logging.WARNING, logger="soralib"):
+        model.eval()
+        model(**inputs)
+        model.train()
+        with torch.no_grad():
+            model(**inputs)
+        assert not warnings_in(caplog)
+        model(**inputs)
+        model(**inputs)
+        assert len(warnings_in(caplog)) == 1  # two layers, two forwards: one warning
+        sora_model("mlp").train()(**inputs)
+        assert len(warnings_in(caplog)) == 2
+
+
+def test_callback_moves_the_gates_with_their_optimizer_state_and_settings():
+    model = sora_model("mlp")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, betas=(0.8, 0.9), weight_decay=0.1)
+    model.train()(**make_input("mlp"))[0].sum().backward()
+    optimizer.step()
+    gates = soralib.gate_parameters(model)
+    moments = [optimizer.state[g]["exp_avg"].clone() for g in gates]
+    soralib.SoraCallback(threshold=0.1, gate_lr=1e-3).on_train_begin(None, None, None, model=model,
+                                                                      optimizer=optimizer)
+    [group] = gate_groups(optimizer)
+    assert group["betas"] == (0.8, 0.9) and group["weight_decay"] == 0.0 and group["lr"] == 1e-3
+    for g, m in zip(gates, moments):
+        torch.testing.assert_close(optimizer.state[g]["exp_avg"], m)
+
+
+def bad_optimizer(kind, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "not-torch":  # e.g. DeepSpeed's optimizer
+        return SimpleNamespace(param_groups=[{"params": params}]), None
+    if kind == "no-gates":
+        gate_ids = {id(g) for g in soralib.gate_parameters(model)}
+        return torch.optim.AdamW([p for p in params if id(p) not in gate_ids]), None
+    optimizer = torch.optim.AdamW(params)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("not-torch", "SoraCallback cannot add the prox step to a SimpleNamespace; "),
+    ("no-gates", "2 of the model's 2 trainable SoRA gates are not in the Trainer's optimizer, "),
+    ("step-lr", "SoraCallback cannot extend a StepLR learning-rate schedule to the gate group; "),
+], ids=["not-torch", "no-gates", "step-lr"])
+def test_callback_refuses_an_optimizer_it_cannot_change_and_names_the_one_line_fix(kind, message):
+    model = sora_model("mlp")
+    optimizer, scheduler = bad_optimizer(kind, model)
+    before = [list(g["params"]) for g in optimizer.param_groups]
+    with pytest.raises(ValueError) as err:
+        soralib.SoraCallback(threshold=0.1).on_train_begin(None, None, None, model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler)
+    assert str(err.value).startswith(message)
+    assert str(err.value).endswith("optimizers=(soralib.create_sora_optimizer(model, lr=args.learning_rate, "
+                                   "threshold=...), None))")
+    assert [list(g["params"]) for g in optimizer.param_groups] == before  # nothing changed
+
+
+def test_callback_checks_its_settings_when_built():
+    with pytest.raises(ValueError, match="threshold must be a finite number >= 0, got -1"):
+        soralib.SoraCallback(threshold=-1)

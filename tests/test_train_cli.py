@@ -90,6 +90,91 @@ def test_each_method_trains_evaluates_and_writes_its_outputs(glue_dir, tiny_mode
         assert all({"threshold", "kept_rank", "kept_params", "loss"} <= set(h) for h in history if "loss" in h)
 
 
+def test_a_method_registered_as_one_class_trains_exports_sizes_and_reloads_through_sora_train(
+        glue_dir, tiny_model, tmp_path, monkeypatch, capsys):
+    """The harness asks the registry's method object for everything: a new method is one class + a YAML."""
+    import soralib.train.config as config_module
+    from soralib.train.methods import HEADS, REGISTRY, Method, within
+
+    calls = []
+
+    class HeadOnly(Method):  # trains the task head alone, through every hook a method has
+        name = "headonly"
+
+        def adapt(self, config, model, total_steps, adapter_budget):
+            calls.append("wrap")
+            for name, param in model.named_parameters():
+                param.requires_grad = within(name, HEADS)
+            return model
+
+        def make_optimizer(self, config, model, threshold=None):
+            calls.append("optimizer")
+            return super().make_optimizer(config, model, threshold)
+
+        def callbacks(self, config, guard, budget):
+            from transformers import TrainerCallback
+
+            class Count(TrainerCallback):
+                def on_step_end(self, args, state, control, **kwargs):
+                    calls.append("step")
+            return [Count()]
+
+        def log_scalars(self, model, optimizer):
+            return {"head_norm": float(sum(p.detach().norm() for p in model.parameters() if p.requires_grad))}
+
+        def export(self, model, config, out):
+            calls.append("export")
+            super().export(model, config, out)
+
+        def adapter_size(self, config, model):
+            return {**super().adapter_size(config, model), "head_only": True}
+
+        def load_result(self, model, run):
+            calls.append("reload")
+            return super().load_result(model, run)
+
+    monkeypatch.setitem(REGISTRY, "headonly", HeadOnly())
+    shutil.copytree(config_module.CONFIG_DIR, tmp_path / "configs")  # the shipped methods' YAMLs, and its own
+    (tmp_path / "configs" / "headonly.yaml").write_text("method: headonly\nlr: 1.0e-3\n")
+    monkeypatch.setattr(config_module, "CONFIG_DIR", tmp_path / "configs")
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--method", "headonly")) == 0
+    assert f"exported model: {out}/model" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    trained = load_file(str(out / "model" / "trainable.safetensors"))
+    assert metrics["method"] == "headonly" and metrics["head_only"] is True
+    assert metrics["kept_params"] == sum(t.numel() for t in trained.values())
+    assert trained and all(name.startswith("classifier.") for name in trained)
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert all("head_norm" in h for h in history if "loss" in h)
+    assert calls == ["wrap", "optimizer", *["step"] * metrics["steps"], "export"]
+    assert main(["eval", str(out)]) == 0
+    again = json.loads(capsys.readouterr().out)["validation"]
+    assert calls[-1] == "reload" and again["accuracy"] == metrics["eval"]["accuracy"]
+
+
+def test_config_rules_ask_the_method_object_not_its_name(monkeypatch):
+    from soralib.train.config import TrainConfig, unused_reason
+    from soralib.train.methods import REGISTRY, Method
+
+    class Budgeted(Method):  # an adapter with a budget and no gates: the rules follow its properties
+        name = "budgeted"
+        is_adapter = supports_budget = True
+
+        def check(self, config):
+            if config.r > 4:
+                raise InputError(f"budgeted needs r <= 4, got {config.r}")
+
+    monkeypatch.setitem(REGISTRY, "budgeted", Budgeted())
+    config = TrainConfig(task="rte", model="m", method="budgeted", r=4, target_params=100).validate()
+    assert unused_reason(config, "target_params") is None and unused_reason(config, "r") is None
+    assert unused_reason(config, "threshold") == "is used only with method sora, got method 'budgeted'"
+    with pytest.raises(InputError, match="a threshold schedule needs method sora, got 'budgeted'"):
+        TrainConfig(task="rte", model="m", method="budgeted", schedule="linear").validate()
+    with pytest.raises(InputError, match="budgeted needs r <= 4, got 8"):
+        TrainConfig(task="rte", model="m", method="budgeted").validate()
+
+
 def test_eval_each_epoch_writes_a_validation_curve_with_elapsed_time(glue_dir, tiny_model, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(glue_dir, tiny_model, out, "--eval-each-epoch", "true")) == 0
@@ -224,7 +309,7 @@ def test_ranks_writes_a_lora_config_with_the_ranks_the_run_kept(glue_dir, tiny_m
 
 
 def test_a_run_on_minilm_names_the_hub_model_its_weights_come_from(glue_dir, tiny_model, tmp_path, monkeypatch):
-    from soralib.train import methods
+    from soralib.train.methods import pretrained as methods  # where load_base looks resolve_model_path up
 
     monkeypatch.setattr(methods, "resolve_model_path", lambda name: str(tiny_model))  # no real MiniLM in tests
     out = tmp_path / "run"

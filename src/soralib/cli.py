@@ -154,6 +154,7 @@ def train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train.methods import get_method
     from .train.run import train
 
     config = train_config(args)
@@ -161,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(config, overwrite=args.overwrite, resume=args.resume, show_progress=True)
     print(json.dumps({k: metrics[k] for k in ("task", "method", "eval", "kept_params") if k in metrics}))
     out = config.output_dir
-    what = "adapter" if config.method in ("sora", "lora", "adalora") else "model"
+    what = get_method(config.method).output
     print(f"exported {what}: {out}/{what}\nmetrics: {out}/metrics.json\nreport: run `sora report {out}`")
     return 0
 

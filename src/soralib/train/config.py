@@ -6,26 +6,18 @@ Precedence: the method's shipped YAML (`soralib/configs/<method>.yaml`) < `--con
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from ..errors import InputError
 from .custom import TASK_TYPES
+from .methods import get_method
+from .rules import (CHOICES, METHODS, PROTOCOLS, SCHEDULES, USED_ONLY, check_deepspeed_config,  # noqa: F401
+                    check_method, check_used, unused_reason)  # rules.py holds them; importers use this module too
 from .tasks import GLUE_TASKS
 
-logger = logging.getLogger(__name__)
-
-METHODS = ("sora", "lora", "adalora", "full", "bitfit")
-SCHEDULES = ("linear", "log_linear", "exp_linear")
-PROTOCOLS = ("default", "paper")
-# Fields with a fixed set of values: validate() checks them and `sora train --help` lists them.
-CHOICES = {
-    "method": METHODS, "protocol": PROTOCOLS, "schedule": SCHEDULES, "threshold_mode": ("fixed", "lr_scaled"),
-    "gate_init": ("randn", "ones"), "gate_update": ("optimizer", "sgd"), "layout": ("exact", "uniform"),
-}
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -191,29 +183,16 @@ class TrainConfig:
         for name in ("save_steps", "memorization_samples"):
             if getattr(self, name) < 0:
                 bad(name, "an integer >= 0")
-        if self.method == "adalora" and self.r < 2:
-            raise InputError(f"adalora needs r >= 2 (it prunes from r down to a smaller target), got {self.r}")
-        if self.method == "adalora" and self.target_rank is not None:
-            raise InputError("adalora takes its budget as target_params or adalora_target_r, not target_rank")
         if self.min_rank is not None and self.min_rank < 0:
             bad("min_rank", ">= 0")
         if self.target_params is not None and self.target_rank is not None:
             raise InputError("give target_params or target_rank, not both")
         if (self.target_params is not None or self.target_rank is not None) and (self.schedule or self.thresholds):
             raise InputError("a parameter budget (target_params/target_rank) and a threshold schedule exclude each other")
-        if self.method != "sora" and (self.schedule or self.thresholds):
-            raise InputError(f"a threshold schedule needs method sora, got {self.method!r}")
-        if self.method not in ("sora", "adalora") and (self.target_params or self.target_rank):
-            raise InputError(f"a parameter budget needs method sora or adalora, got {self.method!r}")
         if self.max_bad_steps < 1:
             bad("max_bad_steps", "an integer >= 1")
         if self.deepspeed is not None:
             check_deepspeed_config(self.deepspeed)
-            if self.method == "sora" and (self.effective_min_rank() > 0 or self.target_params or self.target_rank):
-                # ZeRO steps flattened fp32 partitions: no whole gate vector for a topk, and gates zeroed in
-                # the model (the budget's trim) come back from the fp32 copy at the next step.
-                raise InputError("deepspeed cannot run a parameter budget or min_rank > 0 (ZeRO flattens the gates); "
-                                 "drop --deepspeed, or the budget and --min-rank")
         if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
             bad("eval_fraction", "in (0, 1) (or unset)")
         if self.eval_fraction is not None and self.eval_each_epoch:
@@ -227,20 +206,7 @@ class TrainConfig:
                              "(leave task_type unset)")
         if self.task == "custom" and not (self.train_file and self.validation_file and self.text_columns):
             raise InputError("task custom needs train_file, validation_file and text_columns")
-        # Ranks a SoRA run can never reach: the budget or the floor would be silently missed.
-        if self.method == "sora":
-            if self.min_rank is not None and self.min_rank > self.r:
-                bad("min_rank", f"<= r ({self.r}: a module has no more ranks to keep)")
-            if self.target_rank is not None and self.target_rank > self.r:
-                bad("target_rank", f"<= r ({self.r}: a module has no more ranks to keep)")
-            if self.target_rank is not None and self.target_rank < self.effective_min_rank():
-                bad("target_rank", f">= min_rank ({self.effective_min_rank()}: every module keeps that many ranks; "
-                                   "--min-rank 0 lets modules collapse)")
-        if self.method == "adalora" and self.adalora_target_r is not None:
-            if self.target_params is not None:
-                raise InputError("give target_params or adalora_target_r, not both")
-            if self.adalora_target_r > self.r - 1:
-                bad("adalora_target_r", f"<= r - 1 ({self.r - 1}: AdaLoRA prunes from r down to it)")
+        check_method(self)  # last: what the method allows (rules.py) and its own rules (its class)
         return self
 
     def effective_min_rank(self) -> int:
@@ -265,69 +231,6 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
-
-# Fields that only some runs read: field -> [(field the condition is on, "with ..." the run needs, test)].
-# A field set for a run that does not read it would be silently ignored: `check_used` rejects it when
-# given as a flag and warns when a --config file sets it to something other than the default.
-_SORA = ("method", "with method sora", lambda c: c.method == "sora")
-_ADAPTER = ("method", "with method sora, lora or adalora", lambda c: c.method in ("sora", "lora", "adalora"))
-_NO_LIST = ("thresholds", "without --thresholds (the explicit list replaces the schedule)", lambda c: not c.thresholds)
-_CUSTOM = ("task", "with task custom", lambda c: c.task == "custom")
-USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
-    **dict.fromkeys(("r", "lora_alpha", "lora_dropout", "target_modules"), [_ADAPTER]),
-    "modules_to_save": [("method", "with method sora, lora, adalora or bitfit (full trains every parameter)",
-                         lambda c: c.method != "full")],
-    **dict.fromkeys(("gate_init", "gate_update", "threshold_mode", "gate_lr", "gate_eps", "l1_coef", "thresholds",
-                     "min_rank", "target_rank", "layout"), [_SORA]),
-    "lora_config": [("method", "with method lora", lambda c: c.method == "lora")],
-    "threshold": [_SORA, ("schedule", "without --schedule", lambda c: not c.schedule),
-                  ("thresholds", "without --thresholds (each stage has its own threshold)", lambda c: not c.thresholds)],
-    "schedule": [_SORA, _NO_LIST],
-    **dict.fromkeys(("schedule_start", "schedule_end", "num_stages"),
-                    [_SORA, ("schedule", "with --schedule", lambda c: c.schedule is not None), _NO_LIST]),
-    "memorization_samples": [("schedule", "with --schedule or --thresholds (it is measured after each stage)",
-                              lambda c: bool(c.schedule or c.thresholds))],
-    "target_params": [("method", "with method sora or adalora", lambda c: c.method in ("sora", "adalora"))],
-    "adalora_target_r": [("method", "with method adalora", lambda c: c.method == "adalora")],
-    **dict.fromkeys(("train_file", "validation_file", "text_columns", "label_column"), [_CUSTOM]),
-    "data_dir": [("task", "with a GLUE task, not custom", lambda c: c.task != "custom")],
-}
-
-
-def unused_reason(config: TrainConfig, name: str) -> str | None:
-    """Why `config` never reads field `name` ("is used only with method sora, got method 'lora'"), else None."""
-    for key, needs, test in USED_ONLY.get(name, ()):
-        if not test(config):
-            return f"is used only {needs}, got {key} {getattr(config, key)!r}"
-    return None
-
-
-def check_used(config: TrainConfig, given: set[str], from_file: dict[str, Any], path: str | None) -> None:
-    """Reject a flag the run would ignore; warn about a --config value it would ignore (a saved config.yaml
-    holds every field, so reusing one with another --method must not fail)."""
-    for name in sorted(given):
-        reason = unused_reason(config, name)
-        if reason:
-            raise InputError(f"--{name.replace('_', '-')} {reason}")
-    defaults = TrainConfig()
-    for name in sorted(set(from_file) - given):
-        reason = unused_reason(config, name)
-        if reason and getattr(config, name) != getattr(defaults, name):
-            logger.warning("%s: %s=%r is ignored: it %s", path, name, getattr(config, name), reason)
-
-
-def check_deepspeed_config(path: str) -> None:
-    import json
-
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"deepspeed config {path} cannot be read as JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"deepspeed config {path} must be a JSON object, got {type(data).__name__}")
-    if "optimizer" in data:
-        raise InputError(f"deepspeed config {path} has an \"optimizer\" block: DeepSpeed would build its own "
-                         "optimizer and silently drop the SoRA prox step; remove the block")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -386,8 +289,7 @@ def build_config(method: str | None, config_file: str | None, overrides: dict[st
     """
     from_file = load_yaml(config_file) if config_file else {}
     method = method or from_file.get("method") or "sora"
-    if method not in METHODS:
-        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    get_method(method)  # InputError naming the methods
     values = load_yaml(CONFIG_DIR / f"{method}.yaml")
     values.update(from_file)
     given = {k: v for k, v in overrides.items() if v is not None}

@@ -29,7 +29,7 @@ from ..errors import TrainingDiverged
 from ..io import atomic_write_text
 from ..schedule import budget_threshold
 from .config import TrainConfig
-from .methods import make_optimizer
+from .methods import get_method
 from .sampler import LengthGroupedEpochs
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ KEEP = 2  # complete checkpoints kept per stage, the newest ones
 
 
 class SoraTrainer(Trainer):
-    """Trainer + the optional ℓ1 gate term + SoRA scalars in every log line (TensorBoard and history.jsonl)."""
+    """Trainer + the method's extra loss term (SoRA's optional ℓ1 gate term) and log scalars (SoRA's threshold and
+    kept size) in every log line (TensorBoard and history.jsonl)."""
 
     def __init__(self, *args, run: TrainConfig, history: Path, stage: int, seconds_before: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -87,19 +88,18 @@ class SoraTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.run.method != "sora" or not self.run.l1_coef:
+        extra = get_method(self.run.method).extra_loss(self.run, model)
+        if extra is None:
             return result
         if return_outputs:
-            return result[0] + self.run.l1_coef * soralib.gate_l1(model), result[1]
-        return result + self.run.l1_coef * soralib.gate_l1(model)
+            return result[0] + extra, result[1]
+        return result + extra
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Added here, before Trainer hands the dict to its callbacks: a callback's on_log runs after
         # TensorBoard has written the line.
-        if self.run.method == "sora" and "loss" in logs:
-            report = soralib.sparsity_report(self.model)
-            logs = {**logs, "threshold": soralib.get_threshold(self.optimizer), "kept_rank": report["kept_rank"],
-                    "kept_params": report["kept_params"]}
+        if "loss" in logs:
+            logs = {**logs, **get_method(self.run.method).log_scalars(self.model, self.optimizer)}
         if self.nonfinite.skipped and "loss" in logs:
             logs = {**logs, "skipped_steps": self.nonfinite.skipped}
         if self.args.should_save:
@@ -291,15 +291,10 @@ def make_trainer(config: TrainConfig, model, tokenizer, train_features, spec, ru
                  eval_features: list | None = None, seconds_before: float = 0.0) -> SoraTrainer:
     """A Trainer for one stage: a fresh optimizer (at `threshold`), warm-up and decay, its own checkpoints."""
     args = training_args(config, run_dir / "checkpoints" / f"stage-{stage}", show_progress)
-    optimizer = make_optimizer(config, model)
-    if config.method == "sora":
-        soralib.set_threshold(optimizer, threshold)
+    method = get_method(config.method)
+    optimizer = method.make_optimizer(config, model, threshold)
     guard = NonFiniteGuard(config.max_bad_steps)
-    callbacks: list[TrainerCallback] = [guard]
-    if config.method == "adalora":
-        callbacks.append(AdaLoraAllocator(guard))
-    if budget is not None:
-        callbacks.append(BudgetController(*budget, config.effective_min_rank()))
+    callbacks: list[TrainerCallback] = [guard, *method.callbacks(config, guard, budget)]
     if args.should_save:
         from transformers.integrations import TensorBoardCallback
 

@@ -26,50 +26,12 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 def load_trained_model(run_dir: str | Path, config: TrainConfig, num_labels: int):
     """The base model with the run's result applied: exported adapter, or trained parameters (checked to fit the
     base model and to be finite before any is applied)."""
-    import peft
-
-    from ..verify import load_adapter_safely
-    from .methods import load_base
+    from .methods import get_method, load_base
 
     run = Path(run_dir)
     model, tokenizer, fresh = load_base(config, num_labels)
     _warn_unsaved(config, fresh)
-    if config.method in ("sora", "lora", "adalora"):
-        if not (run / "adapter" / "adapter_config.json").is_file():
-            raise InputError(f"{run} has no finished adapter (adapter/adapter_config.json)")
-        if config.method == "adalora":  # verify_adapter knows LoRA and SoRA; AdaLoRA loads as PEFT saved it
-            model = peft.PeftModel.from_pretrained(model, str(run / "adapter"))
-        else:
-            model = load_adapter_safely(model, run / "adapter")
-    else:
-        if not (run / "model" / "trainable.safetensors").is_file():
-            raise InputError(f"{run} has no finished model (model/trainable.safetensors)")
-        model.load_state_dict(_read_trained(run, model), strict=False)
-    return model.eval(), tokenizer
-
-
-def _read_trained(run: Path, model) -> dict:
-    """model/trainable.safetensors, refused unless every tensor names a parameter of its shape and is finite."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = run / "model" / "trainable.safetensors"
-    try:
-        trained = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise InputError(f"{path}: not a valid safetensors file ({' '.join(str(err).split())})") from None
-    params = dict(model.named_parameters())
-    missing = set(trained) - set(params)
-    if missing:
-        raise InputError(f"{run}/model does not fit the base model: unknown parameters {sorted(missing)[:3]}")
-    for name, tensor in sorted(trained.items()):
-        if tensor.shape != params[name].shape:
-            raise InputError(f"{run}/model does not fit the base model: {name!r} has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(params[name].shape)}")
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise InputError(f"{path}: tensor {name!r} has NaN or Inf values; expected finite numbers")
-    return trained
+    return get_method(config.method).load_result(model, run).eval(), tokenizer
 
 
 def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, dict[str, float]]:
@@ -185,7 +147,9 @@ def load_sora_run(run_dir: str | Path):
 
 def _sora_run_config(run: Path) -> TrainConfig:
     config = load_run_config(run)
-    if config.method != "sora" or not (run / "sora_adapter" / "adapter_config.json").is_file():
+    from .methods import get_method
+
+    if not get_method(config.method).gated or not (run / "sora_adapter" / "adapter_config.json").is_file():
         raise InputError(f"{run} is not a finished SoRA run (no sora_adapter/)")
     return config
 
@@ -198,9 +162,10 @@ def _custom_labels(run: Path) -> int:
 
 def _warn_unsaved(config: TrainConfig, fresh: list[str]) -> None:
     """A run from before soralib saved them: its randomly initialised modules are drawn anew at every load."""
-    from .methods import within
+    from .methods import get_method, within
 
-    lost = [m for m in fresh if config.method != "full" and not within(m, config.modules_to_save or ())]
+    trains_all = get_method(config.method).trains_all
+    lost = [m for m in fresh if not trains_all and not within(m, config.modules_to_save or ())]
     if lost:
         logger.warning("%s not in the checkpoint nor saved with this run: randomly initialised again, so the "
                        "outputs differ from training", ", ".join(lost))

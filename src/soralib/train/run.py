@@ -31,7 +31,7 @@ from ..io import atomic_dir, atomic_write_json, atomic_write_text, disk_full
 from . import data as data_mod
 from .config import TrainConfig, save_yaml
 from .loop import evaluate, is_main_process, latest_checkpoint, make_trainer, resume_hint
-from .methods import adapter_size, export_layout, load_base, within, wrap
+from .methods import adapter_size, get_method, load_base, within
 from .rundir import LOCK, REPLACED, foreign, in_use, lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora
 from .tasks import get_task
 
@@ -143,7 +143,8 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
     data_mod.check_max_length(config.max_length, model)
     fresh = [m for m in fresh if not within(m, config.modules_to_save or ())]  # listed already: no nested wrapper
     # Full fine-tuning saves every parameter anyway; a resumed run keeps its saved config and optimizer groups.
-    if fresh and config.method != "full" and not resume:
+    method = get_method(config.method)
+    if fresh and not method.trains_all and not resume:
         logger.warning("%s not in the checkpoint (randomly initialised): trained and saved with the result",
                        ", ".join(fresh))
         config = replace(config, modules_to_save=[*(config.modules_to_save or ()), *fresh])
@@ -153,11 +154,9 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
                                                  min(config.memorization_samples, len(features["train"])))
     steps = _steps_per_stage(config, len(features["train"]))
     seed_everything(config.seed)  # the adapter's init must not depend on how much tokenizing happened
-    if config.method == "adalora":
-        model = wrap(config, model, total_steps=steps, adapter_budget=config.target_params)
-    else:
-        model = wrap(config, model, total_steps=steps)  # bad target modules fail here, before any write
-    budget = _budget(config, model) if config.method == "sora" else None
+    # bad target modules fail here, before any write; so does a budget the model cannot meet
+    model = method.wrap(config, model, total_steps=steps, adapter_budget=config.target_params)
+    budget = method.budget(config, model)
     out = Path(config.output_dir)
     processes = PartialState()  # under torchrun: one per rank, and only rank 0 writes
     # On CPU this PartialState is not distributed yet (Trainer sets that up): every rank calls itself main and
@@ -232,31 +231,9 @@ def _finish_run(trainer, model, config, spec, features, out, state) -> dict:
         if name not in ("train", "validation"):
             metrics[name] = evaluate(trainer, features[name], name)
     if trainer.args.should_save:
-        _export(model, config, out)
-        if config.method == "sora":
-            atomic_write_json(out / "sparsity.json", soralib.sparsity_report(model))
+        get_method(config.method).export(model, config, out)
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def _export(model, config: TrainConfig, out: Path) -> None:
-    if config.method == "sora":
-        with atomic_dir(out / "sora_adapter") as tmp:  # the gated form, for `sora export` to other layouts
-            model.save_pretrained(str(tmp))
-        layout = export_layout(config, soralib.sparsity_report(model))
-        if layout != config.layout:
-            logger.warning("every gate ended at zero: adapter/ is a zero LoRA of rank 1 (layout 'uniform') "
-                           "beside the trained head")
-        soralib.export_lora(model, out / "adapter", layout=layout)
-    elif config.method in ("lora", "adalora"):
-        with atomic_dir(out / "adapter") as tmp:
-            model.save_pretrained(str(tmp))
-    else:  # full / BitFit: the trained parameters only
-        from safetensors.torch import save_file
-
-        with atomic_dir(out / "model") as tmp:
-            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                      str(tmp / "trainable.safetensors"))
 
 
 def _steps_per_stage(config: TrainConfig, n_train: int) -> int:
@@ -265,25 +242,6 @@ def _steps_per_stage(config: TrainConfig, n_train: int) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_epoch = -(-n_train // (config.batch_size * world))
     return max(1, int(per_epoch * config.epochs))
-
-
-def _budget(config: TrainConfig, model) -> tuple[float, str] | None:
-    """(target, sparsity_report key) of a --target-params / --target-rank run, else None.
-
-    A --target-params the run cannot reach is rejected here, where the per-module cost is first known
-    (and before anything is written): below min_rank ranks in every module, or above LoRA at r_max."""
-    if config.target_params is not None:
-        report = soralib.sparsity_report(model)
-        floor = config.effective_min_rank() * sum(m["in_features"] + m["out_features"] for m in report["modules"])
-        if not floor <= config.target_params <= report["lora_params_at_r_max"]:
-            raise InputError(
-                f"target_params must be in [{floor}, {report['lora_params_at_r_max']}] for this model (min_rank "
-                f"{config.effective_min_rank()} to r {config.r} ranks in each of its {len(report['modules'])} "
-                f"adapted modules; --min-rank 0 lets modules collapse), got {config.target_params}")
-        return float(config.target_params), "kept_params"
-    if config.target_rank is not None:
-        return config.target_rank * len(soralib.sparsity_report(model)["modules"]), "kept_rank"
-    return None
 
 
 def _load_adapter(model, path: Path) -> None:

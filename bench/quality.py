@@ -119,7 +119,9 @@ def validation_curve(history: Path, main_metric: str) -> tuple[list[list[float]]
     (each stage's last logged step) are added: the third value counts every step since the start, a
     time axis that no other process on the machine can disturb.
     """
-    rows = common.read_jsonl(history)
+    # A resumed run logs again the steps after its checkpoint: the newest line of each (stage, step, kind) counts.
+    newest = {(r.get("stage", 1), r.get("step", 0), r.get("split"), "loss" in r): r for r in common.read_jsonl(history)}
+    rows = sorted(newest.values(), key=lambda r: (r.get("stage", 1), r.get("step", 0)))
     last_step: dict[int, int] = {}
     for r in rows:
         stage = r.get("stage", 1)

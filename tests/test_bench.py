@@ -183,6 +183,10 @@ def test_quality_curve_counts_training_steps_across_scheduler_stages(tmp_path):
     history.write_text("".join(json.dumps(x) + "\n" for x in lines))
     curve, _ = quality.validation_curve(history, "f1")
     assert curve == [[5.0, 0.6, 50], [9.0, 0.7, 100], [12.0, 0.8, 140]]
+    # a run resumed from its step-40 checkpoint of stage 3 logged steps 40.. again: the newest lines count
+    resumed = lines + [{"step": 40, "stage": 3, "elapsed_seconds": 12.5, "eval_f1": 0.9, "split": "validation"}]
+    history.write_text("".join(json.dumps(x) + "\n" for x in resumed))
+    assert quality.validation_curve(history, "f1")[0] == [[5.0, 0.6, 50], [9.0, 0.7, 100], [12.5, 0.9, 140]]
 
 
 def test_tables_average_each_method_over_tasks_with_deltas_paired_by_seed(tmp_path):

@@ -333,6 +333,16 @@ BAD_FLAGS += [  # a negative number is a value (then out of range), and a flag t
     ("thresholds-negative", ["--thresholds", "-0.1,0.2"], "thresholds[0] must be a finite threshold >= 0, got -0.1"),
     ("threshold-with-lora", ["--method", "lora", "--threshold", "1e-3"],
      "--threshold is used only with method sora, got method 'lora'"),
+    ("gate-update-with-lora", ["--method", "lora", "--gate-update", "sgd"],
+     "--gate-update is used only with method sora, got method 'lora'"),
+    ("gate-eps-with-sgd-gates", ["--gate-update", "sgd", "--gate-eps", "1e-8"],
+     "--gate-eps is used only with --gate-update optimizer (plain SGD gates have no eps), got gate_update 'sgd'"),
+    ("split-seed-without-paper", ["--split-seed", "3"],
+     "--split-seed is used only with --protocol paper (the default protocol does not split), got protocol 'default'"),
+    ("r-with-lora-config", ["--method", "lora", "--lora-config", "ranks.json", "--r", "4"],
+     "--r is used only without --lora-config (the file's value replaces it), got lora_config 'ranks.json'"),
+    ("lora-config-with-sora", ["--lora-config", "ranks.json"],
+     "--lora-config is used only with method lora, got method 'sora'"),
     ("threshold-mode-with-bitfit", ["--method", "bitfit", "--threshold-mode", "fixed"],
      "--threshold-mode is used only with method sora, got method 'bitfit'"),
     ("min-rank-with-adalora", ["--method", "adalora", "--min-rank", "1"],
@@ -694,7 +704,7 @@ def test_ranks_refuses_an_out_path_that_is_not_a_file_before_loading_anything(gl
     out = tmp_path if where == "directory" else tmp_path / "nowhere" / "lora.json"
     what = "is a directory" if where == "directory" else "is in a directory that does not exist"
     fails_cleanly(capsys, ["ranks", run, "--out", out], f"--out {out} {what}; give a JSON file path such as "
-                                                         f"{run}/lora_config.json")
+                                                         f"{run.name}-ranks.json (outside the run")
 
 
 def test_ranks_refuses_a_run_that_is_not_a_finished_sora_run(glue_dir, tiny_model, tmp_path, capsys):

@@ -368,7 +368,11 @@ def with_raw_number(adapter, placeholder, raw):
     ({"lora_alpha": 12345.5}, "1e400", "lora_alpha is inf; expected a finite number"),
     ({"lora_alpha": 10**400}, None, "lora_alpha is 1000"),
     ({"r": 10**400}, None, "r is 1000"),
-], ids=["alpha-1e308", "scale-above-1e4", "alpha-inf", "alpha-huge-int", "r-huge"])
+    ({"alpha_pattern": {"fc1": 1e9}}, None, "the scale of 'fc1', lora_alpha / r, is 1000000000.0 / 4 = 2.5e+08"),
+    ({"use_rslora": True, "lora_alpha": 20002}, None, "the scale of 'fc1', lora_alpha / sqrt(r), is 20002 / 4 = 1e+04"),
+    ({"rank_pattern": {"fc1": 2}, "lora_alpha": 30000}, None, "the scale of 'fc1', lora_alpha / r, is 30000 / 2 = 1.5e+04"),
+], ids=["alpha-1e308", "scale-above-1e4", "alpha-inf", "alpha-huge-int", "r-huge", "alpha-pattern", "rslora",
+        "rank-pattern-r-max"])
 def test_a_sora_config_with_an_absurd_or_non_finite_scale_is_refused(tmp_path, mlp_adapter, edit, raw, fragment):
     adapter = tampered(mlp_adapter, tmp_path / "scale", lambda c: c.update(edit))
     if raw:

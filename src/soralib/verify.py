@@ -270,10 +270,10 @@ def _check_task(model: nn.Module, config: peft.PeftConfig, path: Path) -> None:
 
 
 def _check_scale(config: peft.PeftConfig, name: str, rank: int, path: Path) -> None:
-    """PEFT's scale of module `name`: lora_alpha (alpha_pattern's if a key matches) / r, or / sqrt(r) (rsLoRA)."""
-    alpha, rslora = config.lora_alpha, config.peft_type == "LORA" and config.use_rslora
-    if config.peft_type == "LORA":
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), alpha)
+    """The scale of module `name`: lora_alpha (alpha_pattern's if a key matches) / r, or / sqrt(r) (rsLoRA);
+    for SoRA, r is the module's r_max (rank_pattern's), which pruning never changes."""
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+    rslora = config.use_rslora
     scale = alpha / (math.sqrt(rank) if rslora else rank)
     if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
         formula = "lora_alpha / sqrt(r)" if rslora else "lora_alpha / r"
@@ -324,7 +324,7 @@ def _expected_tensors(model: nn.Module, config: peft.PeftConfig, path: Path) -> 
     expected, targets = {}, _targets(model, config, path)
     for name in targets:
         (n_in, n_out), rank = _in_out(modules[name], name, path), _rank(config, name, path)
-        _check_scale(config, name, config.r if kind == "sora" else rank, path)  # SoRA scales by r_max
+        _check_scale(config, name, config.r_max_of(name) if kind == "sora" else rank, path)  # SoRA: by r_max
         expected[f"{PREFIX}{name}.{kind}_A.weight"] = ((rank, n_in), True)
         expected[f"{PREFIX}{name}.{kind}_B.weight"] = ((n_out, rank), True)
         if kind == "sora":

@@ -118,7 +118,7 @@ def ranks_run(run_dir: str | Path, out: str | None = None) -> str:
     _sora_run_config(run)
     if out is not None and (Path(out).is_dir() or not Path(out).resolve().parent.is_dir()):
         what = "is a directory" if Path(out).is_dir() else "is in a directory that does not exist"
-        raise InputError(f"--out {out} {what}; give a JSON file path such as {run}/lora_config.json")
+        raise InputError(f"--out {out} {what}; give a JSON file path such as {run.name}-ranks.json (outside the run, which --overwrite would refuse)")
     config = soralib.lora_config_from(load_sora_run(run))
     text = json.dumps({k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()},
                       indent=2, sort_keys=True) + "\n"

@@ -45,13 +45,20 @@ def _with(prop: str) -> tuple[str, str, Callable[[TrainConfig], bool]]:
 _GATED = _with("gated")
 _NO_LIST = ("thresholds", "without --thresholds (the explicit list replaces the schedule)", lambda c: not c.thresholds)
 _CUSTOM = ("task", "with task custom", lambda c: c.task == "custom")
+_NO_FILE = ("lora_config", "without --lora-config (the file's value replaces it)", lambda c: c.lora_config is None)
 USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
-    **dict.fromkeys(("r", "lora_alpha", "lora_dropout", "target_modules"), [_with("is_adapter")]),
+    "lora_dropout": [_with("is_adapter")],
+    # a --lora-config file's r, lora_alpha and target_modules replace the run's
+    **dict.fromkeys(("r", "lora_alpha", "target_modules"), [_with("is_adapter"), _NO_FILE]),
     "modules_to_save": [("method", f"with method {method_names(lambda m: not m.trains_all)} "
                                    f"({method_names(lambda m: m.trains_all)} trains every parameter)",
                          lambda c: not get_method(c.method).trains_all)],
-    **dict.fromkeys(("gate_init", "gate_update", "threshold_mode", "gate_lr", "gate_eps", "l1_coef", "min_rank",
+    **dict.fromkeys(("gate_init", "gate_update", "threshold_mode", "gate_lr", "l1_coef", "min_rank",
                      "target_rank", "layout"), [_GATED]),
+    "gate_eps": [_GATED, ("gate_update", "with --gate-update optimizer (plain SGD gates have no eps)",
+                          lambda c: c.gate_update == "optimizer")],
+    "split_seed": [("protocol", "with --protocol paper (the default protocol does not split)",
+                    lambda c: c.protocol == "paper")],
     "thresholds": [_with("supports_schedule")],
     "lora_config": [_with("reads_lora_config")],
     "threshold": [_GATED, ("schedule", "without --schedule", lambda c: not c.schedule),

@@ -9,6 +9,9 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)  # tiny matmuls: threads only add noise and contention on 2 cores
+# ... and `sora train` subprocesses the tests start must sum in the same order as the in-process runs they are
+# compared with bit for bit (a killed run resumed against a straight one)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 class MLP(nn.Module):

@@ -79,7 +79,7 @@ def train_help(capsys) -> str:
     "--gate-init {randn,ones}", "--layout {exact,uniform}",
     "(default: 0.0003) Used only with method sora, without --schedule",  # threshold
     "(default: 0.0008; full: 2e-05, bitfit: 0.001)",  # lr: each method's YAML
-    "(default: 8) Used only with method sora, lora or adalora.",  # r
+    "(default: 8) Used only with method sora, lora or adalora, without --lora-config",  # r
     "--group-by-length [BOOL]", "--no-group-by-length same as --group-by-length false",
     "Used only with task custom.", "(required)",
 ])

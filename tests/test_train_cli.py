@@ -399,7 +399,7 @@ def _fails_cleanly(capsys, argv, expected: str, out: Path | None = None) -> None
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--task", "wnli"], "unknown task 'wnli'; allowed: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte"),
+    (["--task", "wnli"], "unknown task 'wnli'; allowed: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, custom, sft"),
     (["--method", "prefix"], "method must be one of sora, lora, adalora, full, bitfit, got 'prefix'"),
     (["--schedule", "cosine"], "schedule must be one of linear, log_linear, exp_linear, got 'cosine'"),
     (["--threshold", "-1"], "threshold must be a finite number >= 0, got -1.0"),

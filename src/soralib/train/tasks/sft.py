@@ -1,0 +1,110 @@
+"""Causal-LM supervised fine-tuning (`--task sft`): instruction rows, a language-model head, TRL's SFTTrainer.
+
+The rows are tokenized here, not by TRL, so that every bad row is refused before the run writes anything,
+and the loss mask (completion tokens only) is the one this module documents; SFTTrainer then packs (with
+--packing), collates and computes the loss. Metrics: validation loss and perplexity on completion tokens, and,
+once at the end, exact match of greedy generations on the first --max-generate-samples validation prompts
+(when the references carry a `#### N` answer), whose texts go to generations.jsonl.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .glue import TaskSpec
+from .task import Task, limit_samples
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+SPEC = TaskSpec("sft", ("prompt", "completion"), 0, (), "loss", False)
+
+
+class SftTask(Task):
+    name = label = "sft"
+    fields = ("train_file", "validation_file", "prompt_column", "completion_column", "chat_template", "packing",
+              "max_generate_samples", "max_new_tokens")
+    peft_task_type = "CAUSAL_LM"
+    higher_is_better = False  # the main metric is the validation loss
+    max_length = 512  # GSM8K's longest question and answer, with SmolLM2's system prompt: about 450 tokens
+    rescorable = False  # its scores are computed at the end of training (metrics.json)
+
+    def check(self, config: TrainConfig) -> None:
+        from ...errors import InputError
+
+        if not (config.train_file and config.validation_file):
+            raise InputError("task sft needs train_file and validation_file (prompt and completion columns, or "
+                             "a messages column)")
+
+    def load_data(self, config: TrainConfig):
+        from .sft_data import read_sft_rows
+
+        splits = {split: read_sft_rows(path, config.prompt_column, config.completion_column)
+                  for split, path in (("train", config.train_file), ("validation", config.validation_file))}
+        return SPEC, limit_samples(splits, config)
+
+    def saved_spec(self, config: TrainConfig, run: Path) -> TaskSpec:
+        return SPEC
+
+    def load_model(self, config: TrainConfig, spec: TaskSpec):
+        from ..methods import load_causal_lm
+
+        return load_causal_lm(config)
+
+    def features(self, config: TrainConfig, spec: TaskSpec, splits: dict, tokenizer) -> dict[str, Any]:
+        from datasets import Dataset
+
+        from .sft_data import tokenize_sft, uses_chat_template
+
+        chat = uses_chat_template(config.chat_template, tokenizer)
+        return {name: Dataset.from_list(tokenize_sft(rows, tokenizer, config.max_length, chat))
+                for name, rows in splits.items() if rows}
+
+    def subset(self, features, indices: list[int]):
+        return features.select(indices)
+
+    def trainer_parts(self, config: TrainConfig, spec: TaskSpec, tokenizer, args: dict[str, Any]):
+        from trl import SFTConfig
+
+        # Rows arrive tokenized and cut to max_length: TRL's own cut (a pass over the data) only runs to pack
+        # them into max_length windows with --packing.
+        sft_args = SFTConfig(**args, max_length=config.max_length if config.packing else None,
+                             packing=config.packing, shuffle_dataset=False, dataset_num_proc=None)
+        return sft_trainer_class(), sft_args, {}
+
+    def evaluate(self, trainer, features, split: str) -> dict[str, float]:
+        metrics = super().evaluate(trainer, features, split)
+        if "loss" in metrics:
+            metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))  # exp overflows a float past ~709
+        return metrics
+
+    def final_metrics(self, model, tokenizer, config: TrainConfig, splits: dict, out: Path | None) -> dict[str, Any]:
+        from ...io import atomic_write_text
+        from ..rundir import GENERATIONS
+        from .generate import generate, generation_metrics
+        from .sft_data import uses_chat_template
+
+        rows = splits["validation"][: config.max_generate_samples]
+        if not rows:
+            return {}
+        chat = uses_chat_template(config.chat_template, tokenizer)
+        texts = generate(model, tokenizer, rows, chat, config.max_new_tokens, config.eval_batch_size)
+        metrics, records = generation_metrics(rows, texts)
+        if out is not None:
+            atomic_write_text(out / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))
+        return metrics
+
+
+@functools.cache
+def sft_trainer_class():
+    """SoraTrainer's additions (checkpoints, log lines, SoRA's loss term, length-grouped epochs) on TRL's
+    SFTTrainer: the MRO runs SoraTrainer, then SFTTrainer, then Trainer. Built on first use: trl is slow to import."""
+    from trl import SFTTrainer
+
+    from ..loop import SoraTrainer
+
+    return type("SoraSFTTrainer", (SoraTrainer, SFTTrainer), {"__module__": __name__})

@@ -1,0 +1,174 @@
+"""Instruction data for causal-LM SFT: rows from JSONL or CSV, and their token ids with a loss on the answer only.
+
+A row is either a prompt and a completion (two named columns: GSM8K's `question` and `answer`), or a chat:
+a `messages` column holding a list of {"role", "content"}, whose last message (the assistant's) is the
+completion and the ones before it the prompt. In a CSV the `messages` cell is JSON text.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ...errors import InputError
+from ..custom import check_utf8, csv_field_limit
+
+logger = logging.getLogger(__name__)
+MESSAGES = "messages"
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def read_sft_rows(path: str | Path, prompt_column: str, completion_column: str) -> list[dict[str, Any]]:
+    """Rows {"prompt": str or list of messages, "completion": str, "where": "FILE line N"} of one file.
+
+    The file holds prompt and completion columns, or else a `messages` column; every row is checked (a
+    missing field, an empty completion, a chat that does not end with the assistant) naming file and line.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise InputError(f"{path}: unsupported file type {suffix or '(none)'!r}; allowed: .csv, .jsonl")
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    check_utf8(path)
+    raw = list(_csv_records(path) if suffix == ".csv" else _jsonl_records(path))
+    if not raw:
+        raise InputError(f"{path}: no data rows")
+    line, first = raw[0]
+    if prompt_column in first and completion_column in first:
+        columns = (prompt_column, completion_column)
+    elif MESSAGES in first:
+        columns = (MESSAGES,)
+    else:
+        missing = prompt_column if prompt_column not in first else completion_column
+        raise InputError(f"{path} line {line}: no column {missing!r} (--prompt-column / --completion-column) and "
+                         f"no {MESSAGES!r} column; columns: {', '.join(first)}")
+    return [_row(path, line, record, columns) for line, record in raw]
+
+
+def _csv_records(path: Path):
+    with open(path, encoding="utf-8-sig", newline="") as f, csv_field_limit(path):
+        reader = csv.DictReader(f)
+        for record in reader:
+            if None in record or None in record.values():
+                raise InputError(f"{path} line {reader.line_num}: wrong number of columns, "
+                                 f"expected {len(reader.fieldnames or [])}")
+            if MESSAGES in record:
+                record[MESSAGES] = _json_cell(path, reader.line_num, record[MESSAGES])
+            yield reader.line_num, record
+
+
+def _json_cell(path: Path, line: int, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} line {line}: column {MESSAGES!r} is not JSON ({err.msg}); write the list of "
+                         "messages as JSON text") from None
+
+
+def _jsonl_records(path: Path):
+    with open(path, encoding="utf-8-sig") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path} line {line}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path} line {line}: expected a JSON object, got {type(record).__name__}")
+            yield line, record
+
+
+def _row(path: Path, line: int, record: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:
+    where = f"{path} line {line}"
+    for column in columns:
+        if column not in record:
+            raise InputError(f"{where}: missing field {column!r}")
+    if columns == (MESSAGES,):
+        messages = _messages(where, record[MESSAGES])
+        prompt, completion = messages[:-1], messages[-1]["content"]
+    else:
+        prompt, completion = record[columns[0]], record[columns[1]]
+        for column, value in zip(columns, (prompt, completion)):
+            if not isinstance(value, str):
+                raise InputError(f"{where}: field {column!r} must be a string, got {type(value).__name__}")
+        if not prompt.strip():
+            raise InputError(f"{where}: empty prompt in field {columns[0]!r}")
+    if not completion.strip():
+        raise InputError(f"{where}: empty completion; every row needs an answer to learn from")
+    return {"prompt": prompt, "completion": completion, "where": where}
+
+
+def _messages(where: str, value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or len(value) < 2:
+        raise InputError(f"{where}: {MESSAGES!r} must be a list of at least two messages (a prompt and the "
+                         "assistant's answer)")
+    for i, message in enumerate(value):
+        if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
+            raise InputError(f"{where}: message {i} must be {{\"role\": one of {', '.join(ROLES)}, \"content\": "
+                             f"a string}}, got {json.dumps(message)[:80]}")
+    if value[-1]["role"] != "assistant":
+        raise InputError(f"{where}: the last message must be the assistant's (the completion), got role "
+                         f"{value[-1]['role']!r}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def uses_chat_template(setting: str, tokenizer) -> bool:
+    """Whether prompts are rendered with the tokenizer's chat template: "auto" when it has one, "on" always
+    (InputError if it has none), "off" never."""
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if setting == "on" and not has:
+        raise InputError("--chat-template on: the tokenizer has no chat template; pass --chat-template off "
+                         "(prompt and completion joined by a newline) or use a chat model")
+    return has and setting != "off"
+
+
+def prompt_ids(tokenizer, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
+    """The token ids the model sees before its answer, at training and at generation alike."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not isinstance(prompt, str):
+        raise InputError("rows with a 'messages' column need a chat template; the tokenizer has none or "
+                         "--chat-template off was given")
+    return list(tokenizer(prompt + "\n")["input_ids"])
+
+
+def completion_ids(tokenizer, prompt: str | list[dict[str, str]], completion: str, chat: bool,
+                   prompt_part: list[int]) -> list[int]:
+    """The answer's token ids, ending with what stops generation (the end of the assistant's turn, or EOS)."""
+    if not chat:
+        return list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=False)
+    full = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if full[: len(prompt_part)] != prompt_part:  # a template that renders the prompt alone otherwise
+        raise InputError("the chat template renders a prompt differently when an answer follows it; "
+                         "pass --chat-template off")
+    return full[len(prompt_part):]
+
+
+def tokenize_sft(rows: list[dict[str, Any]], tokenizer, max_length: int, chat: bool) -> list[dict[str, list[int]]]:
+    """Features {"input_ids", "labels"}: labels are -100 on the prompt, so the loss covers the completion only.
+
+    A prompt that leaves no room for a single answer token within max_length is an error (naming the row);
+    a completion that does not fit is cut at max_length, and a warning counts the rows cut."""
+    features, cut = [], 0
+    for row in rows:
+        head = prompt_ids(tokenizer, row["prompt"], chat)
+        if len(head) >= max_length:
+            raise InputError(f"{row['where']}: the prompt is {len(head)} tokens, which leaves no room for the "
+                             f"answer within --max-length {max_length}; raise --max-length or shorten the prompt")
+        tail = completion_ids(tokenizer, row["prompt"], row["completion"], chat, head)
+        cut += len(head) + len(tail) > max_length
+        ids = (head + tail)[:max_length]
+        features.append({"input_ids": ids, "labels": [-100] * len(head) + ids[len(head):]})
+    if cut:
+        logger.warning("%d of %d rows were longer than --max-length %d: their answers are cut", cut, len(rows),
+                       max_length)
+    return features

@@ -220,6 +220,12 @@ def test_sft_flags_on_a_classification_task_are_refused(flags, message, tmp_path
     assert message in capsys.readouterr().err
 
 
+def test_packing_with_adalora_needs_max_steps(tiny_llama, gsm_files, tmp_path, capsys):
+    args = sft_args(tiny_llama, gsm_files, tmp_path / "o", "--method", "adalora", "--packing", "--max-steps", "-1")
+    assert main(args) == 2  # the last --max-steps wins: unset
+    assert "--packing with method adalora needs --max-steps" in capsys.readouterr().err
+
+
 def test_classification_flags_on_an_sft_task_are_refused(tiny_llama, gsm_files, tmp_path, capsys):
     assert main(sft_args(tiny_llama, gsm_files, tmp_path / "o", "--protocol", "paper")) == 2
     assert "--protocol is used only with a GLUE task or custom, got task 'sft'" in capsys.readouterr().err

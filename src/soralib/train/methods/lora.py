@@ -85,7 +85,7 @@ class Lora(Method):
 class AdaLora(Lora):
     name = "adalora"
     reads_lora_config = False
-    supports_budget = reads_target_r = True
+    supports_budget = reads_target_r = needs_total_steps = True
 
     def check(self, config: TrainConfig) -> None:
         if config.r < 2:

@@ -44,6 +44,8 @@ class Method:
     """Takes its ranks from a LoraConfig JSON (lora_config)."""
     reads_target_r: bool = False
     """Reads adalora_target_r."""
+    needs_total_steps: bool = False
+    """Sets its own schedule from the run's step count when the model is wrapped (AdaLoRA's total_step)."""
 
     def check(self, config: TrainConfig) -> None:
         """Raise InputError for settings this method cannot run (TrainConfig.validate calls it last)."""

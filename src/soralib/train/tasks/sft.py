@@ -39,6 +39,11 @@ class SftTask(Task):
         if not (config.train_file and config.validation_file):
             raise InputError("task sft needs train_file and validation_file (prompt and completion columns, or "
                              "a messages column)")
+        from ..methods import get_method
+
+        if config.packing and config.max_steps <= 0 and get_method(config.method).needs_total_steps:
+            raise InputError(f"--packing with method {config.method} needs --max-steps: the method sets its "
+                             "schedule from the step count, which packing changes after the model is wrapped")
 
     def load_data(self, config: TrainConfig):
         from .sft_data import read_sft_rows

@@ -135,6 +135,19 @@ def test_budget_schedule_rebuilt_from_saved_state_dicts_goes_on_bit_for_bit(resu
     assert all(torch.equal(a, b) for a, b in zip(straight[1], resumed[1]))
 
 
+@pytest.mark.parametrize("optimizer_min_rank, expected", [(0, 2), (3, 3)])
+def test_budget_schedule_makes_the_prox_step_spare_min_rank_gates_per_module(optimizer_min_rank, expected):
+    model = sora_model("bert", r=8)
+    optimizer = soralib.create_sora_optimizer(model, lr=1e-3, min_rank=optimizer_min_rank)
+    soralib.BudgetSchedule(model, optimizer, target_rank=4, total_steps=10, min_rank=2)
+    assert [g["sora_min_rank"] for g in optimizer.param_groups if "sora_threshold" in g] == [expected]
+    soralib.set_threshold(optimizer, 100.0)  # a threshold above every gate: only the spared ones live
+    for g in soralib.gate_parameters(model):
+        g.grad = torch.zeros_like(g)
+    optimizer.step()
+    assert all(m["kept_rank"] == expected for m in soralib.sparsity_report(model)["modules"])
+
+
 def _plain_optimizer(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
 

@@ -174,7 +174,8 @@ class BudgetSchedule:
         budget.finish()   # the guarantee: at most target_params, within one rank
 
     `target_params` counts adapter parameters (``kept_params`` of `sparsity_report`), `target_rank` the mean
-    kept rank per adapted module. Every module keeps at least `min_rank` ranks (if it has that many live).
+    kept rank per adapted module. Every module keeps at least `min_rank` ranks: the trims spare them, and so
+    does the prox step of the ramp (the gate group's ``sora_min_rank`` is raised to `min_rank` if lower).
 
     Ramp (progress p = step / total_steps < f = final_fraction): τ from the integral controller
     `budget_threshold`, so the kept size follows AdaLoRA's cubic ramp. Hold (p ≥ f): τ = 0 and after every
@@ -215,6 +216,10 @@ class BudgetSchedule:
             self.budget, self.measure = float(target_rank * n), "kept_rank"
         self.model, self.optimizer, self.total_steps = model, optimizer, int(total_steps)
         self.min_rank, self.final_fraction = int(min_rank), final_fraction
+        # Else the ramp's prox step could zero a whole module, which no trim brings back.
+        for group in optimizer.param_groups:
+            if "sora_threshold" in group:
+                group["sora_min_rank"] = max(group.get("sora_min_rank", 0), self.min_rank)
 
     def step(self, global_step: int) -> None:
         """After optimizer step number `global_step` (1 after the first): set τ (ramp) or trim (hold)."""

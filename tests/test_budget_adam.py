@@ -61,3 +61,125 @@ def test_parameter_budget_lands_within_5_percent_under_adamw():
 def test_held_budget_keeps_min_rank_in_every_module():
     report = run_budget(0.1 * 96, "kept_rank", min_rank=1)
     assert all(m["kept_rank"] >= 1 for m in report["modules"])
+
+
+# soralib.BudgetSchedule: the same policy as a core object any loop steps.
+
+def plain_loop(steps=200, seed=0, resume_at=None, min_rank=1, **budget):
+    """The loop of `run_budget` with a `BudgetSchedule`: per-step thresholds and the final gates. With
+    `resume_at`, everything is rebuilt from saved state dicts after that step, as a resumed run does."""
+    def build(state=None):
+        model = sora_model("bert", r=8)
+        optimizer = soralib.create_sora_optimizer(model, lr=8e-4, gate_group_kwargs={"eps": 1e-6}, min_rank=min_rank)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: soralib.schedule.linear_warmup_decay(s, steps, steps // 16))
+        if state is not None:
+            for obj, saved in zip((model, optimizer, schedule), state):
+                obj.load_state_dict(saved)
+        return model, optimizer, schedule, soralib.BudgetSchedule(model, optimizer, total_steps=steps,
+                                                                  min_rank=min_rank, **budget)
+
+    model, optimizer, schedule, budget_schedule = build()
+    gen = torch.Generator().manual_seed(seed)
+    gates = soralib.gate_parameters(model)
+    optimum = [torch.randn(len(g), generator=gen) * (torch.rand(len(g), generator=gen) < 0.5) for g in gates]
+    thresholds = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        for g, g_star in zip(gates, optimum):
+            g.grad = (g.detach() - g_star) + 0.3 * torch.randn(len(g), generator=gen)
+        optimizer.step()
+        schedule.step()
+        budget_schedule.step(step + 1)
+        thresholds.append(soralib.get_threshold(optimizer))
+        if step + 1 == resume_at:
+            state = [obj.state_dict() for obj in (model, optimizer, schedule)]
+            model, optimizer, schedule, budget_schedule = build(state)
+            gates = soralib.gate_parameters(model)
+    budget_schedule.finish()
+    return thresholds, [g.detach().clone() for g in gates], model
+
+
+def test_budget_schedule_steps_bit_for_bit_like_the_harness_controller():
+    thresholds, gates, model = plain_loop(target_rank=4)
+    # the harness's controller on the same loop: BudgetController's target is mean rank × modules
+    model_c = sora_model("bert", r=8)
+    optimizer = soralib.create_sora_optimizer(model_c, lr=8e-4, gate_group_kwargs={"eps": 1e-6}, min_rank=1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: soralib.schedule.linear_warmup_decay(s, 200, 12))
+    controller = BudgetController(4 * 12, "kept_rank", 1)
+    gen = torch.Generator().manual_seed(0)
+    gates_c = soralib.gate_parameters(model_c)
+    optimum = [torch.randn(len(g), generator=gen) * (torch.rand(len(g), generator=gen) < 0.5) for g in gates_c]
+    expected = []
+    for step in range(200):
+        optimizer.zero_grad()
+        for g, g_star in zip(gates_c, optimum):
+            g.grad = (g.detach() - g_star) + 0.3 * torch.randn(len(g), generator=gen)
+        optimizer.step()
+        schedule.step()
+        controller.on_step_end(None, SimpleNamespace(global_step=step + 1, max_steps=200), None, model=model_c,
+                               optimizer=optimizer)
+        expected.append(soralib.get_threshold(optimizer))
+    trim_model_(model_c, 4 * 12, "kept_rank", 1)
+    assert thresholds == expected and len(set(thresholds)) > 2  # the ramp moved τ, the hold set it to 0
+    assert all(torch.equal(a, b) for a, b in zip(gates, gates_c))
+    assert soralib.sparsity_report(model)["kept_rank"] == 4 * 12
+
+
+@pytest.mark.parametrize("resume_at", [60, 170], ids=["in-the-ramp", "in-the-hold"])
+def test_budget_schedule_rebuilt_from_saved_state_dicts_goes_on_bit_for_bit(resume_at):
+    full = soralib.sparsity_report(sora_model("bert", r=8))["lora_params_at_r_max"]
+    straight = plain_loop(target_params=0.4 * full)
+    resumed = plain_loop(target_params=0.4 * full, resume_at=resume_at)
+    assert straight[0] == resumed[0]  # τ lives in the optimizer's state: the schedule keeps none of its own
+    assert all(torch.equal(a, b) for a, b in zip(straight[1], resumed[1]))
+
+
+@pytest.mark.parametrize("optimizer_min_rank, expected", [(0, 2), (3, 3)])
+def test_budget_schedule_makes_the_prox_step_spare_min_rank_gates_per_module(optimizer_min_rank, expected):
+    model = sora_model("bert", r=8)
+    optimizer = soralib.create_sora_optimizer(model, lr=1e-3, min_rank=optimizer_min_rank)
+    soralib.BudgetSchedule(model, optimizer, target_rank=4, total_steps=10, min_rank=2)
+    assert [g["sora_min_rank"] for g in optimizer.param_groups if "sora_threshold" in g] == [expected]
+    soralib.set_threshold(optimizer, 100.0)  # a threshold above every gate: only the spared ones live
+    for g in soralib.gate_parameters(model):
+        g.grad = torch.zeros_like(g)
+    optimizer.step()
+    assert all(m["kept_rank"] == expected for m in soralib.sparsity_report(model)["modules"])
+
+
+def _plain_optimizer(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_params": 100, "target_rank": 2}, "give target_params or target_rank, not both"),
+    ({}, "give target_params (adapter parameters) or target_rank (mean rank per module), got neither"),
+    ({"target_params": -5}, "target_params must be a finite number > 0, got -5"),
+    ({"target_rank": float("nan")}, "target_rank must be a finite number > 0, got nan"),
+    ({"target_rank": 2, "min_rank": 0.5}, "min_rank must be an integer >= 0, got 0.5"),
+    ({"target_rank": 2, "final_fraction": 0}, "final_fraction must be in (0, 1], got 0"),
+    ({"target_rank": 2, "total_steps": 0}, "total_steps must be an integer >= 1, got 0"),
+    ({"target_rank": 9}, ("target_rank must be in [1, 8] for this model (min_rank 1 to the mean r_max of its 12 "
+                          "adapted modules), got 9")),
+    ({"target_rank": 0.5}, "target_rank must be in [1, 8] for this model"),
+    ({"target_params": 100}, ("target_params must be in [832, 6656] for this model (min_rank 1 to r_max ranks in "
+                              "each of its 12 adapted modules), got 100")),
+    ({"target_rank": 2, "optimizer": _plain_optimizer},
+     "this optimizer has no SoRA gate group; build it with soralib.create_sora_optimizer"),
+], ids=["both", "neither", "params-negative", "rank-nan", "min-rank-float", "final-fraction", "total-steps",
+        "rank-above-r", "rank-below-min-rank", "params-below-min-rank", "no-gate-group"])
+def test_budget_schedule_rejects_bad_arguments_in_one_line(kwargs, message):
+    model = sora_model("bert", r=8)
+    optimizer = kwargs.pop("optimizer", lambda m: soralib.create_sora_optimizer(m, lr=1e-3))(model)
+    with pytest.raises(ValueError) as err:
+        soralib.BudgetSchedule(model, optimizer, **{"total_steps": 10, **kwargs})
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_budget_schedule_step_rejects_a_negative_step():
+    model = sora_model("bert", r=8)
+    schedule = soralib.BudgetSchedule(model, soralib.create_sora_optimizer(model, lr=1e-3), target_rank=2,
+                                      total_steps=10)
+    with pytest.raises(ValueError, match=r"global_step must be an integer >= 0, got -1"):
+        schedule.step(-1)

@@ -19,15 +19,17 @@ def dataset(n=16, seed=0):
     return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": y} for i, y in zip(ids, labels)]
 
 
-def train(tmp_path, model, callbacks=(), optimizers=(None, None), weight_decay=0.1):
+def train(tmp_path, model, callbacks=(), optimizers=(None, None), weight_decay=0.1, max_steps=4, save_steps=None,
+          resume=None):
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, report_to=[], use_cpu=True, learning_rate=1e-2,
-                             weight_decay=weight_decay, per_device_train_batch_size=4, save_strategy="no",
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, report_to=[], use_cpu=True,
+                             learning_rate=1e-2, weight_decay=weight_decay, per_device_train_batch_size=4,
+                             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                              logging_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=list(callbacks),
                       optimizers=optimizers)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -143,3 +145,99 @@ def test_callback_refuses_an_optimizer_it_cannot_change_and_names_the_one_line_f
 def test_callback_checks_its_settings_when_built():
     with pytest.raises(ValueError, match="threshold must be a finite number >= 0, got -1"):
         soralib.SoraCallback(threshold=-1)
+
+
+# SoraBudgetCallback: soralib.BudgetSchedule on a Trainer.
+
+def budget_of(model, budget):
+    """(budget, sparsity_report key, cost of one rank at most) of a SoraBudgetCallback's keyword arguments."""
+    report = soralib.sparsity_report(model)
+    if "target_rank" in budget:
+        return budget["target_rank"] * len(report["modules"]), "kept_rank", 1
+    return budget["target_params"], "kept_params", max(m["in_features"] + m["out_features"] for m in report["modules"])
+
+
+def assert_within_one_rank(model, budget):
+    target, measure, rank_cost = budget_of(model, budget)
+    assert target - rank_cost < soralib.sparsity_report(model)[measure] <= target
+
+
+@pytest.mark.parametrize("budget", [{"target_rank": 2}, {"target_params": 2000}], ids=["rank", "params"])
+@pytest.mark.parametrize("optimizer", ["SoraCallback", "create_sora_optimizer"])
+def test_budget_callback_ends_a_trainer_run_within_one_rank_of_the_budget(tmp_path, optimizer, budget):
+    model = sora_model("bert")  # every gate non-zero at the start: 4 ranks in each of 12 modules, 3328 parameters
+    if optimizer == "SoraCallback":  # the Trainer's AdamW, fixed by the callback listed first
+        trainer = train(tmp_path, model, max_steps=8, callbacks=[soralib.SoraCallback(threshold=0.0),
+                                                                 soralib.SoraBudgetCallback(**budget)])
+    else:
+        trainer = train(tmp_path, model, max_steps=8, callbacks=[soralib.SoraBudgetCallback(**budget)],
+                        optimizers=(soralib.create_sora_optimizer(model, lr=1e-2), None))
+    assert_within_one_rank(model, budget)
+    assert soralib.get_threshold(trainer.optimizer) == 0.0  # the hold: the trim alone decides
+    assert all(m["kept_rank"] >= 1 for m in soralib.sparsity_report(model)["modules"])  # min_rank 1 by default
+
+
+def test_budget_callback_run_resumed_from_a_checkpoint_goes_on_bit_for_bit(tmp_path):
+    def run(out, resume=None):
+        model = sora_model("bert")
+        callbacks = [soralib.SoraBudgetCallback(target_rank=2)]
+        train(out, model, max_steps=8, save_steps=3, callbacks=callbacks, resume=resume,
+              optimizers=(soralib.create_sora_optimizer(model, lr=1e-2), None))
+        return {k: v for k, v in model.state_dict().items() if "sora_" in k}
+
+    straight = run(tmp_path / "straight")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-3"))  # in the ramp
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("order", ["alone", "before-SoraCallback"])
+def test_budget_callback_without_a_gate_group_says_to_list_soracallback_first(tmp_path, order):
+    callbacks = [soralib.SoraBudgetCallback(target_rank=2)] + ([soralib.SoraCallback(threshold=0.0)]
+                                                                if order != "alone" else [])
+    with pytest.raises(ValueError, match=r"^SoraBudgetCallback found no SoRA gate group in the Trainer's optimizer; "
+                                         r"list soralib.SoraCallback\(threshold=...\) before it in callbacks, or"):
+        train(tmp_path, sora_model("bert"), callbacks=callbacks)
+
+
+def test_budget_callback_checks_its_settings_when_built():
+    with pytest.raises(ValueError, match=r"^give target_params or target_rank, not both$"):
+        soralib.SoraBudgetCallback(target_params=100, target_rank=2)
+    with pytest.raises(ValueError, match=r"^target_rank must be a finite number > 0, got -1$"):
+        soralib.SoraBudgetCallback(target_rank=-1)
+
+
+def tiny_llama_and_tokenizer():
+    """A 2-layer Llama causal LM with a 100-word vocabulary and a word-level tokenizer built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = {**{f"w{i}": i for i in range(97)}, "<unk>": 97, "<pad>": 98, "<eos>": 99}
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        eos_token="<eos>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=48, pad_token_id=98,
+                                         eos_token_id=99, bos_token_id=None))
+    return model, tokenizer
+
+
+def test_sft_trainer_with_sora_config_and_both_callbacks_ends_within_budget(tmp_path, caplog):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    model, tokenizer = tiny_llama_and_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict({"input_ids": torch.randint(0, 97, (16, 12), generator=g).tolist()})
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
+                         report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    budget = {"target_rank": 2}
+    with caplog.at_level(logging.WARNING, logger="soralib"):
+        trainer = trl.SFTTrainer(
+            model=model, args=args, train_dataset=data, processing_class=tokenizer,
+            peft_config=soralib.SoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+            callbacks=[soralib.SoraCallback(threshold=0.0), soralib.SoraBudgetCallback(**budget)])
+        trainer.train()
+    assert not warnings_in(caplog)  # the gates were soft-thresholded: SoraCallback fixed SFTTrainer's AdamW
+    assert len(soralib.sparsity_report(trainer.model)["modules"]) == 6
+    assert_within_one_rank(trainer.model, budget)

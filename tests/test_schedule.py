@@ -194,3 +194,9 @@ def test_controller_rejects_bad_arguments():
         with pytest.raises(ValueError) as error:
             budget_threshold(**{"tau": 1e-3, "kept": 10, "target": 10, "progress": 0.5, **kwargs})
         assert message in str(error.value)
+
+
+def test_stage_thresholds_are_public_for_a_plain_loops_stages():
+    import soralib
+
+    assert soralib.stage_thresholds("linear", 0.0, 1e-3, 3) == [0.0, 5e-4, 1e-3]

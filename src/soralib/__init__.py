@@ -24,7 +24,8 @@ _EXPORTS = {
     "get_threshold": "optim", "set_threshold": "optim", "soft_threshold": "optim",
     "trainer_optimizer_cls_and_kwargs": "optim", "prune": "prune", "sparsity_report": "prune",
     "load_adapter_safely": "verify", "verify_adapter": "verify", "rank_pattern": "ranks", "lora_config_from": "ranks",
-    "SoraCallback": "callbacks",
+    "SoraCallback": "callbacks", "SoraBudgetCallback": "callbacks", "BudgetSchedule": "budget",
+    "stage_thresholds": "schedule",
 }
 __all__ = list(_EXPORTS)
 

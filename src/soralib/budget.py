@@ -1,17 +1,24 @@
-"""Trim SoRA gates to a parameter budget.
+"""Trim SoRA gates to a parameter budget, and the budget policy any training loop can step.
 
 A rank ``j`` of module ``i`` costs ``c_i = in_features + out_features`` parameters (a column of A and a
 row of B); the adapter's size is ``Σ_i c_i·|{j : keep_ij}|``. The budget controller of
 :mod:`soralib.schedule` only steers the size towards the budget; :func:`trim_model_` after every step of
-the hold phase (the last quarter of training) and once at the end guarantees it.
+the hold phase (the last quarter of training) and once at the end guarantees it. `BudgetSchedule` runs
+the two: ramp, hold and final trim.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any
+
 import torch
 from torch import nn
 
-from .optim import shard_like, sora_layers, whole
+from .optim import get_threshold, set_threshold, shard_like, sora_layers, whole
+from .prune import sparsity_report
+from .schedule import budget_threshold
 
 
 def _check(gates: list[torch.Tensor], costs: list[int], budget: float, min_rank: int) -> None:
@@ -115,3 +122,112 @@ def trim_model_(model: nn.Module, budget: float, measure: str = "kept_params", m
     # same masks and keeps its own shard of them.
     masks = trim_to_budget([whole(g.detach()) for g in gates], costs, int(budget), min_rank)
     apply_masks_(gates, [shard_like(mask, gate) for mask, gate in zip(masks, gates)])
+
+
+def steer_to_budget(model: nn.Module, optimizer: Any, budget: float, measure: str, progress: float,
+                    min_rank: int = 0, final_fraction: float = 0.75) -> None:
+    """One step of the budget policy at ``progress`` = step / total steps (see `BudgetSchedule`): before
+    ``final_fraction``, the threshold from `budget_threshold`; from it on, threshold 0 and `trim_model_`."""
+    if progress >= final_fraction:
+        set_threshold(optimizer, 0.0)
+        trim_model_(model, budget, measure, min_rank)
+        return
+    report = sparsity_report(model)
+    initial = report["r_max_total" if measure == "kept_rank" else "lora_params_at_r_max"]
+    tau = budget_threshold(get_threshold(optimizer), report[measure], min(budget, initial), progress,
+                           initial=initial, final_fraction=final_fraction)
+    set_threshold(optimizer, tau)
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and 0 < value < math.inf
+
+
+def _integer(value: Any, least: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
+
+
+def check_budget(target_params: float | None, target_rank: float | None, min_rank: int,
+                 final_fraction: float) -> None:
+    """`BudgetSchedule`'s settings that need no model, checked before anything is built."""
+    if (target_params is None) == (target_rank is None):
+        raise ValueError("give target_params or target_rank, not both" if target_params is not None else
+                         "give target_params (adapter parameters) or target_rank (mean rank per module), got neither")
+    name, value = ("target_params", target_params) if target_params is not None else ("target_rank", target_rank)
+    if not _number(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not _integer(min_rank, 0):
+        raise ValueError(f"min_rank must be an integer >= 0, got {min_rank!r}")
+    if not _number(final_fraction) or final_fraction > 1:
+        raise ValueError(f"final_fraction must be in (0, 1], got {final_fraction!r}")
+
+
+class BudgetSchedule:
+    """Steer a SoRA run to a size budget: the threshold along a ramp down to the budget, then hold the kept
+    set at the budget. Any training loop: call `step` after each optimizer step, `finish` after the last.
+
+        optimizer = soralib.create_sora_optimizer(model, lr=8e-4)
+        budget = soralib.BudgetSchedule(model, optimizer, target_params=50_000, total_steps=1000)
+        for step in range(1, 1001):
+            ...; optimizer.step(); scheduler.step(); optimizer.zero_grad()
+            budget.step(step)
+        budget.finish()   # the guarantee: at most target_params, within one rank
+
+    `target_params` counts adapter parameters (``kept_params`` of `sparsity_report`), `target_rank` the mean
+    kept rank per adapted module. Every module keeps at least `min_rank` ranks: the trims spare them, and so
+    does the prox step of the ramp (the gate group's ``sora_min_rank`` is raised to `min_rank` if lower).
+
+    Ramp (progress p = step / total_steps < f = final_fraction): τ from the integral controller
+    `budget_threshold`, so the kept size follows AdaLoRA's cubic ramp. Hold (p ≥ f): τ = 0 and after every
+    step only the largest gates that fit in the budget stay non-zero (`trim_model_`), so the final size is
+    the budget to within one rank and the last quarter of training goes to the ranks that are kept, as in
+    AdaLoRA's final phase.
+
+    Why not steer to the end: AdamW moves a dead gate by about the lr whatever its gradient, so while the lr
+    is above τ dead gates keep reviving, and the live count swings by ±15 % from step to step; when the lr
+    decays to 0 they stop reviving and the count fell 10–30 % under the budget (MiniLM, 3 epochs).
+
+    The schedule keeps no state of its own: τ lives in the optimizer's gate group (saved with
+    ``optimizer.state_dict()``), so a run resumed from a checkpoint builds a new schedule and goes on exactly.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any, *, target_params: float | None = None,
+                 target_rank: float | None = None, total_steps: int, min_rank: int = 1,
+                 final_fraction: float = 0.75) -> None:
+        check_budget(target_params, target_rank, min_rank, final_fraction)
+        if not _integer(total_steps, 1):
+            raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+        get_threshold(optimizer)  # the gate group the schedule steers, or the error that says how to get one
+        report = sparsity_report(model)
+        n = len(report["modules"])
+        floor = [min(min_rank, m["r_max"]) for m in report["modules"]]  # ranks no trim takes away
+        if target_params is not None:
+            low = sum(k * (m["in_features"] + m["out_features"]) for k, m in zip(floor, report["modules"]))
+            if not low <= target_params <= report["lora_params_at_r_max"]:
+                raise ValueError(f"target_params must be in [{low}, {report['lora_params_at_r_max']}] for this model "
+                                 f"(min_rank {min_rank} to r_max ranks in each of its {n} adapted modules), "
+                                 f"got {target_params!r}")
+            self.budget, self.measure = float(target_params), "kept_params"
+        else:
+            low, high = sum(floor) / n, report["r_max_total"] / n
+            if not low <= target_rank <= high:
+                raise ValueError(f"target_rank must be in [{low:g}, {high:g}] for this model (min_rank {min_rank} to "
+                                 f"the mean r_max of its {n} adapted modules), got {target_rank!r}")
+            self.budget, self.measure = float(target_rank * n), "kept_rank"
+        self.model, self.optimizer, self.total_steps = model, optimizer, int(total_steps)
+        self.min_rank, self.final_fraction = int(min_rank), final_fraction
+        # Else the ramp's prox step could zero a whole module, which no trim brings back.
+        for group in optimizer.param_groups:
+            if "sora_threshold" in group:
+                group["sora_min_rank"] = max(group.get("sora_min_rank", 0), self.min_rank)
+
+    def step(self, global_step: int) -> None:
+        """After optimizer step number `global_step` (1 after the first): set τ (ramp) or trim (hold)."""
+        if not _integer(global_step, 0):
+            raise ValueError(f"global_step must be an integer >= 0, got {global_step!r}")
+        steer_to_budget(self.model, self.optimizer, self.budget, self.measure,
+                        min(global_step / self.total_steps, 1.0), self.min_rank, self.final_fraction)
+
+    def finish(self) -> None:
+        """The final trim: the kept adapter fits the budget (over it only by ranks `min_rank` forces)."""
+        trim_model_(self.model, self.budget, self.measure, self.min_rank)

@@ -1,4 +1,5 @@
-"""SoraCallback: the prox step for a model trained by a plain transformers Trainer (or a Trainer subclass).
+"""SoraCallback: the prox step for a model trained by a plain transformers Trainer (or a Trainer subclass);
+SoraBudgetCallback: `soralib.BudgetSchedule` for that Trainer.
 
 A Trainer left to build its own optimizer puts the gates in its AdamW groups: never soft-thresholded (no rank
 is ever pruned) and weight-decayed when ``args.weight_decay`` > 0. `SoraCallback` fixes that Trainer's
@@ -17,6 +18,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 
+from .budget import BudgetSchedule, check_budget
 from .optim import _why_no_gates, add_prox_step, check_gate_options, gate_parameters
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,35 @@ class SoraCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         add_gate_group(model, optimizer, lr_scheduler, self.gate_group, self.gate_lr)
+
+
+class SoraBudgetCallback(TrainerCallback):
+    """Steer a Trainer's SoRA run to a size budget: ``Trainer(..., callbacks=[soralib.SoraCallback(threshold=0),
+    soralib.SoraBudgetCallback(target_params=50_000)])``, or with ``optimizers=(soralib.create_sora_optimizer(
+    ...), None)`` and this callback alone. A `soralib.BudgetSchedule` over ``state.max_steps`` is built at
+    ``on_train_begin`` (after SoraCallback's, so list that one first), stepped at every ``on_step_end`` and
+    finished (the final trim) at ``on_train_end``. The arguments are `BudgetSchedule`'s."""
+
+    def __init__(self, target_params: float | None = None, target_rank: float | None = None, min_rank: int = 1,
+                 final_fraction: float = 0.75) -> None:
+        check_budget(target_params, target_rank, min_rank, final_fraction)
+        self.settings = {"target_params": target_params, "target_rank": target_rank, "min_rank": min_rank,
+                         "final_fraction": final_fraction}
+        self.schedule: BudgetSchedule | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        model = getattr(model, "module", model)  # DDP's wrapper
+        if not any("sora_threshold" in group for group in optimizer.param_groups):
+            raise ValueError("SoraBudgetCallback found no SoRA gate group in the Trainer's optimizer; list "
+                             "soralib.SoraCallback(threshold=...) before it in callbacks, or pass "
+                             "optimizers=(soralib.create_sora_optimizer(model, lr=args.learning_rate), None)")
+        self.schedule = BudgetSchedule(model, optimizer, total_steps=state.max_steps, **self.settings)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.schedule.step(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.schedule.finish()  # also after load_best_model_at_end, which may bring back a larger adapter
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:

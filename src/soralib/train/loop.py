@@ -21,12 +21,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-import soralib
-
-from ..budget import trim_model_
+from ..budget import steer_to_budget
 from ..errors import TrainingDiverged
 from ..io import atomic_write_text
-from ..schedule import budget_threshold
 from .config import TrainConfig
 from .methods import get_method
 from .sampler import LengthGroupedEpochs
@@ -188,36 +185,19 @@ class AdaLoraAllocator(TrainerCallback):
 
 
 class BudgetController(TrainerCallback):
-    """Steer the threshold along a ramp down to the budget, then hold the kept set at the budget.
-
-    Ramp (progress p < f = 0.75): τ from the integral controller `budget_threshold`, so the kept size
-    follows AdaLoRA's cubic ramp. Hold (p ≥ f): τ = 0 and after every step only the largest gates that fit
-    in the budget stay non-zero (`trim_model_`), so the final size is the budget to within one rank and the
-    last quarter of training goes to the ranks that are kept, as in AdaLoRA's final phase.
-
-    Why not steer to the end: AdamW moves a dead gate by about the lr whatever its gradient, so while the lr
-    is above τ dead gates keep reviving, and the live count swings by ±15 % from step to step; when the lr
-    decays to 0 they stop reviving and the count fell 10–30 % under the budget (MiniLM, 3 epochs).
-
-    `measure` is a key of `sparsity_report`: "kept_params" (for --target-params) or "kept_rank" (for
-    --target-rank, the budget then being mean rank × modules).
+    """`soralib.BudgetSchedule`'s step (`steer_to_budget`: ramp, then hold; why: its docstring) for a budget
+    `sora train` has checked already. `measure` is a key of `sparsity_report`: "kept_params" (for
+    --target-params) or "kept_rank" (for --target-rank, the budget then being mean rank × modules). Stateless
+    like the schedule: a resumed run finds τ in the optimizer's state. run.py makes the final trim.
     """
 
     def __init__(self, target: float, measure: str, min_rank: int = 0, final_fraction: float = 0.75):
         self.target, self.measure, self.min_rank, self.final_fraction = target, measure, min_rank, final_fraction
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        model = _unwrap(model)
         progress = min(state.global_step / max(state.max_steps, 1), 1.0)
-        if progress >= self.final_fraction:
-            soralib.set_threshold(optimizer, 0.0)
-            trim_model_(model, self.target, self.measure, self.min_rank)
-            return
-        report = soralib.sparsity_report(model)
-        initial = report["r_max_total" if self.measure == "kept_rank" else "lora_params_at_r_max"]
-        tau = budget_threshold(soralib.get_threshold(optimizer), report[self.measure], min(self.target, initial),
-                               progress, initial=initial, final_fraction=self.final_fraction)
-        soralib.set_threshold(optimizer, tau)
+        steer_to_budget(_unwrap(model), optimizer, self.target, self.measure, progress, self.min_rank,
+                        self.final_fraction)
 
 
 def _unwrap(model):

@@ -13,7 +13,7 @@ import torch
 import soralib.train.run as run_module
 from soralib.cli import main
 from soralib.train.config import build_config, save_yaml
-from soralib.train.loop import latest_checkpoint
+from soralib.train.checkpoints import latest_checkpoint
 from soralib.train.rundir import LOCK, foreign
 from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
 
@@ -237,7 +237,7 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_resume_finishes_the_run
         patch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**10, 10**10 - 4096, 4096))
         assert main(train_args(glue_dir, tiny_model, out, *QUICK)) == 1
     assert _error(capsys) == f"sora train: error: no space left on device at {out}"
-    assert latest_checkpoint(out / "checkpoints" / "stage-1").endswith("checkpoint-2")  # the half-written one hidden
+    assert latest_checkpoint(out / "checkpoints" / "stage-1").endswith("checkpoint-2")  # the torn one not resumed
     assert main(train_args(glue_dir, tiny_model, out, "--resume")) == 0
     assert (out / "metrics.json").is_file()
 

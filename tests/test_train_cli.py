@@ -204,6 +204,34 @@ def test_gate_update_is_optimizer_or_sgd():
         build_config("sora", None, {"gate_update": "adam"})
 
 
+def test_no_trainer_class_of_soralib_defines_a_private_method():
+    """The rule: never override a private method of a library class. Trainer's private methods change between
+    releases and TRL's SFTTrainer overrides some of them itself; soralib's trainers (and the mixins they are
+    made of) use public methods and callbacks only, and so define no `_name` method at all."""
+    import ast
+
+    import soralib
+
+    classes = {}
+    for path in Path(soralib.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                classes[node.name] = (path, node)
+
+    def bases(name):
+        return [ast.unparse(base).rsplit(".", 1)[-1] for base in classes[name][1].bases]
+
+    def is_trainer(name):
+        return any(b.endswith("Trainer") or b in classes and is_trainer(b) for b in bases(name))
+
+    trainers = [name for name in classes if is_trainer(name)]
+    checked = set(trainers) | {b for name in trainers for b in bases(name) if b in classes}
+    private = [f"{classes[name][0].name}: {name}.{item.name}" for name in sorted(checked)
+               for item in classes[name][1].body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+               and item.name.startswith("_") and not (item.name.startswith("__") and item.name.endswith("__"))]
+    assert "SoraTrainer" in checked and private == []
+
+
 def test_regression_task_reports_pearson_and_spearman(glue_dir, tiny_model, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(glue_dir, tiny_model, out, task="stsb")) == 0

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,15 +21,12 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from ..budget import steer_to_budget
 from ..errors import TrainingDiverged
-from ..io import atomic_write_text
+from .checkpoints import CLOCK, CompleteCheckpoints, latest_checkpoint
 from .config import TrainConfig
 from .methods import get_method
 from .sampler import LengthGroupedEpochs
 
 logger = logging.getLogger(__name__)
-COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked checkpoints are resumed
-CLOCK = "training_seconds.json"  # in each checkpoint: training time and skipped steps up to it, kept on resume
-KEEP = 2  # complete checkpoints kept per stage, the newest ones
 
 
 class SoraTrainer(Trainer):
@@ -43,6 +38,7 @@ class SoraTrainer(Trainer):
         self.run, self.history, self.stage = run, history, stage
         self.seconds_before = seconds_before  # training seconds of the earlier stages
         self.started, self.eval_seconds = time.perf_counter(), 0.0
+        self.add_callback(CompleteCheckpoints(self))  # marks each checkpoint complete, keeps the newest two
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         self.started, self.eval_seconds = time.perf_counter(), 0.0
@@ -107,36 +103,6 @@ class SoraTrainer(Trainer):
             with open(self.history, "a") as f:  # append-only log: a torn last line is skipped by readers
                 f.write(json.dumps(line) + "\n")
         super().log(logs, start_time)
-
-    # Checkpoints are written whole into a hidden staging directory, marked COMPLETE, then renamed into
-    # place: a run killed at any moment leaves only complete `checkpoint-N` directories behind.
-    _staging: Path | None = None
-
-    def _get_output_dir(self, trial) -> str:
-        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        final = Path(self.args.output_dir)
-        staging = final / ".staging"
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self._staging = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = None
-        self.accelerator.wait_for_everyone()  # every rank has written its RNG state into the staging copy
-        if self.args.should_save:
-            name = f"checkpoint-{self.state.global_step}"
-            atomic_write_text(staging / name / CLOCK, json.dumps({"training_seconds": self.training_seconds(),
-                                                                  "skipped_steps": self.nonfinite.skipped}))
-            atomic_write_text(staging / name / COMPLETE, "ok\n")
-            shutil.rmtree(final / name, ignore_errors=True)
-            os.replace(staging / name, final / name)
-            for old in _complete_checkpoints(final)[:-KEEP]:
-                shutil.rmtree(old)
-        self.accelerator.wait_for_everyone()
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -204,28 +170,6 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _complete_checkpoints(directory: Path) -> list[Path]:
-    done = [p for p in directory.glob("checkpoint-*") if p.name[11:].isdigit() and (p / COMPLETE).is_file()]
-    return sorted(done, key=lambda p: int(p.name[11:]))
-
-
-def latest_checkpoint(directory: Path) -> str | None:
-    """The newest checkpoint that was completely written (has the COMPLETE marker), or None."""
-    done = _complete_checkpoints(directory) if directory.is_dir() else []
-    return str(done[-1]) if done else None
-
-
-def resume_hint(run_dir: Path) -> str:
-    """One line for an interrupted run: the command that resumes it, and the checkpoint it continues from."""
-    stages = [p for p in (run_dir / "checkpoints").glob("stage-*") if p.name[6:].isdigit()]
-    stages.sort(key=lambda p: int(p.name[6:]), reverse=True)
-    newest = next(filter(None, map(latest_checkpoint, stages)), None)
-    command = f"`sora train --output-dir {shlex.quote(str(run_dir))} --resume`"
-    if newest is None:
-        return f"interrupted before the first checkpoint; {command} starts the run again"
-    return f"interrupted; {command} continues from {newest}"
-
-
 def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) -> dict[str, Any]:
     """TrainingArguments' fields for one stage (a Task turns them into its arguments class)."""
     return dict(
@@ -247,7 +191,7 @@ def training_args(config: TrainConfig, output_dir: Path, show_progress: bool) ->
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps else "epoch",
         save_steps=config.save_steps or 500,
-        save_total_limit=None,  # SoraTrainer keeps the newest two complete checkpoints itself
+        save_total_limit=None,  # CompleteCheckpoints keeps the newest two complete checkpoints itself
         eval_strategy="steps" if config.eval_fraction else "epoch" if config.eval_each_epoch else "no",
         eval_steps=config.eval_fraction,  # a float < 1 is a ratio of the stage's steps
         seed=config.seed,

@@ -29,8 +29,9 @@ from ..budget import trim_model_
 from ..errors import InputError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, disk_full
 from . import data as data_mod
+from .checkpoints import latest_checkpoint, resume_hint
 from .config import TrainConfig, save_yaml
-from .loop import is_main_process, latest_checkpoint, make_trainer, resume_hint
+from .loop import is_main_process, make_trainer
 from .methods import adapter_size, get_method, within
 from .rundir import LOCK, REPLACED, foreign, in_use, lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora
 from .tasks import task_of

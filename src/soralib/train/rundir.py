@@ -34,6 +34,7 @@ RUN = {
     "adapter": ADAPTER, "sora_adapter": ADAPTER, "model": {"trainable.safetensors": FILE},
     "adapter-exact": ADAPTER, "adapter-uniform": ADAPTER,  # `sora export RUN`'s default --out
     "stages": {"stage-*": {"adapter": ADAPTER, "sparsity.json": FILE}},
+    # .staging: where earlier versions wrote a checkpoint before renaming it into place (an old run may hold one);
     # README.md: the model card TRL's SFTTrainer writes beside its checkpoints
     "checkpoints": {"stage-*": {"checkpoint-*": WHOLE, ".staging": WHOLE, "README.md": FILE}},
     "logs": {"stage-*": {"events.out.tfevents.*": FILE}},

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from soralib.train.rundir import CONFIG, SORA_ADAPTER
+
 from . import common
 
 
@@ -33,11 +35,11 @@ def initial_and_final_gates(run_dir: Path) -> tuple[Any, Any, Any]:
     from soralib.train.run import seed_everything
     from soralib.train.tasks import get_task
 
-    config = build_config("sora", str(run_dir / "config.yaml"), {})
+    config = build_config("sora", str(run_dir / CONFIG), {})
     model, _, _ = load_base(config, get_task(config.task).num_labels)
     seed_everything(config.seed)  # as `sora train` does just before wrapping: the same g0
     model = wrap(config, model, total_steps=1)
-    final = load_file(str(run_dir / "sora_adapter" / "adapter_model.safetensors"))
+    final = load_file(str(run_dir / SORA_ADAPTER / "adapter_model.safetensors"))
     layers = list(sora_layers(model))
     g0 = torch.cat([layer.sora_gate["default"].detach().flatten() for _, layer in layers])
     g_final = torch.cat([final[f"{name}.sora_gate"].flatten() for name, _ in layers])
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_dir = Path(args.runs_dir) / r["key"]
         if not r.get("variant", "").startswith("sora") or r["key"] in done:
             continue
-        if not (run_dir / "sora_adapter").is_dir():
+        if not (run_dir / SORA_ADAPTER).is_dir():
             print(f"skip  {r['key']}: no run directory {run_dir} here")
             continue
         steps = r["metrics"]["steps"] - r["metrics"].get("skipped_steps", 0)

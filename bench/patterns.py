@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from soralib.train.rundir import SORA_ADAPTER
+
 from . import common
 
 STORE = common.RESULTS / "ranks.jsonl"
@@ -31,7 +33,7 @@ def load(path: str | Path = STORE) -> dict[str, dict[str, Any]]:
 
 def capture(key: str, run_dir: Path, path: str | Path = STORE) -> bool:
     """Store `sora ranks run_dir` under `key`; False when the run has no gated adapter or the call fails."""
-    if not (run_dir / "sora_adapter").is_dir():
+    if not (run_dir / SORA_ADAPTER).is_dir():
         return False
     done = subprocess.run([sys.executable, "-m", "soralib.cli", "ranks", str(run_dir)], cwd=common.REPO,
                           capture_output=True, text=True)

@@ -29,6 +29,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Sequence
 
+from soralib.train.rundir import CONFIG, HISTORY, METRICS, SPARSITY
+
 from . import common, lr, patterns
 from .matrix import TASKS, VARIANTS, Cell, cells  # noqa: F401  (the matrix, re-exported)
 
@@ -142,11 +144,11 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
     """Train (or resume) one cell; its record, or None if `sora train` failed (the cell stays open)."""
     argv, budget = command(cell, args, records)
     run_dir = Path(args.runs_dir) / cell.key
-    resumed = (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.json").is_file()
+    resumed = (run_dir / CONFIG).is_file() and not (run_dir / METRICS).is_file()
     if resumed:
         argv.append("--resume")
     wall = None
-    if not (run_dir / "metrics.json").is_file():  # else: trained earlier, only the JSONL line was lost
+    if not (run_dir / METRICS).is_file():  # else: trained earlier, only the JSONL line was lost
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         if cell.pattern_from:
             patterns.write(cell.variant, cell.task, cell.seed, patterns.load(args.ranks)[cell.pattern_from],
@@ -156,13 +158,13 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
         with open(run_dir.parent / f"{cell.key}.log", "a") as log:  # outside run_dir: sora train wants it empty
             done = subprocess.run(argv, cwd=common.REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         wall = round(time.perf_counter() - started, 3)
-        if done.returncode != 0 or not (run_dir / "metrics.json").is_file():
+        if done.returncode != 0 or not (run_dir / METRICS).is_file():
             return None
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    sparsity = run_dir / "sparsity.json"
+    metrics = json.loads((run_dir / METRICS).read_text())
+    sparsity = run_dir / SPARSITY
     ranks = ({m["module"]: m["kept_rank"] for m in json.loads(sparsity.read_text())["modules"]}
              if sparsity.is_file() else None)
-    curve, curve_note = validation_curve(run_dir / "history.jsonl", metrics.get("main_metric", ""))
+    curve, curve_note = validation_curve(run_dir / HISTORY, metrics.get("main_metric", ""))
     return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "method": metrics["method"],
             "seed": cell.seed, "epochs": cell.epochs, "model": cell.model, "protocol": "paper",
             "jobs": cell.jobs, "threads": cell.threads,

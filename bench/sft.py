@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from soralib.train.rundir import CONFIG, HISTORY, METRICS
+
 from . import claims, common
 
 # variant -> (method, overrides): the budget is a mean rank of 4 of r_max 8, lora-equal LoRA r4 at the same
@@ -87,19 +89,19 @@ def command(variant: str, seed: int, args: argparse.Namespace) -> list[str]:
 def run_cell(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
     argv = command(variant, seed, args)
     run = Path(args.runs_dir) / key(variant, seed, args)
-    if (run / "config.yaml").is_file() and not (run / "metrics.json").is_file():
+    if (run / CONFIG).is_file() and not (run / METRICS).is_file():
         argv.append("--resume")
     started = time.perf_counter()
     run.parent.mkdir(parents=True, exist_ok=True)
     with open(run.parent / f"{run.name}.log", "a") as log:
         done = subprocess.run(argv, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
-    if done.returncode != 0 or not (run / "metrics.json").is_file():
+    if done.returncode != 0 or not (run / METRICS).is_file():
         return None
-    lines = common.read_jsonl(run / "history.jsonl")
+    lines = common.read_jsonl(run / HISTORY)
     curve = {r["step"]: r["eval_loss"] for r in lines if r.get("split") == "validation" and "eval_loss" in r}
     return {"kind": "sft", "key": run.name, "variant": variant, "seed": seed, "settings": settings(args),
-            "metrics": json.loads((run / "metrics.json").read_text()), "validation_loss": sorted(curve.items()),
+            "metrics": json.loads((run / METRICS).read_text()), "validation_loss": sorted(curve.items()),
             "wall_seconds": round(time.perf_counter() - started, 1), "run_command": shlex.join(argv),
             **common.provenance("bench.sft", sys.argv[1:])}
 

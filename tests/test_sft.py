@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from soralib.cli import main
 from soralib.errors import InputError
-from soralib.train import loop
+from soralib.train import checkpoints
 from soralib.train.tasks.generate import final_answer, generation_metrics
 from soralib.train.tasks.sft_data import read_sft_rows, tokenize_sft
 
@@ -121,7 +121,7 @@ EVERY_STEP = ("--save-steps", "1", "--max-generate-samples", "0")
 
 def test_an_sft_run_resumed_from_a_checkpoint_goes_on_bitwise_like_the_straight_run(
         tiny_llama, gsm_files, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "KEEP", 100)
+    monkeypatch.setattr(checkpoints, "KEEP", 100)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(sft_args(tiny_llama, gsm_files, straight, *EVERY_STEP)) == 0
     name = "checkpoints/stage-1/checkpoint-2"

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import InputError
 from .io import atomic_write_bytes, atomic_write_text
-from .train.rundir import GENERATIONS
+from .train.rundir import GENERATIONS, HISTORY, METRICS, SPARSITY, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,12 @@ def write_report(run_dir: str | Path) -> Path:
     if not run_dir.is_dir():
         reason = "not a directory" if run_dir.exists() else "does not exist"
         raise InputError(f"not a soralib run directory: {run_dir} ({reason})")
-    if not ((run_dir / "metrics.json").is_file() or (run_dir / "stages.jsonl").is_file()):
+    if not ((run_dir / METRICS).is_file() or (run_dir / STAGES).is_file()):
         raise InputError(f"not a soralib run directory: {run_dir} (no metrics.json or stages.jsonl)")
-    metrics = _read_json(run_dir / "metrics.json") or {}
-    sparsity = _read_json(run_dir / "sparsity.json") or {}
-    history = [row for row in _read_jsonl(run_dir / "history.jsonl") if _is_number(row.get("step"))]
-    stages = _read_jsonl(run_dir / "stages.jsonl")
+    metrics = _read_json(run_dir / METRICS) or {}
+    sparsity = _read_json(run_dir / SPARSITY) or {}
+    history = [row for row in _read_jsonl(run_dir / HISTORY) if _is_number(row.get("step"))]
+    stages = _read_jsonl(run_dir / STAGES)
     _check_structure(run_dir, sparsity, stages)
     main = metrics.get("main_metric") or next((s["main_metric"] for s in stages if s.get("main_metric")), None)
 

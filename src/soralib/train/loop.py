@@ -24,6 +24,7 @@ from ..errors import TrainingDiverged
 from .checkpoints import CLOCK, CompleteCheckpoints, latest_checkpoint
 from .config import TrainConfig
 from .methods import get_method
+from .rundir import HISTORY
 from .sampler import LengthGroupedEpochs
 
 logger = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def make_trainer(config: TrainConfig, model, tokenizer, train_features, spec, ru
         callbacks.append(tensorboard)
     trainer = trainer_class(
         model=model, args=args, train_dataset=train_features, eval_dataset=eval_features, processing_class=tokenizer,
-        **parts, optimizers=(optimizer, None), callbacks=callbacks, run=config, history=run_dir / "history.jsonl",
+        **parts, optimizers=(optimizer, None), callbacks=callbacks, run=config, history=run_dir / HISTORY,
         stage=stage, seconds_before=seconds_before)
     trainer.remove_callback(PrinterCallback)  # library code does not print; history.jsonl has every line
     return trainer

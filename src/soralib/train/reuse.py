@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .config import TrainConfig
+from .rundir import CONFIG, SORA_ADAPTER
 
 logger = logging.getLogger(__name__)
 
@@ -17,9 +18,9 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     from .config import FIELDS, coerce, load_yaml
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
+    if not (run / CONFIG).is_file():
         raise InputError(f"not a soralib run directory: {run} (no config.yaml)")
-    values = load_yaml(run / "config.yaml")
+    values = load_yaml(run / CONFIG)
     return TrainConfig(**{k: coerce(k, v) for k, v in values.items() if k in FIELDS})
 
 
@@ -144,7 +145,7 @@ def load_sora_run(run_dir: str | Path):
     task = task_of(config.task)
     base, _, fresh = task.load_model(config, task.saved_spec(config, run))
     _warn_unsaved(config, fresh)
-    model = soralib.load_adapter_safely(base, run / "sora_adapter")
+    model = soralib.load_adapter_safely(base, run / SORA_ADAPTER)
     # runs saved before load_base named the base portably recorded the venv path of "minilm"
     model.peft_config["default"].base_model_name_or_path = base_model_name(config.model)
     return model
@@ -154,7 +155,7 @@ def _sora_run_config(run: Path) -> TrainConfig:
     config = load_run_config(run)
     from .methods import get_method
 
-    if not get_method(config.method).gated or not (run / "sora_adapter" / "adapter_config.json").is_file():
+    if not get_method(config.method).gated or not (run / SORA_ADAPTER / "adapter_config.json").is_file():
         raise InputError(f"{run} is not a finished SoRA run (no sora_adapter/)")
     return config
 

@@ -33,11 +33,12 @@ from .checkpoints import latest_checkpoint, resume_hint
 from .config import TrainConfig, save_yaml
 from .loop import is_main_process, make_trainer
 from .methods import adapter_size, get_method, within
-from .rundir import LOCK, REPLACED, foreign, in_use, lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora
+from .rundir import (ADAPTER, CONFIG, LOCK, METRICS, REPLACED, SPARSITY, STAGES, STATE, foreign, in_use, lock_holder,
+                     refuse_foreign, remove_run, run_lock, written_by_sora)
 from .tasks import task_of
 
 logger = logging.getLogger(__name__)
-RUN_MARKERS = ("config.yaml", "state.json")
+RUN_MARKERS = (CONFIG, STATE)
 
 
 def check_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> bool:
@@ -57,7 +58,7 @@ def check_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> bool
     if resume:
         if not is_run:
             raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
-        if (out / "metrics.json").exists():
+        if (out / METRICS).exists():
             raise InputError(f"the run in {out} is finished (metrics.json exists); nothing to resume")
         refuse_foreign(out, [p for p in foreign(out) if REPLACED.match(p)], "cannot resume in")
         return False
@@ -69,7 +70,7 @@ def check_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> bool
             raise InputError(f"output directory {out} is not empty; pass --overwrite to replace it or --resume")
         if not is_run:
             raise InputError(f"refusing to overwrite {out}: it is not a soralib run directory (no config.yaml)")
-        if (out / "config.yaml").exists() and not written_by_sora(out / "config.yaml"):
+        if (out / CONFIG).exists() and not written_by_sora(out / CONFIG):
             raise InputError(f"refusing to overwrite {out}: it is not a soralib run directory (its config.yaml "
                              "was not written by sora train)")
         refuse_foreign(out, foreign(out), "refusing to overwrite")
@@ -156,18 +157,18 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
         if check_output_dir(config, overwrite, resume):  # again, locked: another run may have written meanwhile
             remove_run(out)  # only now, with data and model loaded: a failed start must not cost the old run
         if not resume:
-            save_yaml(config, out / "config.yaml")
+            save_yaml(config, out / CONFIG)
     processes.wait_for_everyone()
     # A new run starts from zero; under torchrun on CPU, rank 1 can get here before rank 0 deleted the old run.
     fresh_state = {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0}
-    state = _read_json(out / "state.json", fresh_state) if resume else fresh_state
+    state = _read_json(out / STATE, fresh_state) if resume else fresh_state
 
     for stage, threshold in enumerate(thresholds, start=1):
         stage_dir = out / "stages" / f"stage-{stage}"
         if stage <= state["stages_done"]:
             continue
         if stage > 1 and state["stages_done"] == stage - 1 and resume:
-            _load_adapter(model, out / "stages" / f"stage-{stage - 1}" / "adapter")
+            _load_adapter(model, out / "stages" / f"stage-{stage - 1}" / ADAPTER)
         trainer = make_trainer(config, model, tokenizer, features["train"], spec, out, stage, threshold,
                                show_progress, budget if stage == len(thresholds) else None,
                                eval_features=features["validation"], seconds_before=state["train_seconds"], task=task)
@@ -182,7 +183,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
             # The last stage is never marked done: metrics.json marks the run done, and a run killed
             # before writing it resumes the last stage from its newest checkpoint.
             state["stages_done"] = stage
-            atomic_write_json(out / "state.json", state)
+            atomic_write_json(out / STATE, state)
     return _finish_run(trainer, task, model, tokenizer, config, spec, splits, features, out, state)
 
 
@@ -197,12 +198,12 @@ def _finish_stage(trainer, task, model, spec, features, memorize, stage, thresho
         "checkpoint": f"stages/stage-{stage}",
     }
     if trainer.args.should_save:
-        with atomic_dir(stage_dir / "adapter") as tmp:
+        with atomic_dir(stage_dir / ADAPTER) as tmp:
             model.save_pretrained(str(tmp))
-        atomic_write_json(stage_dir / "sparsity.json", report)
-        lines = _read_lines(out / "stages.jsonl")
+        atomic_write_json(stage_dir / SPARSITY, report)
+        lines = _read_lines(out / STAGES)
         lines = [x for x in lines if x["stage"] < stage] + [line]
-        atomic_write_text(out / "stages.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+        atomic_write_text(out / STAGES, "".join(json.dumps(x) + "\n" for x in lines))
 
 
 def _finish_run(trainer, task, model, tokenizer, config, spec, splits, features, out, state) -> dict:
@@ -222,7 +223,7 @@ def _finish_run(trainer, task, model, tokenizer, config, spec, splits, features,
     if trainer.args.should_save:
         metrics["eval"].update(task.final_metrics(model, tokenizer, config, splits, out))
         get_method(config.method).export(model, config, out)
-        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_json(out / METRICS, metrics)
     return metrics
 
 
@@ -244,9 +245,9 @@ def _load_adapter(model, path: Path) -> None:
 def _resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
     from .config import FIELDS, coerce, load_yaml
 
-    if not (out / "config.yaml").is_file():
+    if not (out / CONFIG).is_file():
         raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
-    saved = TrainConfig(**{k: coerce(k, v) for k, v in load_yaml(out / "config.yaml").items() if k in FIELDS})
+    saved = TrainConfig(**{k: coerce(k, v) for k, v in load_yaml(out / CONFIG).items() if k in FIELDS})
     changed = _changed_settings(saved, given)
     if changed:
         raise InputError(f"cannot resume {out} with other settings ({changed}): drop these flags to resume it, "

@@ -26,14 +26,17 @@ except ImportError:  # pragma: no cover (Windows: no lock, one run per directory
 
 LOCK = ".sora.lock"  # held by the writing process; kept afterwards, with the pid of the last one
 FILE, WHOLE = "file", "whole"  # a file; a directory written whole by a library (Trainer's checkpoints)
-ADAPTER = {"adapter_config.json": FILE, "adapter_model.safetensors": FILE, "README.md": FILE}
+ADAPTER_FILES = {"adapter_config.json": FILE, "adapter_model.safetensors": FILE, "README.md": FILE}
+# The names `sora train` writes, which eval, export, report and bench read (one spelling, here).
+CONFIG, STATE, METRICS = "config.yaml", "state.json", "metrics.json"  # settings, stage progress, the scores
+SPARSITY, HISTORY, STAGES = "sparsity.json", "history.jsonl", "stages.jsonl"  # kept ranks, log lines, stages
+ADAPTER, SORA_ADAPTER = "adapter", "sora_adapter"  # the exported plain LoRA; SoRA's gated adapter
 GENERATIONS = "generations.jsonl"  # an sft run's greedy generations on validation prompts (tasks/sft.py)
 RUN = {
-    GENERATIONS: FILE, "config.yaml": FILE, "state.json": FILE, "metrics.json": FILE, "sparsity.json": FILE,
-    "history.jsonl": FILE, "stages.jsonl": FILE, LOCK: FILE,
-    "adapter": ADAPTER, "sora_adapter": ADAPTER, "model": {"trainable.safetensors": FILE},
-    "adapter-exact": ADAPTER, "adapter-uniform": ADAPTER,  # `sora export RUN`'s default --out
-    "stages": {"stage-*": {"adapter": ADAPTER, "sparsity.json": FILE}},
+    GENERATIONS: FILE, CONFIG: FILE, STATE: FILE, METRICS: FILE, SPARSITY: FILE, HISTORY: FILE, STAGES: FILE,
+    LOCK: FILE, ADAPTER: ADAPTER_FILES, SORA_ADAPTER: ADAPTER_FILES, "model": {"trainable.safetensors": FILE},
+    "adapter-exact": ADAPTER_FILES, "adapter-uniform": ADAPTER_FILES,  # `sora export RUN`'s default --out
+    "stages": {"stage-*": {ADAPTER: ADAPTER_FILES, SPARSITY: FILE}},
     # .staging: where earlier versions wrote a checkpoint before renaming it into place (an old run may hold one);
     # README.md: the model card TRL's SFTTrainer writes beside its checkpoints
     "checkpoints": {"stage-*": {"checkpoint-*": WHOLE, ".staging": WHOLE, "README.md": FILE}},

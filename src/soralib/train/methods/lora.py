@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import InputError
+from ..rundir import ADAPTER
 from .method import Method
 from .pretrained import peft_common
 from .sora import check_adapter
@@ -57,7 +58,7 @@ class Lora(Method):
     def export(self, model: nn.Module, config: TrainConfig, out: Path) -> None:
         from ...io import atomic_dir
 
-        with atomic_dir(out / "adapter") as tmp:
+        with atomic_dir(out / ADAPTER) as tmp:
             model.save_pretrained(str(tmp))
 
     def adapter_size(self, config: TrainConfig, model: nn.Module) -> dict[str, Any]:
@@ -79,7 +80,7 @@ class Lora(Method):
         from ...verify import load_adapter_safely
 
         check_adapter(run)
-        return load_adapter_safely(model, run / "adapter")
+        return load_adapter_safely(model, run / ADAPTER)
 
 
 class AdaLora(Lora):
@@ -133,4 +134,4 @@ class AdaLora(Lora):
         import peft
 
         check_adapter(run)  # verify_adapter knows LoRA and SoRA; AdaLoRA loads as PEFT saved it
-        return peft.PeftModel.from_pretrained(model, str(run / "adapter"))
+        return peft.PeftModel.from_pretrained(model, str(run / ADAPTER))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import InputError
+from ..rundir import ADAPTER, SORA_ADAPTER, SPARSITY
 from .method import Method
 from .pretrained import peft_common
 
@@ -115,14 +116,14 @@ class Sora(Method):
 
         from ...io import atomic_dir, atomic_write_json
 
-        with atomic_dir(out / "sora_adapter") as tmp:
+        with atomic_dir(out / SORA_ADAPTER) as tmp:
             model.save_pretrained(str(tmp))
         layout = export_layout(config, soralib.sparsity_report(model))
         if layout != config.layout:
             logger.warning("every gate ended at zero: adapter/ is a zero LoRA of rank 1 (layout 'uniform') "
                            "beside the trained head")
-        soralib.export_lora(model, out / "adapter", layout=layout)
-        atomic_write_json(out / "sparsity.json", soralib.sparsity_report(model))
+        soralib.export_lora(model, out / ADAPTER, layout=layout)
+        atomic_write_json(out / SPARSITY, soralib.sparsity_report(model))
 
     def adapter_size(self, config: TrainConfig, model: nn.Module) -> dict[str, Any]:
         """kept_params (in + out per live rank: the adaptive size), the LoRA(r) reference and exported_params,
@@ -139,9 +140,9 @@ class Sora(Method):
         from ...verify import load_adapter_safely
 
         check_adapter(run)
-        return load_adapter_safely(model, run / "adapter")
+        return load_adapter_safely(model, run / ADAPTER)
 
 
 def check_adapter(run: Path) -> None:
-    if not (run / "adapter" / "adapter_config.json").is_file():
+    if not (run / ADAPTER / "adapter_config.json").is_file():
         raise InputError(f"{run} has no finished adapter (adapter/adapter_config.json)")

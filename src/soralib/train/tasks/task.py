@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..rundir import METRICS
 from .glue import TaskSpec, get_task
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class CustomTask(ClassificationTask):
     def saved_spec(self, config: TrainConfig, run: Path) -> TaskSpec:
         import json
 
-        num_labels = int(json.loads((run / "metrics.json").read_text()).get("num_labels", 2))
+        num_labels = int(json.loads((run / METRICS).read_text()).get("num_labels", 2))
         return TaskSpec("custom", tuple(config.text_columns or ()), num_labels, (), "", False)
 
 

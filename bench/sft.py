@@ -107,17 +107,19 @@ def run_cell(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any
 
 
 def table(records: list[dict[str, Any]]) -> list[str]:
-    """Per variant: validation loss and exact match, means over seeds; Δ against lora-equal paired by seed."""
+    """Per variant: validation loss and exact match, means over seeds; the gain over lora-equal (its loss minus
+    the variant's: positive is better) paired by seed, with a 95 % t interval and the verdict of bench.claims."""
     by = {(r["variant"], r["seed"]): r["metrics"] for r in records}
     variants = [v for v in VARIANTS if any(k[0] == v for k in by)]
-    out = ["| variant | seeds | kept params | validation loss | exact match | Δ loss vs lora-equal (95 % t) |",
+    out = ["| variant | seeds | kept params | validation loss | exact match | loss gain over lora-equal (95 % t) |",
            "|---|---|---|---|---|---|"]
     for v in variants:
         seeds = sorted(s for (w, s) in by if w == v)
         mean = {m: sum(by[v, s]["eval"].get(m, 0.0) for s in seeds) / len(seeds) for m in ("loss", "exact_match")}
         both = [s for s in seeds if ("lora-equal", s) in by]
-        delta = claims.t_interval([by[v, s]["eval"]["loss"] - by["lora-equal", s]["eval"]["loss"] for s in both])
-        shown = "" if v == "lora-equal" else f"{claims.text(delta)} ({claims.verdict(delta, len(both))})"
+        gain = claims.t_interval([by["lora-equal", s]["eval"]["loss"] - by[v, s]["eval"]["loss"] for s in both])
+        shown = "" if v == "lora-equal" or gain is None else \
+            f"{gain[0]:+.4f} [{gain[1]:+.4f}, {gain[2]:+.4f}] ({claims.verdict(gain, len(both))})"
         out.append(f"| {v} | {len(seeds)} | {by[v, seeds[0]].get('kept_params', '')} | {mean['loss']:.4f} | "
                    f"{mean['exact_match']:.3f} | {shown} |")
     return out

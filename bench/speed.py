@@ -55,12 +55,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=2048, help="side of the square fp32 matmul for the peak")
     p.add_argument("--pad-examples", type=int, default=256, help="MRPC training rows of the padding bench")
     p.add_argument("--glue-dir", default=str(common.GLUE_DIR), help="GLUE TSV directory holding MRPC/")
-    p.add_argument("--out", default=str(common.RESULTS / "speed.jsonl"), help="results JSONL to append to")
+    p.add_argument("--out", help="results JSONL to append to (default bench/results/speed.jsonl; with --workload "
+                   "sft speed_sft.jsonl)")
     p.add_argument("--force", action="store_true", help="measure again even if this cell is in --out")
     p.add_argument("--memory-probe", choices=("base", *METHODS), help=argparse.SUPPRESS)  # internal: child mode
     args = p.parse_args(argv)
     args.model = args.model or ("smollm2" if args.workload == "sft" else "minilm")
     args.batch = args.batch or (4 if args.workload == "sft" else 32)
+    args.out = args.out or str(common.RESULTS / ("speed_sft.jsonl" if args.workload == "sft" else "speed.jsonl"))
     if args.steps < 1 or args.blocks < 1:
         p.error("--steps and --blocks must be >= 1")
     return args

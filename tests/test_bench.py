@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is a package at the repository root, not part of the installed soralib
     sys.path.insert(0, str(ROOT))
 
-from bench import common, gates, lr, patterns, quality, quality_tables, speed, tables  # noqa: E402
+from bench import common, gates, lr, patterns, quality, quality_tables, sft, speed, tables  # noqa: E402
 from test_train_cli import glue_dir, tiny_model, train_args  # noqa: E402,F401  (fixtures)
 
 
@@ -33,6 +33,32 @@ def test_speed_smoke_records_every_ratio_and_the_machine(tmp_path, capsys):
     assert common.read_jsonl(out) == [result]
     assert speed.main(argv) == 0  # the same cell again: skipped, nothing appended
     assert common.read_jsonl(out) == [result]
+
+
+def test_speed_sft_workload_times_sora_against_lora_on_a_causal_lm(tmp_path, capsys):
+    out = tmp_path / "speed_sft.jsonl"
+    argv = ["--workload", "sft", "--tiny", "--json", "--steps", "1", "--blocks", "1", "--seq", "16", "--out", str(out)]
+    assert speed.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["params"]["workload"] == "sft" and result["params"]["batch"] == 4
+    assert {"sora.step", "lora.step", "sora.prox"} <= set(result["medians_ms"]) and "adalora.step" not in result["medians_ms"]
+    assert set(result["memory_mb"]) == {"base", "sora", "lora"} and result["targets"]["sora_over_lora_step"] == "≤ 1.00"
+    assert isinstance(result["ratios"]["sora_over_lora_step"], float) and common.read_jsonl(out) == [result]
+
+
+def test_sft_cells_differ_only_in_the_method_and_the_table_pairs_them_by_seed(tmp_path, capsys):
+    args = sft.parse(["--results", str(tmp_path / "sft.jsonl"), "--runs-dir", str(tmp_path / "runs")])
+    flags = {v: dict(zip(c[4::2], c[5::2])) for v, c in ((v, sft.command(v, 0, args)) for v in sft.VARIANTS)}
+    method_flags = {"--method", "--r", "--lora-alpha", "--target-rank", "--output-dir"}
+    shared = [{k: x for k, x in f.items() if k not in method_flags} for f in flags.values()]
+    assert shared[0] == shared[1] == shared[2] and {"--max-steps", "--lr", "--eval-fraction"} <= set(shared[0])
+    assert sft.main(["--results", str(tmp_path / "sft.jsonl"), "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("run   sft-") == 6  # 3 variants x seeds 0, 1
+    records = [{"variant": v, "seed": s, "metrics": {"kept_params": 10, "eval": {"loss": loss + s / 100,
+                                                                              "exact_match": 0.1}}}
+               for v, loss in (("sora-budget", 1.0), ("lora-equal", 1.2)) for s in (0, 1, 2)]
+    rows = sft.table(records)
+    assert rows[2].startswith("| sora-budget | 3 | 10 | 1.0100 |") and "+0.2000" in rows[2] and "not judged" in rows[2]
 
 
 def _quality_record(task, variant, seed, test, kept, wall=100.0, val=None):

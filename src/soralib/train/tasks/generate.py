@@ -39,7 +39,8 @@ def generate(model, tokenizer, rows: list[dict[str, Any]], chat: bool, max_new_t
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                     use_cache=True)  # training may have switched the cache off
             texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     finally:
         model.train(was_training)

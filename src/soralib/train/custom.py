@@ -116,6 +116,17 @@ def _check_one_spelling_per_class(records: list[_Record], column: str) -> None:
                              f"{_show(seen.raw)} of line {seen.line} written another way; write each class one way")
 
 
+def check_data_file(path: Path) -> str:
+    """The suffix (".csv" or ".jsonl") of a data file that exists and is UTF-8 text; InputError otherwise."""
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise InputError(f"{path}: unsupported file type {suffix or '(none)'!r}; allowed: .csv, .jsonl")
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    check_utf8(path)
+    return suffix
+
+
 def check_utf8(path: Path) -> None:
     """Name the file and line of a byte that is not UTF-8, instead of the codec's anonymous message."""
     data = path.read_bytes()
@@ -143,12 +154,7 @@ def csv_field_limit(path: Path) -> Iterator[None]:
 
 def _read_records(path: Path, text_columns: tuple[str, ...], label_column: str) -> list[_Record]:
     """One record per data row of a CSV/JSONL file, its label checked (see `_label_value`)."""
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise InputError(f"{path}: unsupported file type {suffix or '(none)'!r}; allowed: .csv, .jsonl")
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    check_utf8(path)
+    suffix = check_data_file(path)
     wanted = (*text_columns, label_column)
     out = []
     with open(path, encoding="utf-8-sig", newline="") as f:

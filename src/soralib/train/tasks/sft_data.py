@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import InputError
-from ..custom import check_utf8, csv_field_limit
+from ..custom import check_data_file, csv_field_limit
 
 logger = logging.getLogger(__name__)
 MESSAGES = "messages"
@@ -28,12 +28,7 @@ def read_sft_rows(path: str | Path, prompt_column: str, completion_column: str) 
     missing field, an empty completion, a chat that does not end with the assistant) naming file and line.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise InputError(f"{path}: unsupported file type {suffix or '(none)'!r}; allowed: .csv, .jsonl")
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    check_utf8(path)
+    suffix = check_data_file(path)
     raw = list(_csv_records(path) if suffix == ".csv" else _jsonl_records(path))
     if not raw:
         raise InputError(f"{path}: no data rows")

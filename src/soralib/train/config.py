@@ -15,7 +15,7 @@ from ..errors import InputError
 from .custom import TASK_TYPES
 from .methods import get_method
 from .rules import (CHOICES, METHODS, PROTOCOLS, SCHEDULES, USED_ONLY, check_deepspeed_config,  # noqa: F401
-                    check_method, check_used, unused_reason)  # rules.py holds them; importers use this module too
+                    check_method, check_ranges, check_used, unused_reason)  # rules.py holds them; importers use this module too
 from .tasks import GLUE_TASKS, task_of
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -184,44 +184,15 @@ class TrainConfig:
                 bad(name, "one of " + ", ".join(allowed))
         if self.max_length is None:  # the task's own length (a saved config.yaml holds the number)
             self.max_length = task_of(self.task).max_length if self.task else 128
-        for name in ("r", "batch_size", "eval_batch_size", "max_length", "num_stages", "logging_steps",
-                     "gradient_accumulation_steps", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                bad(name, "an integer >= 1")
-        for name in ("lr", "lora_alpha", "gate_eps"):
-            if not 0 < getattr(self, name) < math.inf:
-                bad(name, "a finite number > 0")
-        if self.gate_lr is not None and not 0 < self.gate_lr < math.inf:
-            bad("gate_lr", "a finite number > 0 (or unset: lr)")
-        for name in ("threshold", "weight_decay", "l1_coef", "max_grad_norm"):
-            if not 0 <= getattr(self, name) < math.inf:
-                bad(name, "a finite number >= 0")
-        if not 0 <= self.warmup_ratio < 1:
-            bad("warmup_ratio", "in [0, 1)")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", "in [0, 1)")
+        check_ranges(self)  # each numeric field within its allowed range (rules.RANGES)
         if not (0 < self.epochs < math.inf or self.max_steps > 0):
             bad("epochs", "a finite number > 0 (or set max_steps)")
-        for name in ("max_train_samples", "max_eval_samples", "target_params", "adalora_target_r"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                bad(name, "an integer >= 1 (or unset)")
-        if self.target_rank is not None and not 0 < self.target_rank < math.inf:
-            bad("target_rank", "a finite number > 0 (or unset)")
-        for name in ("save_steps", "memorization_samples", "max_generate_samples"):
-            if getattr(self, name) < 0:
-                bad(name, "an integer >= 0")
-        if self.min_rank is not None and self.min_rank < 0:
-            bad("min_rank", ">= 0")
         if self.target_params is not None and self.target_rank is not None:
             raise InputError("give target_params or target_rank, not both")
         if (self.target_params is not None or self.target_rank is not None) and (self.schedule or self.thresholds):
             raise InputError("a parameter budget (target_params/target_rank) and a threshold schedule exclude each other")
-        if self.max_bad_steps < 1:
-            bad("max_bad_steps", "an integer >= 1")
         if self.deepspeed is not None:
             check_deepspeed_config(self.deepspeed)
-        if self.eval_fraction is not None and not 0 < self.eval_fraction < 1:
-            bad("eval_fraction", "in (0, 1) (or unset)")
         if self.eval_fraction is not None and self.eval_each_epoch:
             raise InputError("give eval_each_epoch or eval_fraction, not both")
         if self.task_type is not None and self.task_type not in TASK_TYPES:

@@ -68,7 +68,8 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
             if rows and name != "train":
                 trainer.compute_metrics = _finite_only(metrics_fn(spec), run_dir, name)
                 results[name] = evaluate(trainer, data_mod.tokenize_rows(rows, tokenizer, spec.text_columns,
-                                                                         config.max_length, cache_dir()), name)
+                                                                         config.max_length, cache_dir()), name,
+                                         task_of(config.task))
         return results
 
 

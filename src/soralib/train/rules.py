@@ -7,6 +7,7 @@ method states its rules in its own class.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -27,6 +28,37 @@ CHOICES = {
     "gate_init": ("randn", "ones"), "gate_update": ("optimizer", "sgd"), "layout": ("exact", "uniform"),
     "chat_template": ("auto", "on", "off"),
 }
+
+
+def _unset_or(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or test(v)
+
+
+_AT_LEAST_1, _FINITE = (lambda v: v >= 1), (lambda v: 0 < v < math.inf)
+# Numeric fields -> (test, what is allowed): TrainConfig.validate refuses "NAME must be ALLOWED, got VALUE".
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("r", "batch_size", "eval_batch_size", "max_length", "num_stages", "logging_steps",
+                     "gradient_accumulation_steps", "max_new_tokens", "max_bad_steps"), (_AT_LEAST_1, "an integer >= 1")),
+    **dict.fromkeys(("lr", "lora_alpha", "gate_eps"), (_FINITE, "a finite number > 0")),
+    "gate_lr": (_unset_or(_FINITE), "a finite number > 0 (or unset: lr)"),
+    **dict.fromkeys(("threshold", "weight_decay", "l1_coef", "max_grad_norm"),
+                    (lambda v: 0 <= v < math.inf, "a finite number >= 0")),
+    **dict.fromkeys(("warmup_ratio", "lora_dropout"), (lambda v: 0 <= v < 1, "in [0, 1)")),
+    **dict.fromkeys(("max_train_samples", "max_eval_samples", "target_params", "adalora_target_r"),
+                    (_unset_or(_AT_LEAST_1), "an integer >= 1 (or unset)")),
+    "target_rank": (_unset_or(_FINITE), "a finite number > 0 (or unset)"),
+    **dict.fromkeys(("save_steps", "memorization_samples", "max_generate_samples"),
+                    (lambda v: v >= 0, "an integer >= 0")),
+    "min_rank": (_unset_or(lambda v: v >= 0), ">= 0"),
+    "eval_fraction": (_unset_or(lambda v: 0 < v < 1), "in (0, 1) (or unset)"),
+}
+
+
+def check_ranges(config: TrainConfig) -> None:
+    """InputError for the first field of RANGES outside its range, naming the field, the range and the value."""
+    for name, (test, allowed) in RANGES.items():
+        if not test(getattr(config, name)):
+            raise InputError(f"{name} must be {allowed}, got {getattr(config, name)!r}")
 
 
 def method_names(has: Callable[[Any], bool]) -> str:

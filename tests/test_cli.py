@@ -74,7 +74,7 @@ def train_help(capsys) -> str:
 
 
 @pytest.mark.parametrize("shown", [
-    "--method {sora,lora,adalora,full,bitfit}", "--task {cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte,custom}",
+    "--method {sora,lora,adalora,full,bitfit}", "--task {cola,sst2,mrpc,qqp,stsb,mnli,qnli,rte,custom,sft}",
     "--protocol {default,paper}", "--schedule {linear,log_linear,exp_linear}", "--threshold-mode {fixed,lr_scaled}",
     "--gate-init {randn,ones}", "--layout {exact,uniform}",
     "(default: 0.0003) Used only with method sora, without --schedule",  # threshold

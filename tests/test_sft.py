@@ -52,6 +52,13 @@ def test_an_sft_run_reports_validation_loss_perplexity_and_exact_match(sora_run)
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
 
 
+def test_the_report_of_an_sft_run_shows_sample_generations(sora_run):
+    from soralib.report import write_report
+
+    text = write_report(sora_run).read_text()
+    assert "## Sample generations" in text and text.count("**Prompt:**") == 3 and "lower is better" in text
+
+
 GENERATE = textwrap.dedent("""
     import json, sys
     import torch

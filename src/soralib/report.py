@@ -18,6 +18,7 @@ from typing import Any
 from .errors import InputError
 from .io import atomic_write_bytes, atomic_write_text
 from .train.rundir import GENERATIONS, HISTORY, METRICS, SPARSITY, STAGES
+from .train.tasks.generate import sample_generations
 
 log = logging.getLogger(__name__)
 
@@ -268,17 +269,6 @@ def _stages_figure(stages: list[dict[str, Any]], main: str | None):
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
     return format(value, spec) if _is_number(value) and isinstance(value, float) else str(value)
-
-
-def sample_generations(path: Path, count: int = 3) -> list[str]:
-    """Markdown lines showing the first `count` generations of an sft run (generations.jsonl), if any."""
-    records = [r for r in _read_jsonl(path) if isinstance(r, dict) and isinstance(r.get("generation"), str)][:count]
-    md = ["## Sample generations", ""] if records else []
-    for r in records:
-        prompt = r["prompt"] if isinstance(r.get("prompt"), str) else json.dumps(r.get("prompt"))
-        md += [f"**Prompt:** {prompt}", "", "**Generated:**", "```", r["generation"].strip(), "```",
-               f"Answer {r.get('answer')!r}, reference {r.get('reference_answer')!r}.", ""]
-    return md
 
 
 def _markdown(run_dir: Path, metrics: dict, sparsity: dict, stages: list[dict], main: str | None,

@@ -6,7 +6,9 @@ after the last `####` of generation and reference (commas stripped, as GSM8K's o
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 from .sft_data import prompt_ids
@@ -56,3 +58,25 @@ def generation_metrics(rows: list[dict[str, Any]], texts: list[str]) -> tuple[di
     if rows and all(ref is not None for ref in references):
         metrics["exact_match"] = sum(r["answer"] == r["reference_answer"] for r in records) / len(records)
     return metrics, records
+
+
+def sample_generations(path: Path, count: int = 3) -> list[str]:
+    """Markdown lines showing the first `count` generations of an sft run (generations.jsonl), if any."""
+    records = [r for r in _records(path) if isinstance(r, dict) and isinstance(r.get("generation"), str)][:count]
+    md = ["## Sample generations", ""] if records else []
+    for r in records:
+        prompt = r["prompt"] if isinstance(r.get("prompt"), str) else json.dumps(r.get("prompt"))
+        md += [f"**Prompt:** {prompt}", "", "**Generated:**", "```", r["generation"].strip(), "```",
+               f"Answer {r.get('answer')!r}, reference {r.get('reference_answer')!r}.", ""]
+    return md
+
+
+def _records(path: Path) -> list:
+    """The JSON lines of `path` (none if it is missing); a torn last line is skipped."""
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -1,12 +1,14 @@
 """SFT quality cells: SmolLM2 on GSM8K, SoRA with a budget against LoRA r8 and LoRA at the budget's size.
 
-    python -m bench.sft [--seeds 0,1] [--steps 200] [--dry-run]     # run the missing cells, then the table
-    python -m bench.sft --table                                     # the table of the stored records only
+    python -m bench.sft [--seeds 0,1] [--steps 100] [--jobs 2] [--dry-run]   # run the missing cells, then the table
+    python -m bench.sft --table                                              # the table of the stored records only
 
 Every cell is one `sora train --task sft` run with the same data, steps, batch and learning rate (one lr for
 all methods: no per-method search at this cost), validation loss on the same validation rows at every 25 %
 of training, and exact match of greedy generations on the same first --generate-samples validation prompts.
 One line per finished cell goes to bench/results/sft.jsonl; the run directories to bench/runs/.
+`--jobs N` runs N cells at once, each with cores // N torch threads (on 2 cores two one-thread cells finish
+sooner than two two-thread cells in turn); the wall time of a cell depends on it, its scores do not.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,15 +43,16 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.sft", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(VARIANTS), help="variants among " + ", ".join(VARIANTS))
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps of every cell")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps of every cell")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--lr", default="8e-4", help="one learning rate for every method")
     p.add_argument("--train-samples", type=int, default=2000)
-    p.add_argument("--eval-samples", type=int, default=200, help="validation rows (the first of test.jsonl)")
+    p.add_argument("--eval-samples", type=int, default=64, help="validation rows (the first of test.jsonl)")
     p.add_argument("--generate-samples", type=int, default=50, help="exact match on the first N validation rows")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--data-dir", default=str(GSM8K), help="folder with train.jsonl and test.jsonl")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each with cores // jobs threads")
     p.add_argument("--start-within", type=float, metavar="MINUTES", help="start no cell after this many minutes")
     p.add_argument("--results", default=str(common.RESULTS / "sft.jsonl"))
     p.add_argument("--runs-dir", default=str(common.RUNS))
@@ -57,6 +62,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [v for v in args.methods.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
+    if not 1 <= args.jobs <= (os.cpu_count() or 1):
+        p.error(f"--jobs {args.jobs}: allowed 1 to the number of cores ({os.cpu_count()})")
     return args
 
 
@@ -91,18 +98,20 @@ def run_cell(variant: str, seed: int, args: argparse.Namespace) -> dict[str, Any
     run = Path(args.runs_dir) / key(variant, seed, args)
     if (run / CONFIG).is_file() and not (run / METRICS).is_file():
         argv.append("--resume")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     started = time.perf_counter()
     run.parent.mkdir(parents=True, exist_ok=True)
     with open(run.parent / f"{run.name}.log", "a") as log:
         done = subprocess.run(argv, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if done.returncode != 0 or not (run / METRICS).is_file():
         return None
     lines = common.read_jsonl(run / HISTORY)
     curve = {r["step"]: r["eval_loss"] for r in lines if r.get("split") == "validation" and "eval_loss" in r}
     return {"kind": "sft", "key": run.name, "variant": variant, "seed": seed, "settings": settings(args),
             "metrics": json.loads((run / METRICS).read_text()), "validation_loss": sorted(curve.items()),
-            "wall_seconds": round(time.perf_counter() - started, 1), "run_command": shlex.join(argv),
+            "wall_seconds": round(time.perf_counter() - started, 1), "jobs": args.jobs, "threads": threads,
+            "run_command": f"OMP_NUM_THREADS={threads} {shlex.join(argv)}",
             **common.provenance("bench.sft", sys.argv[1:])}
 
 
@@ -128,23 +137,31 @@ def table(records: list[dict[str, Any]]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     cells = [(v, int(s)) for s in args.seeds.split(",") for v in args.methods.split(",")]
-    started = time.monotonic()
+    done = {r["key"] for r in common.read_jsonl(args.results)}
+    todo = []
     for variant, seed in cells if not args.table else []:
-        done = {r["key"] for r in common.read_jsonl(args.results)}
         name = key(variant, seed, args)
         if name in done:
             print(f"skip  {name} (done)")
-            continue
-        if args.dry_run:
+        elif args.dry_run:
             print(f"run   {name}: {shlex.join(command(variant, seed, args))}")
-            continue
+        else:
+            todo.append((variant, seed))
+    started, lock = time.monotonic(), threading.Lock()
+
+    def one(cell: tuple[str, int]) -> None:  # a pool thread only waits on its `sora train` subprocess
+        name = key(*cell, args)
         if args.start_within is not None and time.monotonic() - started > 60 * args.start_within:
-            print(f"stop  {name}: --start-within {args.start_within:g} min passed")
-            break
-        record = run_cell(variant, seed, args)
+            print(f"stop  {name}: --start-within {args.start_within:g} min passed", flush=True)
+            return
+        record = run_cell(*cell, args)
         print(f"{'done' if record else 'FAIL'}  {name}", flush=True)
         if record:
-            common.append_jsonl(args.results, record)
+            with lock:  # two cells may finish together: one rewrite of the file at a time
+                common.append_jsonl(args.results, record)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, todo))
     records = [r for r in common.read_jsonl(args.results) if r.get("settings") == settings(args)]
     if records:
         print("\n".join(table(records)))

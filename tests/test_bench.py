@@ -54,11 +54,29 @@ def test_sft_cells_differ_only_in_the_method_and_the_table_pairs_them_by_seed(tm
     assert shared[0] == shared[1] == shared[2] and {"--max-steps", "--lr", "--eval-fraction"} <= set(shared[0])
     assert sft.main(["--results", str(tmp_path / "sft.jsonl"), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("run   sft-") == 6  # 3 variants x seeds 0, 1
+    with pytest.raises(SystemExit):
+        sft.parse(["--jobs", str((os.cpu_count() or 1) + 1)])
     records = [{"variant": v, "seed": s, "metrics": {"kept_params": 10, "eval": {"loss": loss + s / 100,
                                                                               "exact_match": 0.1}}}
                for v, loss in (("sora-budget", 1.0), ("lora-equal", 1.2)) for s in (0, 1, 2)]
     rows = sft.table(records)
     assert rows[2].startswith("| sora-budget | 3 | 10 | 1.0100 |") and "+0.2000" in rows[2] and "not judged" in rows[2]
+
+
+def test_sft_runs_cells_two_at_a_time_and_records_each_once(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "sft.jsonl"
+    ran = []
+
+    def fake_cell(variant, seed, args):
+        ran.append((variant, seed))
+        return {"key": sft.key(variant, seed, args), "variant": variant, "seed": seed, "settings": sft.settings(args),
+                "metrics": {"kept_params": 1, "eval": {"loss": 1.0 + seed, "exact_match": 0.0}}}
+
+    monkeypatch.setattr(sft, "run_cell", fake_cell)
+    argv = ["--results", str(results), "--runs-dir", str(tmp_path / "runs"), "--jobs", "2"]
+    assert sft.main(argv) == 0 and len(ran) == 6 and len(common.read_jsonl(results)) == 6
+    assert sft.main(argv) == 0 and len(ran) == 6  # the second call finds every cell done
+    assert capsys.readouterr().out.count("skip  sft-") == 6
 
 
 def _quality_record(task, variant, seed, test, kept, wall=100.0, val=None):

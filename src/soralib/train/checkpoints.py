@@ -16,10 +16,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..io import atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text
 
 COMPLETE = "COMPLETE"  # marker written last into a checkpoint: only marked checkpoints are resumed
-CLOCK = "training_seconds.json"  # in each checkpoint: training time and skipped steps up to it, kept on resume
+CLOCK = "training_seconds.json"  # in each checkpoint: training time, skipped steps and history size up to it
 KEEP = 2  # complete checkpoints kept per stage, the newest ones
 
 
@@ -44,8 +44,9 @@ class CompleteCheckpoints(TrainerCallback):
         self.trainer.accelerator.wait_for_everyone()
         if args.should_save:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            history = getattr(self.trainer, "history", None)
             clock = {"training_seconds": self.trainer.training_seconds(),
-                     "skipped_steps": self.trainer.nonfinite.skipped}
+                     "skipped_steps": self.trainer.nonfinite.skipped, "history_bytes": history_size(history)}
             atomic_write_text(checkpoint / CLOCK, json.dumps(clock))
             atomic_write_text(checkpoint / COMPLETE, "ok\n")
             _prune(Path(args.output_dir))
@@ -66,6 +67,21 @@ def _prune(directory: Path) -> None:
     for checkpoint in _checkpoints(directory):
         if checkpoint not in complete[-KEEP:] and not checkpoint.is_symlink():  # a link is not the run's
             shutil.rmtree(checkpoint)
+
+
+def history_size(path: Path | None) -> int:
+    """The log's size now, saved with each checkpoint and finished stage: the point a resume rewinds it to."""
+    return path.stat().st_size if path is not None and path.is_file() else 0
+
+
+def rewind_history(path: Path, checkpoint: str | None, state: dict) -> None:
+    """Cut the log back to what it held when `checkpoint` (or, without one, the last finished stage in `state`)
+    was saved: the resumed run redoes the steps after it and logs them again, so they would appear twice.
+    Runs saved before sizes were recorded keep their log as it is."""
+    clock = json.loads((Path(checkpoint) / CLOCK).read_text()) if checkpoint else state
+    keep = clock.get("history_bytes")
+    if keep is not None and path.is_file() and path.stat().st_size > keep:
+        atomic_write_bytes(path, path.read_bytes()[:keep])
 
 
 def latest_checkpoint(directory: Path) -> str | None:

@@ -29,12 +29,12 @@ from ..budget import trim_model_
 from ..errors import InputError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text, disk_full
 from . import data as data_mod
-from .checkpoints import latest_checkpoint, resume_hint
+from .checkpoints import history_size, latest_checkpoint, resume_hint, rewind_history
 from .config import TrainConfig, save_yaml
 from .loop import is_main_process, make_trainer
 from .methods import adapter_size, get_method, within
-from .rundir import (ADAPTER, CONFIG, LOCK, METRICS, REPLACED, SPARSITY, STAGES, STATE, foreign, in_use, lock_holder,
-                     refuse_foreign, remove_run, run_lock, written_by_sora)
+from .rundir import (ADAPTER, CONFIG, HISTORY, LOCK, METRICS, REPLACED, SPARSITY, STAGES, STATE, foreign, in_use,
+                     lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora)
 from .tasks import task_of
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
             save_yaml(config, out / CONFIG)
     processes.wait_for_everyone()
     # A new run starts from zero; under torchrun on CPU, rank 1 can get here before rank 0 deleted the old run.
-    fresh_state = {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0}
+    fresh_state = {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0, "history_bytes": 0}
     state = _read_json(out / STATE, fresh_state) if resume else fresh_state
 
     for stage, threshold in enumerate(thresholds, start=1):
@@ -172,7 +172,10 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
         trainer = make_trainer(config, model, tokenizer, features["train"], spec, out, stage, threshold,
                                show_progress, budget if stage == len(thresholds) else None,
                                eval_features=features["validation"], seconds_before=state["train_seconds"], task=task)
-        trainer.train(resume_from_checkpoint=latest_checkpoint(Path(trainer.args.output_dir)) if resume else None)
+        checkpoint = latest_checkpoint(Path(trainer.args.output_dir)) if resume else None
+        if resume and processes.is_main_process:
+            rewind_history(out / HISTORY, checkpoint, state)
+        trainer.train(resume_from_checkpoint=checkpoint)
         state["train_seconds"] = trainer.training_seconds()  # evaluations excluded; a resume keeps the time before
         state["skipped_steps"] = state.get("skipped_steps", 0) + trainer.nonfinite.skipped
         if budget:
@@ -182,7 +185,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
         if stage < len(thresholds) and processes.is_main_process:
             # The last stage is never marked done: metrics.json marks the run done, and a run killed
             # before writing it resumes the last stage from its newest checkpoint.
-            state["stages_done"] = stage
+            state["stages_done"], state["history_bytes"] = stage, history_size(out / HISTORY)
             atomic_write_json(out / STATE, state)
     return _finish_run(trainer, task, model, tokenizer, config, spec, splits, features, out, state)
 

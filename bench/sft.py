@@ -1,11 +1,11 @@
 """SFT quality cells: SmolLM2 on GSM8K, SoRA with a budget against LoRA r8 and LoRA at the budget's size.
 
-    python -m bench.sft [--seeds 0,1] [--steps 100] [--jobs 2] [--dry-run]   # run the missing cells, then the table
+    python -m bench.sft [--seeds 0,1] [--steps 50] [--jobs 2] [--dry-run]   # run the missing cells, then the table
     python -m bench.sft --table                                              # the table of the stored records only
 
 Every cell is one `sora train --task sft` run with the same data, steps, batch and learning rate (one lr for
-all methods: no per-method search at this cost), validation loss on the same validation rows at every 25 %
-of training, and exact match of greedy generations on the same first --generate-samples validation prompts.
+all methods: no per-method search at this cost), validation loss on the same validation rows every
+--eval-fraction of training, and exact match of greedy generations on the same first --generate-samples validation prompts.
 One line per finished cell goes to bench/results/sft.jsonl; the run directories to bench/runs/.
 `--jobs N` runs N cells at once, each with cores // N torch threads (on 2 cores two one-thread cells finish
 sooner than two two-thread cells in turn); the wall time of a cell depends on it, its scores do not.
@@ -43,7 +43,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.sft", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(VARIANTS), help="variants among " + ", ".join(VARIANTS))
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps of every cell")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps of every cell")
+    p.add_argument("--eval-fraction", type=float, default=0.5, help="validation loss every this fraction of steps")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--lr", default="8e-4", help="one learning rate for every method")
@@ -70,7 +71,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every cell shares: part of each cell's key, so other settings never mix in one table."""
     return {"model": args.model, "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
-            "lr": args.lr, "train_samples": args.train_samples, "eval_samples": args.eval_samples,
+            "lr": args.lr, "eval_fraction": args.eval_fraction, "train_samples": args.train_samples,
+            "eval_samples": args.eval_samples,
             "generate_samples": args.generate_samples, "data": Path(args.data_dir).name}
 
 
@@ -86,7 +88,7 @@ def command(variant: str, seed: int, args: argparse.Namespace) -> list[str]:
              "train_file": data / "train.jsonl", "validation_file": data / "test.jsonl",
              "prompt_column": "question", "completion_column": "answer", "max_train_samples": args.train_samples,
              "max_eval_samples": args.eval_samples, "max_generate_samples": args.generate_samples,
-             "eval_fraction": 0.25, "output_dir": Path(args.runs_dir) / key(variant, seed, args)}
+             "eval_fraction": args.eval_fraction, "output_dir": Path(args.runs_dir) / key(variant, seed, args)}
     argv = [sys.executable, "-m", "soralib.cli", "train", "--method", method]
     for name, value in flags.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_train_cli import glue_dir  # noqa: F401  (session fixture)
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+SFT_WORKER = Path(__file__).with_name("sft_ddp_worker.py")
 FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")
 
 
@@ -44,6 +45,12 @@ def torchrun(worker, nproc, *args, env=None):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+def run_files(d):
+    """The files of a run directory but the per-rank RNG states; TensorBoard's by prefix (named by time and pid)."""
+    names = (str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "rng_state" not in p.name)
+    return sorted(n.split("events.out.tfevents")[0] for n in names)
+
+
 def run(tmp_path, name, nproc, batch, glue_dir, tiny_model):
     out, dump = tmp_path / name, tmp_path / f"{name}-dump"
     dump.mkdir()
@@ -63,13 +70,55 @@ def test_ddp_gates_identical_across_ranks_match_single_process_and_only_rank0_wr
     assert worst <= 1e-4, worst
     # Only rank 0 writes: both run directories hold the same files, except the one file Trainer's
     # checkpoints keep per rank for an exact resume, the RNG state (rng_state_<rank>.pth).
-    def files(d):
-        names = (str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and "rng_state" not in p.name)
-        return sorted(n.split("events.out.tfevents")[0] for n in names)  # event files are named by time and pid
-
-    assert files(out2) == files(out1)
+    assert run_files(out2) == run_files(out1)
     rng = sorted(p.name for p in out2.rglob("rng_state*"))
     assert rng and set(rng) == {"rng_state_0.pth", "rng_state_1.pth"}
+
+
+def sft_args(model, data, out, batch):
+    return ["train", "--task", "sft", "--method", "sora", "--model", str(model), "--output-dir", str(out),
+            "--train-file", str(data / "train.jsonl"), "--validation-file", str(data / "test.jsonl"),
+            "--prompt-column", "question", "--completion-column", "answer", "--batch-size", str(batch),
+            "--eval-batch-size", "4", "--max-steps", "3", "--logging-steps", "1", "--save-steps", "2",
+            "--warmup-ratio", "0", "--max-generate-samples", "3", "--max-new-tokens", "4",
+            "--no-group-by-length"]  # the same global batches on 2 ranks as on 1 (see ddp_worker.py)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_ddp_sft_matches_one_process_generates_once_and_every_rank_returns_the_same_metrics(
+        tmp_path, tiny_llama, gsm_files, monkeypatch):
+    import soralib
+    import soralib.train.run as run_module
+    from soralib.cli import main
+
+    ddp, single, dump = tmp_path / "ddp", tmp_path / "single", tmp_path / "dump"
+    dump.mkdir()
+    torchrun(SFT_WORKER, 2, dump, *sft_args(tiny_llama, gsm_files, ddp, 2), env={"SORALIB_CACHE": str(tmp_path / "c")})
+    # The single process runs in this one, not under torchrun: a launch costs the suite seconds of imports.
+    gates, adapter_size = [], run_module.adapter_size
+
+    def spy(config, model):
+        gates.extend(g.detach().clone() for g in soralib.gate_parameters(model, trainable_only=False))
+        return adapter_size(config, model)
+
+    monkeypatch.setattr(run_module, "adapter_size", spy)
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "c1"))
+    assert main(sft_args(tiny_llama, gsm_files, single, 4)) == 0  # 1 rank × 4 against 2 ranks × 2
+    rank0, rank1 = (torch.load(dump / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["gates"] and all(torch.equal(a, b) for a, b in zip(rank0["gates"], rank1["gates"]))
+    assert max((a - b).abs().max().item() for a, b in zip(rank0["gates"], gates)) <= 1e-4
+    # Every rank returns what rank 0 wrote to metrics.json, exact match of the generations included.
+    written, one = (json.loads((d / "metrics.json").read_text()) for d in (ddp, single))
+    assert rank0["metrics"]["eval"] == rank1["metrics"]["eval"] == written["eval"]
+    assert written["steps"] == one["steps"] == 3
+    assert written["eval"]["generated"] == 3 and written["eval"]["exact_match"] == one["eval"]["exact_match"]
+    # The same 8 validation rows in the same 2 batches of 4, on 2 ranks or 1 (for other sizes see distributed.md).
+    assert written["eval"]["loss"] == pytest.approx(one["eval"]["loss"], abs=1e-4)
+    # Rank 0 generated rows 0 and 2, rank 1 row 1; rank 0 alone wrote all three, once, in row order.
+    text = (ddp / "generations.jsonl").read_text()
+    assert len(text.splitlines()) == 3 and text == (single / "generations.jsonl").read_text()
+    assert run_files(ddp) == run_files(single)
+    assert {p.name for p in ddp.rglob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
 
 
 def _has_fully_shard():

@@ -223,8 +223,10 @@ def _finish_run(trainer, task, model, tokenizer, config, spec, splits, features,
     for name in features:
         if name not in ("train", "validation"):
             metrics[name] = task.evaluate(trainer, features[name], name)
-    if trainer.args.should_save:
-        metrics["eval"].update(task.final_metrics(model, tokenizer, config, splits, out))
+    # On every rank: SFT shares its generations out among the ranks (SftTask.final_metrics); rank 0 writes.
+    writes = trainer.args.should_save
+    metrics["eval"].update(task.final_metrics(model, tokenizer, config, splits, out if writes else None))
+    if writes:
         get_method(config.method).export(model, config, out)
         atomic_write_json(out / METRICS, metrics)
     return metrics

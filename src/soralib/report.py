@@ -16,7 +16,8 @@ from typing import Any
 
 from .io import atomic_write_bytes, atomic_write_text
 from .report_data import is_number, module_records, read_run
-from .train.rundir import GENERATIONS
+from .train.rundir import (EVAL, GENERATIONS, HIGHER_IS_BETTER, KEPT_PARAMS, LORA_PARAMS_AT_R_MAX, MAIN_METRIC, METHOD,
+                           SEED, STEPS, TASK, TEST, TRAIN_SECONDS)
 from .train.tasks.generate import sample_generations
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write the plots and ``report.md`` for `run_dir` into ``run_dir/report/``; return the markdown's path."""
     run_dir = Path(run_dir)
     metrics, sparsity, history, stages = read_run(run_dir)
-    main = metrics.get("main_metric") or next((s["main_metric"] for s in stages if s.get("main_metric")), None)
+    main = metrics.get(MAIN_METRIC) or next((s["main_metric"] for s in stages if s.get("main_metric")), None)
 
     out = run_dir / "report"
     images: list[tuple[str, str]] = []  # (caption, file name relative to report.md)
@@ -192,36 +193,36 @@ def _markdown(run_dir: Path, metrics: dict, sparsity: dict, stages: list[dict], 
               images: list[tuple[str, str]]) -> str:
     """The report text; each section only when its data exist."""
     if metrics:
-        title = f"{metrics.get('task', '?')} / {metrics.get('method', '?')} / seed {metrics.get('seed', '?')}"
+        title = f"{metrics.get(TASK, '?')} / {metrics.get(METHOD, '?')} / seed {metrics.get(SEED, '?')}"
     else:
         title = run_dir.name
     md = [f"# Run report: {title}", ""]
 
-    splits = [s for s in ("eval", "test") if isinstance(metrics.get(s), dict) and metrics[s]]
+    splits = [s for s in (EVAL, TEST) if isinstance(metrics.get(s), dict) and metrics[s]]
     if splits:
         names = list(dict.fromkeys(name for s in splits for name in metrics[s]))
         md += ["## Metrics", "", "| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
         for name in names:
-            lower = ", lower is better" if metrics.get("higher_is_better") is False else ""
+            lower = ", lower is better" if metrics.get(HIGHER_IS_BETTER) is False else ""
             label = f"**{name}** (main{lower})" if name == main else name
             md.append(f"| {label} | " + " | ".join(_fmt(metrics[s].get(name, "")) for s in splits) + " |")
         md.append("")
     md += sample_generations(run_dir / GENERATIONS)
 
     facts = []
-    kept = metrics.get("kept_params", sparsity.get("kept_params"))
-    full = metrics.get("lora_params_at_r_max", sparsity.get("lora_params_at_r_max"))
+    kept = metrics.get(KEPT_PARAMS, sparsity.get("kept_params"))  # sparsity.json: prune.sparsity_report's keys
+    full = metrics.get(LORA_PARAMS_AT_R_MAX, sparsity.get("lora_params_at_r_max"))
     if is_number(kept) and is_number(full) and full > 0:
         facts.append(f"- Kept parameters: {kept:,} of {full:,} for LoRA at r_max ({kept / full:.2%})")
     elif is_number(kept):
         facts.append(f"- Kept parameters: {kept:,}")
     if is_number(sparsity.get("kept_rank")) and is_number(sparsity.get("r_max_total")):
         facts.append(f"- Kept rank: {sparsity['kept_rank']} of {sparsity['r_max_total']}")
-    if is_number(metrics.get("train_seconds")):
-        seconds = metrics["train_seconds"]
+    if is_number(metrics.get(TRAIN_SECONDS)):
+        seconds = metrics[TRAIN_SECONDS]
         facts.append(f"- Train time: {seconds:.1f} s ({seconds / 60:.1f} min)")
-    if is_number(metrics.get("steps")):
-        facts.append(f"- Steps: {metrics['steps']}")
+    if is_number(metrics.get(STEPS)):
+        facts.append(f"- Steps: {metrics[STEPS]}")
     if facts:
         md += ["## Size and cost", "", *facts, ""]
 

@@ -14,6 +14,8 @@ import math
 import statistics
 from typing import Any
 
+from soralib.train.rundir import KEPT_PARAMS, MAIN_METRIC
+
 from . import lr
 from .matrix import TASKS, VARIANTS
 from .quality_tables import main_score, setting
@@ -135,8 +137,8 @@ def claims_section(records: list[dict[str, Any]]) -> list[str]:
                 choice, rs = groups[(name, task, variant)]
                 scores = [100 * s for s in map(main_score, rs) if s is not None]
                 spread = f" ± {statistics.stdev(scores):.2f}" if len(scores) > 1 else ""
-                params = statistics.mean(r["metrics"]["kept_params"] for r in rs)
-                lines.append(f"| {task} ({rs[0]['metrics'].get('main_metric')}) | {variant} | {choice} | {len(rs)} | "
+                params = statistics.mean(r["metrics"][KEPT_PARAMS] for r in rs)
+                lines.append(f"| {task} ({rs[0]['metrics'].get(MAIN_METRIC)}) | {variant} | {choice} | {len(rs)} | "
                              f"{statistics.mean(scores):.2f}{spread} | {params:,.0f} |")
         rows = []
         for variant, control, meaning in CLAIMS:

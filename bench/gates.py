@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from soralib.train.rundir import CONFIG, SORA_ADAPTER
+from soralib.train.rundir import CONFIG, SKIPPED_STEPS, SORA_ADAPTER, STEPS
 
 from . import common
 
@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (run_dir / SORA_ADAPTER).is_dir():
             print(f"skip  {r['key']}: no run directory {run_dir} here")
             continue
-        steps = r["metrics"]["steps"] - r["metrics"].get("skipped_steps", 0)
+        steps = r["metrics"][STEPS] - r["metrics"].get(SKIPPED_STEPS, 0)
         record = measure(r["key"], run_dir, steps)
         if record is None:
             print(f"skip  {r['key']}: a schedule or an L1 term decides with the threshold")

@@ -19,6 +19,8 @@ import shlex
 import statistics
 from typing import Any, Iterable
 
+from soralib.train.rundir import EVAL, MAIN_METRIC
+
 SEARCHED = ("sora", "lora", "adalora")
 SEARCH_SEED = 0
 
@@ -67,7 +69,7 @@ def points(records: Iterable[dict[str, Any]], model: str, epochs: float, jobs: i
                 or r["variant"] not in SEARCHED or ("lr" in extra and not set_on_command_line(r))):
             continue
         metrics = r["metrics"]
-        score = metrics.get("eval", {}).get(metrics.get("main_metric"))
+        score = metrics.get(EVAL, {}).get(metrics.get(MAIN_METRIC))
         if score is not None:
             found.setdefault(r["variant"], {}).setdefault(extra.get("lr"), {})[r["task"]] = score
     return found
@@ -156,7 +158,7 @@ def per_task_points(records: Iterable[dict[str, Any]], model: str, epochs: float
         if (same_setting(r, model, epochs, jobs) and r["task"] == task and r["variant"] == variant
                 and r["seed"] == SEARCH_SEED and extra == given and (r.get("pattern") or variant not in PATTERNED)):
             metrics = r["metrics"]
-            score = metrics.get("eval", {}).get(metrics.get("main_metric"))
+            score = metrics.get(EVAL, {}).get(metrics.get(MAIN_METRIC))
             if score is not None:
                 found[cell_lr(r, method)] = score
     return found

@@ -29,7 +29,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Sequence
 
-from soralib.train.rundir import CONFIG, HISTORY, METRICS, SPARSITY
+from soralib.train.rundir import (CONFIG, HISTORY, KEPT_PARAMS, LORA_PARAMS_AT_R_MAX, MAIN_METRIC, METHOD, METRICS,
+                                  SPARSITY, TEST)
 
 from . import common, lr, patterns
 from .matrix import TASKS, VARIANTS, Cell, cells  # noqa: F401  (the matrix, re-exported)
@@ -91,9 +92,9 @@ def command(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> t
     if cell.variant == "adalora":
         kept = records.get(cell.budget_from or "", {}).get("metrics", {})
         # A budget of every rank is no budget: PEFT AdaLoRA fails (kthvalue out of range) at target_r == init_r.
-        if kept.get("kept_params") and kept["kept_params"] < (kept.get("lora_params_at_r_max") or float("inf")):
-            overrides["target_params"] = kept["kept_params"]
-            budget = {"source": cell.budget_from, "target_params": kept["kept_params"]}
+        if kept.get(KEPT_PARAMS) and kept[KEPT_PARAMS] < (kept.get(LORA_PARAMS_AT_R_MAX) or float("inf")):
+            overrides["target_params"] = kept[KEPT_PARAMS]
+            budget = {"source": cell.budget_from, "target_params": kept[KEPT_PARAMS]}
         else:
             overrides["adalora_target_r"] = 4
             budget = {"source": "default", "adalora_target_r": 4}
@@ -164,8 +165,8 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
     sparsity = run_dir / SPARSITY
     ranks = ({m["module"]: m["kept_rank"] for m in json.loads(sparsity.read_text())["modules"]}
              if sparsity.is_file() else None)
-    curve, curve_note = validation_curve(run_dir / HISTORY, metrics.get("main_metric", ""))
-    return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "method": metrics["method"],
+    curve, curve_note = validation_curve(run_dir / HISTORY, metrics.get(MAIN_METRIC, ""))
+    return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "method": metrics[METHOD],
             "seed": cell.seed, "epochs": cell.epochs, "model": cell.model, "protocol": "paper",
             "jobs": cell.jobs, "threads": cell.threads,
             "extra": dict(cell.extra), "metrics": metrics, "wall_seconds": wall, "resumed": resumed,
@@ -256,8 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 records[cell.key] = record
                 if cell.variant == patterns.SOURCE:
                     patterns.capture(cell.key, Path(args.runs_dir) / cell.key, args.ranks)
-                main_metric = record["metrics"].get("main_metric")
-                print(f"done  {cell.key}: test {main_metric} {record['metrics'].get('test', {}).get(main_metric)}",
+                main_metric = record["metrics"].get(MAIN_METRIC)
+                print(f"done  {cell.key}: test {main_metric} {record['metrics'].get(TEST, {}).get(main_metric)}",
                       flush=True)
             if queue or deadline is None or time.monotonic() <= deadline:
                 # A finished search plans its other seeds' cells: the queue is the matrix again, in its order.

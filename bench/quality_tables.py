@@ -10,6 +10,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
+from soralib.train.rundir import EVAL, KEPT_PARAMS, MAIN_METRIC, STEPS, TEST, TRAIN_SECONDS
+
 from . import common, lr
 from .quality import VARIANTS
 
@@ -37,22 +39,22 @@ def setting(r: dict[str, Any]) -> str:
             + (f", {jobs} cells at a time × {r.get('threads')} thread(s)" if jobs > 1 else ""))
 
 
-def main_score(r: dict[str, Any], split: str = "test") -> float | None:
+def main_score(r: dict[str, Any], split: str = TEST) -> float | None:
     metrics = r["metrics"]
-    return metrics.get(split, {}).get(metrics.get("main_metric"))
+    return metrics.get(split, {}).get(metrics.get(MAIN_METRIC))
 
 
 def time_to_score(sora: dict[str, Any], lora: dict[str, Any], axis: str = "seconds") -> float | None:
     """Share of LoRA's training time (`axis` "seconds") or steps ("steps") that a method needed to first
     reach LoRA's final validation score, from its validation curve; None when there is no curve (or no
     step counts, in records older than them); inf when it never reached the score."""
-    goal = main_score(lora, "eval")
+    goal = main_score(lora, EVAL)
     if axis == "steps":
-        lora_total = lora["metrics"].get("steps")
+        lora_total = lora["metrics"].get(STEPS)
     elif lora.get("curve"):  # the curve's own clock: metrics' train_seconds may count the evaluations too
         lora_total = lora["curve"][-1][0]
     else:
-        lora_total = lora["metrics"].get("train_seconds")
+        lora_total = lora["metrics"].get(TRAIN_SECONDS)
     curve = sora.get("curve") or []
     if not curve or goal is None or not lora_total or (axis == "steps" and len(curve[0]) < 3):
         return None
@@ -117,16 +119,16 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
                   "| time to LoRA's score (share of LoRA's) | steps to it (share) |", "|---" * 10 + "|"]
         for task in sorted({t for s, t, _ in groups if s == name}):
             lora = groups.get((name, task, "lora"), [])
-            lora_params = statistics.mean(r["metrics"]["kept_params"] for r in lora) if lora else None
+            lora_params = statistics.mean(r["metrics"][KEPT_PARAMS] for r in lora) if lora else None
             for variant in [v for v in VARIANTS if (name, task, v) in groups]:
                 rs = groups[(name, task, variant)]
                 scores = [s for s in map(main_score, rs) if s is not None]
-                params = statistics.mean(r["metrics"]["kept_params"] for r in rs)
+                params = statistics.mean(r["metrics"][KEPT_PARAMS] for r in rs)
                 # a resumed cell's wall time is only the part after the resume: not comparable, not averaged
                 walls = [r["wall_seconds"] for r in rs if r.get("wall_seconds") is not None and not r.get("resumed")]
                 resumed = sum(bool(r.get("resumed")) for r in rs)
                 share, step_share = _time_shares(rs, lora), _time_shares(rs, lora, "steps")
-                lines.append(f"| {task} ({rs[0]['metrics'].get('main_metric')}) | {variant} | {len(rs)} | "
+                lines.append(f"| {task} ({rs[0]['metrics'].get(MAIN_METRIC)}) | {variant} | {len(rs)} | "
                              f"{mean_std(scores, 100)} | {params:,.0f} | {mean_std(_paired_deltas(rs, lora), 100)} | "
                              f"{fmt(100 * params / lora_params, 1) if lora_params else '–'} | "
                              f"{fmt(statistics.mean(walls), 0) if walls else '–'}"
@@ -187,8 +189,8 @@ def _across_tasks(name: str, groups: dict[tuple[str, str, str], list[dict[str, A
             continue
         score = [statistics.mean(s for s in map(main_score, rs) if s is not None) for rs, _ in rows]
         delta = [statistics.mean(d) for d in (_paired_deltas(rs, lora) for rs, lora in rows) if d]
-        params = [statistics.mean(r["metrics"]["kept_params"] for r in rs)
-                  / statistics.mean(r["metrics"]["kept_params"] for r in lora) for rs, lora in rows]
+        params = [statistics.mean(r["metrics"][KEPT_PARAMS] for r in rs)
+                  / statistics.mean(r["metrics"][KEPT_PARAMS] for r in lora) for rs, lora in rows]
         share = [statistics.mean(x) for x in (_time_shares(rs, lora) for rs, lora in rows) if x]
         seeds = sorted({len(rs) for rs, _ in rows})
         delta_text = f"{100 * statistics.mean(delta):+.2f}" if delta else "–"  # no seed shared with LoRA

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-from soralib.train.rundir import CONFIG, HISTORY, METRICS
+from soralib.train.rundir import CONFIG, EVAL, HISTORY, KEPT_PARAMS, METRICS
 
 from . import claims, common
 
@@ -126,12 +126,12 @@ def table(records: list[dict[str, Any]]) -> list[str]:
            "|---|---|---|---|---|---|"]
     for v in variants:
         seeds = sorted(s for (w, s) in by if w == v)
-        mean = {m: sum(by[v, s]["eval"].get(m, 0.0) for s in seeds) / len(seeds) for m in ("loss", "exact_match")}
+        mean = {m: sum(by[v, s][EVAL].get(m, 0.0) for s in seeds) / len(seeds) for m in ("loss", "exact_match")}
         both = [s for s in seeds if ("lora-equal", s) in by]
-        gain = claims.t_interval([by["lora-equal", s]["eval"]["loss"] - by[v, s]["eval"]["loss"] for s in both])
+        gain = claims.t_interval([by["lora-equal", s][EVAL]["loss"] - by[v, s][EVAL]["loss"] for s in both])
         shown = "" if v == "lora-equal" or gain is None else \
             f"{gain[0]:+.4f} [{gain[1]:+.4f}, {gain[2]:+.4f}] ({claims.verdict(gain, len(both))})"
-        out.append(f"| {v} | {len(seeds)} | {by[v, seeds[0]].get('kept_params', '')} | {mean['loss']:.4f} | "
+        out.append(f"| {v} | {len(seeds)} | {by[v, seeds[0]].get(KEPT_PARAMS, '')} | {mean['loss']:.4f} | "
                    f"{mean['exact_match']:.3f} | {shown} |")
     return out
 

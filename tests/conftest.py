@@ -89,7 +89,7 @@ def sora_model(arch: str, seed: int = 0, r: int = 4, gate_init: str = "randn", *
     import soralib
 
     targets, head = TARGETS[arch]
-    config = soralib.SoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=head,
+    config = soralib.SoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, modules_to_save=list(head),
                                 gate_init=gate_init, **kwargs)
     return peft.get_peft_model(make_model(arch, seed), config)
 

@@ -2,10 +2,12 @@
 full disk is one line, and --resume (or a new start) carries on from what was left."""
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import soralib.train.run as run_module
 from soralib.cli import main
 from soralib.train.config import build_config, save_yaml
 from soralib.train.checkpoints import latest_checkpoint
+from soralib.train import rundir
 from soralib.train.rundir import LOCK, foreign
 from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
 
@@ -87,6 +90,21 @@ def test_a_finished_run_holds_nothing_a_run_does_not_write(finished):
     # rundir.RUN must list every name a run, `sora export` and `sora report` write, or --overwrite refuses them
     assert foreign(finished) == []
     assert (finished / LOCK).is_file() and (finished / "stages").is_dir() and (finished / "adapter-uniform").is_dir()
+
+
+def test_every_top_level_key_of_metrics_json_is_named_in_rundir(finished):
+    # eval, export, report and bench read metrics.json by rundir's names; a further dev set is keyed by its split
+    named = {rundir.TASK, rundir.METHOD, rundir.SEED, rundir.MODEL, rundir.MAIN_METRIC, rundir.HIGHER_IS_BETTER,
+             rundir.EVAL, rundir.TEST, rundir.KEPT_PARAMS, rundir.LORA_PARAMS_AT_R_MAX, rundir.EXPORTED_PARAMS,
+             rundir.TRAIN_SECONDS, rundir.STEPS, rundir.SKIPPED_STEPS, rundir.NUM_LABELS}
+    metrics = json.loads((finished / rundir.METRICS).read_text())
+    assert set(metrics) <= named and {rundir.EVAL, rundir.EXPORTED_PARAMS, rundir.MAIN_METRIC} <= set(metrics)
+    assert isinstance(metrics[rundir.EVAL][metrics[rundir.MAIN_METRIC]], float)
+    # the same names read the stored bench results: none was renamed
+    stored = Path(__file__).resolve().parents[1] / "bench" / "results" / "quality.jsonl"
+    keys = {k for line in stored.read_text().splitlines() for k in json.loads(line)["metrics"]}
+    assert {k for k in keys if not k.startswith(("test_", "validation_"))} <= named
+    assert {rundir.EVAL, rundir.TEST, rundir.KEPT_PARAMS, rundir.TRAIN_SECONDS} <= keys
 
 
 @pytest.mark.parametrize("mine, shown", [

@@ -156,11 +156,12 @@ def train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from .train.methods import get_method
     from .train.run import train
+    from .train.rundir import EVAL, KEPT_PARAMS, METHOD, TASK
 
     config = train_config(args)
     _progress_logging()
     metrics = train(config, overwrite=args.overwrite, resume=args.resume, show_progress=True)
-    print(json.dumps({k: metrics[k] for k in ("task", "method", "eval", "kept_params") if k in metrics}))
+    print(json.dumps({k: metrics[k] for k in (TASK, METHOD, EVAL, KEPT_PARAMS) if k in metrics}))
     out = config.output_dir
     what = get_method(config.method).output
     print(f"exported {what}: {out}/{what}\nmetrics: {out}/metrics.json\nreport: run `sora report {out}`")

@@ -1,23 +1,23 @@
 """Turn a finished run directory into PNG plots and a markdown summary in ``run_dir/report/``.
 
-Reads only what a run wrote (metrics.json, sparsity.json, history.jsonl, stages.jsonl) with the json module;
-each plot and section appears only when its data exist. Every file is written atomically, so an interrupted
-report never leaves a half-written PNG or markdown file behind. matplotlib is imported only when drawing.
+Reads only what a run wrote (metrics.json, sparsity.json, history.jsonl, stages.jsonl: report_data.py reads
+and checks them); each plot and section appears only when its data exist. Every file is written atomically, so
+an interrupted report never leaves a half-written PNG or markdown file behind. matplotlib is imported only when
+drawing.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
 from .io import atomic_write_bytes, atomic_write_text
-from .train.rundir import GENERATIONS, HISTORY, METRICS, SPARSITY, STAGES
+from .report_data import is_number, module_records, read_run
+from .train.rundir import (EVAL, GENERATIONS, HIGHER_IS_BETTER, KEPT_PARAMS, LORA_PARAMS_AT_R_MAX, MAIN_METRIC, METHOD,
+                           SEED, STEPS, TASK, TEST, TRAIN_SECONDS)
 from .train.tasks.generate import sample_generations
 
 log = logging.getLogger(__name__)
@@ -43,17 +43,8 @@ def module_position(module: str) -> tuple[int | None, str]:
 def write_report(run_dir: str | Path) -> Path:
     """Write the plots and ``report.md`` for `run_dir` into ``run_dir/report/``; return the markdown's path."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        reason = "not a directory" if run_dir.exists() else "does not exist"
-        raise InputError(f"not a soralib run directory: {run_dir} ({reason})")
-    if not ((run_dir / METRICS).is_file() or (run_dir / STAGES).is_file()):
-        raise InputError(f"not a soralib run directory: {run_dir} (no metrics.json or stages.jsonl)")
-    metrics = _read_json(run_dir / METRICS) or {}
-    sparsity = _read_json(run_dir / SPARSITY) or {}
-    history = [row for row in _read_jsonl(run_dir / HISTORY) if _is_number(row.get("step"))]
-    stages = _read_jsonl(run_dir / STAGES)
-    _check_structure(run_dir, sparsity, stages)
-    main = metrics.get("main_metric") or next((s["main_metric"] for s in stages if s.get("main_metric")), None)
+    metrics, sparsity, history, stages = read_run(run_dir)
+    main = metrics.get(MAIN_METRIC) or next((s["main_metric"] for s in stages if s.get("main_metric")), None)
 
     out = run_dir / "report"
     images: list[tuple[str, str]] = []  # (caption, file name relative to report.md)
@@ -78,79 +69,6 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- reading
-
-def _check_structure(run_dir: Path, sparsity: dict[str, Any], stages: list[dict[str, Any]]) -> None:
-    """Refuse files of the right syntax but the wrong shape, before any plot is drawn."""
-    modules = sparsity.get("modules", [])
-    if not isinstance(modules, list) or not all(isinstance(m, dict) and "module" in m for m in modules):
-        raise InputError(f"{run_dir / 'sparsity.json'}: 'modules' must be a list of objects with a 'module' key")
-    for number, module in enumerate(modules):
-        _check_fields(f"{run_dir / 'sparsity.json'}: modules[{number}] ({module['module']!r})", module, _MODULE_FIELDS)
-    for stage in stages:
-        for key in ("generalization", "memorization"):
-            if not isinstance(stage.get(key, {}), dict):
-                raise InputError(f"{run_dir / 'stages.jsonl'}: stage {stage.get('stage')!r} has a non-object {key!r}")
-        _check_fields(f"{run_dir / 'stages.jsonl'}: stage {stage.get('stage')!r}", stage, _STAGE_FIELDS)
-
-
-# The fields the report computes with (as prune.sparsity_report and train/run.py write them): (test, expected)
-_NUMBER = (lambda v: _is_number(v), "a finite number")
-_MODULE_FIELDS = {"module": (lambda v: isinstance(v, str), "a string"),
-                  **dict.fromkeys(("r_max", "kept_rank", "in_features", "out_features", "kept_params"), _NUMBER)}
-_STAGE_FIELDS = {"main_metric": (lambda v: v is None or isinstance(v, str), "a string or null"),
-                 **dict.fromkeys(("stage", "threshold", "kept_params", "kept_rank", "kept_fraction"), _NUMBER)}
-
-
-def _check_fields(where: str, record: dict[str, Any], fields: dict[str, tuple]) -> None:
-    """Each field of `record` that is present has its type: else a plot or a sum fails on it with a traceback."""
-    for key, (test, expected) in fields.items():
-        if key in record and not test(record[key]):
-            value = record[key]
-            raise InputError(f"{where}: field {key!r} is {value!r} ({type(value).__name__}); expected {expected}")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in `path`, None if the file is missing; a broken file is a one-line InputError."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file ([] if missing). Bad lines are skipped with a warning, not fatal:
-    a run killed mid-write leaves a torn last line, and the rest of its log is still worth plotting."""
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            log.warning("%s:%d: skipping a line that is not valid JSON", path, number)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _is_number(value: Any) -> bool:
-    # bool is an int subclass, and NaN/inf (which json accepts) cannot be plotted or compared sensibly.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _modules(sparsity: dict[str, Any]) -> list[dict[str, Any]]:
-    """The per-module records of sparsity.json that name a module and a kept rank."""
-    return [m for m in sparsity.get("modules") or []
-            if isinstance(m, dict) and isinstance(m.get("module"), str) and _is_number(m.get("kept_rank"))]
-
-
 # ---------------------------------------------------------------- plots
 
 def _figure(width: float, height: float):
@@ -168,7 +86,7 @@ def _heatmap_figure(sparsity: dict[str, Any]):
     """Kept rank per (layer, kind) cell, annotated; None without per-module data."""
     cells: dict[tuple[int | None, str], list[float]] = {}
     r_max = 1
-    for module in _modules(sparsity):
+    for module in module_records(sparsity):
         # Two paths may share a (layer, kind) cell, e.g. encoder and decoder of one model: show their mean.
         cells.setdefault(module_position(module["module"]), []).append(module["kept_rank"])
         r_max = max(r_max, module.get("r_max") or 1)
@@ -198,9 +116,9 @@ def _heatmap_figure(sparsity: dict[str, Any]):
     ax.set_xlabel("module kind")
     ax.set_ylabel("layer")
     title = "kept rank per module"
-    if _is_number(sparsity.get("kept_rank")) and _is_number(sparsity.get("r_max_total")):
+    if is_number(sparsity.get("kept_rank")) and is_number(sparsity.get("r_max_total")):
         title += f": {sparsity['kept_rank']} / {sparsity['r_max_total']} ranks"
-    if _is_number(sparsity.get("kept_fraction")):
+    if is_number(sparsity.get("kept_fraction")):
         title += f", kept fraction {sparsity['kept_fraction']:.1%}"
     ax.set_title(title, fontsize=10)
     return fig
@@ -208,7 +126,7 @@ def _heatmap_figure(sparsity: dict[str, Any]):
 
 def _steps_figure(history: list[dict[str, Any]]):
     """Kept rank (left) and threshold (right) against step, stage changes dashed; None without kept ranks."""
-    ranked = [row for row in history if _is_number(row.get("kept_rank"))]
+    ranked = [row for row in history if is_number(row.get("kept_rank"))]
     if not ranked:
         return None
     fig = _figure(8, 4.5)
@@ -216,7 +134,7 @@ def _steps_figure(history: list[dict[str, Any]]):
     lines = ax.plot([r["step"] for r in ranked], [r["kept_rank"] for r in ranked], color="C0", label="kept rank")
     ax.set_xlabel("step")
     ax.set_ylabel("kept rank", color="C0")
-    thresholds = [row for row in history if _is_number(row.get("threshold"))]
+    thresholds = [row for row in history if is_number(row.get("threshold"))]
     if thresholds:
         right = ax.twinx()
         values = [r["threshold"] for r in thresholds]
@@ -243,7 +161,7 @@ def _stages_figure(stages: list[dict[str, Any]], main: str | None):
         points = []
         for stage in stages:
             value = (stage.get(split) or {}).get(stage.get("main_metric") or main)
-            if _is_number(stage.get("kept_params")) and _is_number(value):
+            if is_number(stage.get("kept_params")) and is_number(value):
                 points.append((stage["kept_params"], value, stage.get("stage", "?")))
         if points:
             series[split] = points
@@ -268,48 +186,48 @@ def _stages_figure(stages: list[dict[str, Any]], main: str | None):
 # ---------------------------------------------------------------- markdown
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
-    return format(value, spec) if _is_number(value) and isinstance(value, float) else str(value)
+    return format(value, spec) if is_number(value) and isinstance(value, float) else str(value)
 
 
 def _markdown(run_dir: Path, metrics: dict, sparsity: dict, stages: list[dict], main: str | None,
               images: list[tuple[str, str]]) -> str:
     """The report text; each section only when its data exist."""
     if metrics:
-        title = f"{metrics.get('task', '?')} / {metrics.get('method', '?')} / seed {metrics.get('seed', '?')}"
+        title = f"{metrics.get(TASK, '?')} / {metrics.get(METHOD, '?')} / seed {metrics.get(SEED, '?')}"
     else:
         title = run_dir.name
     md = [f"# Run report: {title}", ""]
 
-    splits = [s for s in ("eval", "test") if isinstance(metrics.get(s), dict) and metrics[s]]
+    splits = [s for s in (EVAL, TEST) if isinstance(metrics.get(s), dict) and metrics[s]]
     if splits:
         names = list(dict.fromkeys(name for s in splits for name in metrics[s]))
         md += ["## Metrics", "", "| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
         for name in names:
-            lower = ", lower is better" if metrics.get("higher_is_better") is False else ""
+            lower = ", lower is better" if metrics.get(HIGHER_IS_BETTER) is False else ""
             label = f"**{name}** (main{lower})" if name == main else name
             md.append(f"| {label} | " + " | ".join(_fmt(metrics[s].get(name, "")) for s in splits) + " |")
         md.append("")
     md += sample_generations(run_dir / GENERATIONS)
 
     facts = []
-    kept = metrics.get("kept_params", sparsity.get("kept_params"))
-    full = metrics.get("lora_params_at_r_max", sparsity.get("lora_params_at_r_max"))
-    if _is_number(kept) and _is_number(full) and full > 0:
+    kept = metrics.get(KEPT_PARAMS, sparsity.get("kept_params"))  # sparsity.json: prune.sparsity_report's keys
+    full = metrics.get(LORA_PARAMS_AT_R_MAX, sparsity.get("lora_params_at_r_max"))
+    if is_number(kept) and is_number(full) and full > 0:
         facts.append(f"- Kept parameters: {kept:,} of {full:,} for LoRA at r_max ({kept / full:.2%})")
-    elif _is_number(kept):
+    elif is_number(kept):
         facts.append(f"- Kept parameters: {kept:,}")
-    if _is_number(sparsity.get("kept_rank")) and _is_number(sparsity.get("r_max_total")):
+    if is_number(sparsity.get("kept_rank")) and is_number(sparsity.get("r_max_total")):
         facts.append(f"- Kept rank: {sparsity['kept_rank']} of {sparsity['r_max_total']}")
-    if _is_number(metrics.get("train_seconds")):
-        seconds = metrics["train_seconds"]
+    if is_number(metrics.get(TRAIN_SECONDS)):
+        seconds = metrics[TRAIN_SECONDS]
         facts.append(f"- Train time: {seconds:.1f} s ({seconds / 60:.1f} min)")
-    if _is_number(metrics.get("steps")):
-        facts.append(f"- Steps: {metrics['steps']}")
+    if is_number(metrics.get(STEPS)):
+        facts.append(f"- Steps: {metrics[STEPS]}")
     if facts:
         md += ["## Size and cost", "", *facts, ""]
 
     kinds: dict[str, list[dict[str, Any]]] = {}  # module kind -> its modules, in model order
-    for module in _modules(sparsity):
+    for module in module_records(sparsity):
         kinds.setdefault(module_position(module["module"])[1], []).append(module)
     if kinds:
         md += ["## Kept rank per module kind", "", "| kind | modules | mean r_max | mean kept rank | kept params |",
@@ -328,8 +246,8 @@ def _markdown(run_dir: Path, metrics: dict, sparsity: dict, stages: list[dict], 
         for s in stages:
             m = s.get("main_metric") or main
             cells = [s.get("stage", ""), _fmt(s.get("threshold", ""), ".3g"),
-                     f"{s['kept_params']:,}" if _is_number(s.get("kept_params")) else "",
-                     f"{s['kept_fraction']:.2%}" if _is_number(s.get("kept_fraction")) else "",
+                     f"{s['kept_params']:,}" if is_number(s.get("kept_params")) else "",
+                     f"{s['kept_fraction']:.2%}" if is_number(s.get("kept_fraction")) else "",
                      _fmt((s.get("generalization") or {}).get(m, "")), _fmt((s.get("memorization") or {}).get(m, ""))]
             md.append("| " + " | ".join(str(c) for c in cells) + " |")
         md.append("")

@@ -7,37 +7,34 @@ Everything is read as data: the config with `json`, the weights with `safetensor
 keys, shapes and dtypes; then tensor by tensor, for NaN and Inf). A pickle is never opened. The expected
 key -> shape map is computed from the base model's modules and the config, with PEFT's own matching rules,
 so whatever passes is exactly what `peft.PeftModel.from_pretrained` will load. The base model is only read.
+
+This module matches the adapter to the model (task type, target modules, scales, the weights' keys, shapes and
+values); reading the directory's files and its config on their own is `adapter_dir.py`'s part.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
-import logging
 import math
 import os
 import re
-import reprlib
 from pathlib import Path
 
 import peft
 import torch
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+# The names that moved to adapter_dir stay importable from here, where they were first.
+from .adapter_dir import (CONFIG_NAME, FIELD_TYPES, LORA_FIELDS, MAX_DEPTH, MAX_RANK, PEFT_TYPES,  # noqa: F401
+                          PICKLE_SUFFIXES, WEIGHTS_NAME, _one_line, _short, logger, read_adapter_config)
 from .errors import InputError
 from .layer import Conv1D
 from .model import _closest_names
 from .undo import snapshot
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-PEFT_TYPES = ("LORA", "SORA")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 PREFIX = "base_model.model."
 # A scale lora_alpha / r (or / sqrt(r), rsLoRA) larger than this in size is refused. Published recipes stay below
@@ -45,10 +42,6 @@ PREFIX = "base_model.model."
 # ordinary entries (|A|, |B| ~ 0.1) already make s * B @ A hundreds of times the base weights (~0.05), a short step
 # from float16's 65504. A larger scale comes from a broken or hostile file, not from training.
 MAX_SCALE = 1e4
-# A rank above 2**20 exceeds every weight matrix's side; bounding it also keeps lora_alpha / r a computable float.
-MAX_RANK = 2**20
-# A PEFT config is 3 levels deep at most; deeper JSON is refused before anything recurses into it.
-MAX_DEPTH = 32
 # Which PEFT task_type fits a transformers model, by its class name in transformers' auto mappings.
 TASK_MAPPINGS = {"SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                  "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
@@ -56,40 +49,6 @@ TASK_MAPPINGS = {"SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                  "TOKEN_CLS": "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
                  "QUESTION_ANS": "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES",
                  "FEATURE_EXTRACTION": "MODEL_MAPPING_NAMES"}
-# The LoRA fields a plain LoRA uses. Every other one (DoRA, bias, Megatron, PiSSA and other initialisations, ...)
-# must keep its default: they add tensors, change the layers or base weights, or make PEFT import a named module.
-LORA_FIELDS = {"peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
-               "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-               "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
-               "fan_in_fan_out", "use_rslora"}
-
-logger = logging.getLogger(__name__)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _strings(v) -> bool:
-    return isinstance(v, list) and all(isinstance(x, str) for x in v)
-
-
-# JSON can put any type anywhere, and the config classes do not check types: the fields used here must have these.
-_NAMES = (lambda v: v is None or isinstance(v, str) or _strings(v), "null, a string or a list of strings")
-_NUMBER_MAP = (lambda v: isinstance(v, dict) and all(map(_number, v.values())), "an object of module name -> number")
-FIELD_TYPES = {
-    "target_modules": (lambda v: isinstance(v, str) or _strings(v), "a string or a list of strings"),
-    "exclude_modules": _NAMES,
-    "layers_pattern": _NAMES,
-    "modules_to_save": (lambda v: v is None or _strings(v), "null or a list of strings"),
-    "layers_to_transform": (lambda v: v is None or type(v) is int or isinstance(v, list)
-                            and all(type(x) is int for x in v), "null, an integer or a list of integers"),
-    "lora_alpha": (_number, "a number"),
-    "lora_dropout": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "rank_pattern": _NUMBER_MAP,
-    "alpha_pattern": _NUMBER_MAP,
-    "kept_ranks": _NUMBER_MAP,
-}
 
 
 def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, expected_base: str | None = None
@@ -110,8 +69,7 @@ def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, expect
     """
     adapter_dir = Path(adapter_dir)
     config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
-    _check_files(adapter_dir, config_path, weights_path)
-    config = _read_config(config_path, expected_base)
+    config = read_adapter_config(adapter_dir, expected_base)
     _check_task(base_model, config, config_path)
     try:
         expected = _expected_tensors(base_model, config, config_path)
@@ -139,111 +97,6 @@ def load_adapter_safely(base_model: nn.Module, adapter_dir: str | os.PathLike, e
     except BaseException:
         undo()
         raise
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
-
-
-def _short(value) -> str:
-    """A bounded repr for messages: a hostile config can hold huge or deeply nested values."""
-    return reprlib.repr(value)
-
-
-def _check_files(adapter_dir: Path, config_path: Path, weights_path: Path) -> None:
-    if not adapter_dir.is_dir():
-        raise InputError(f"{adapter_dir}: not a directory; expected a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
-    pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if pickles and not weights_path.is_file():
-        raise InputError(f"{adapter_dir / pickles[0]}: pickle weights refused (unpickling can run arbitrary code); "
-                         f"expected {WEIGHTS_NAME}: convert on a trusted machine with safetensors.torch.save_file")
-    if pickles:
-        logger.warning("%s: ignoring pickle file(s) %s; only %s is read", adapter_dir, ", ".join(pickles), WEIGHTS_NAME)
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise InputError(f"{path}: missing; expected an adapter directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number")
-
-
-def _depth(value) -> int:
-    """How deeply lists and objects nest in parsed JSON, counted without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        value, level = stack.pop()
-        if isinstance(value, (dict, list)):
-            deepest = max(deepest, level)
-            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
-    return deepest
-
-
-def _read_config(path: Path, expected_base: str | None) -> peft.PeftConfig:
-    too_deep = f"{path}: the JSON nests more than {MAX_DEPTH} levels deep; expected a PEFT adapter config"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise InputError(f"{path}: not valid JSON ({_one_line(err)}); expected a PEFT adapter config") from None
-    except RecursionError:  # the parser recurses once per level
-        raise InputError(too_deep) from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: the JSON is a {type(data).__name__}; expected an object")
-    if _depth(data) > MAX_DEPTH:  # what parsed can still be too deep for the repr, copy and checks below
-        raise InputError(too_deep)
-    peft_type = data.get("peft_type")
-    if peft_type not in PEFT_TYPES:
-        raise InputError(f"{path}: peft_type {peft_type!r}; expected one of {', '.join(PEFT_TYPES)}")
-    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-    _check_fields(data, config_cls, path)
-    _check_numbers(data, path)
-    try:
-        config = config_cls(**data)
-    except (TypeError, ValueError) as err:
-        raise InputError(f"{path}: invalid {peft_type} config: {_one_line(err)}") from None
-    base = config.base_model_name_or_path
-    if expected_base is not None and base and base != expected_base:
-        raise InputError(f"{path}: base_model_name_or_path is {base!r}; expected {expected_base!r}")
-    return config
-
-
-def _check_fields(data: dict, config_cls: type, path: Path) -> None:
-    """Known fields only, of the types used here; a LoRA uses no field beyond plain LoRA's."""
-    fields = dataclasses.fields(config_cls)
-    unknown = sorted(set(data) - {field.name for field in fields})
-    if unknown:
-        raise InputError(f"{path}: unknown field {unknown[0]!r}; expected only {config_cls.__name__} fields")
-    for name, (valid, kind) in FIELD_TYPES.items():
-        if name in data and not valid(data[name]):
-            raise InputError(f"{path}: {name} is {data[name]!r}; expected {kind}")
-    for field in fields if data["peft_type"] == "LORA" else ():
-        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-        value = data.get(field.name, default)
-        if field.name not in LORA_FIELDS and (type(value), value) != (type(default), default):  # 1 is not True
-            raise InputError(f"{path}: {field.name} is {value!r}; expected {default!r}, its default "
-                             "(only plain LoRA adapters are verified)")
-
-
-def _finite(number) -> bool:
-    try:
-        return math.isfinite(number)
-    except OverflowError:  # a JSON integer beyond float's range
-        return False
-
-
-def _check_numbers(data: dict, path: Path) -> None:
-    """Finite alphas and bounded ranks, so that every scale below is a finite float (JSON's 1e400 parses as inf)."""
-    alphas = {"lora_alpha": data.get("lora_alpha", 0)}
-    alphas.update({f"alpha_pattern[{k!r}]": v for k, v in (data.get("alpha_pattern") or {}).items()})
-    for name, alpha in alphas.items():
-        if not _finite(alpha):
-            raise InputError(f"{path}: {name} is {_short(alpha)}; expected a finite number")
-    r = data.get("r")
-    if type(r) is int and r > MAX_RANK:  # other bad values of r get the config class's own message
-        raise InputError(f"{path}: r is {_short(r)}; expected a positive integer <= {MAX_RANK}")
-    for key, rank in (data.get("rank_pattern") or {}).items():
-        if type(rank) is not int or not 1 <= rank <= MAX_RANK:
-            raise InputError(f"{path}: rank_pattern[{key!r}] is {_short(rank)}; expected an integer in [1, {MAX_RANK}]")
 
 
 def _check_task(model: nn.Module, config: peft.PeftConfig, path: Path) -> None:

@@ -35,6 +35,8 @@ from .loop import is_main_process, make_trainer
 from .methods import adapter_size, get_method, within
 from .rundir import (ADAPTER, CONFIG, HISTORY, LOCK, METRICS, REPLACED, SPARSITY, STAGES, STATE, foreign, in_use,
                      lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora)
+from .rundir import (EVAL, HIGHER_IS_BETTER, MAIN_METRIC, METHOD, MODEL, NUM_LABELS, SEED, SKIPPED_STEPS, STEPS, TASK,
+                     TRAIN_SECONDS)
 from .tasks import task_of
 
 logger = logging.getLogger(__name__)
@@ -211,21 +213,21 @@ def _finish_stage(trainer, task, model, spec, features, memorize, stage, thresho
 
 def _finish_run(trainer, task, model, tokenizer, config, spec, splits, features, out, state) -> dict:
     metrics: dict[str, Any] = {
-        "task": config.task, "method": config.method, "seed": config.seed, "model": config.model,
-        "main_metric": spec.main_metric, "higher_is_better": task.higher_is_better,
-        "eval": task.evaluate(trainer, features["validation"], "validation"),
+        TASK: config.task, METHOD: config.method, SEED: config.seed, MODEL: config.model,
+        MAIN_METRIC: spec.main_metric, HIGHER_IS_BETTER: task.higher_is_better,
+        EVAL: task.evaluate(trainer, features["validation"], "validation"),
         **adapter_size(config, model),
-        "train_seconds": round(state["train_seconds"], 3),
-        "steps": trainer.state.global_step,
-        "skipped_steps": state.get("skipped_steps", 0),
-        "num_labels": spec.num_labels,
+        TRAIN_SECONDS: round(state["train_seconds"], 3),
+        STEPS: trainer.state.global_step,
+        SKIPPED_STEPS: state.get("skipped_steps", 0),
+        NUM_LABELS: spec.num_labels,
     }
     for name in features:
         if name not in ("train", "validation"):
             metrics[name] = task.evaluate(trainer, features[name], name)
     # On every rank: SFT shares its generations out among the ranks (SftTask.final_metrics); rank 0 writes.
     writes = trainer.args.should_save
-    metrics["eval"].update(task.final_metrics(model, tokenizer, config, splits, out if writes else None))
+    metrics[EVAL].update(task.final_metrics(model, tokenizer, config, splits, out if writes else None))
     if writes:
         get_method(config.method).export(model, config, out)
         atomic_write_json(out / METRICS, metrics)

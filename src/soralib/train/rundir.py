@@ -32,6 +32,24 @@ CONFIG, STATE, METRICS = "config.yaml", "state.json", "metrics.json"  # settings
 SPARSITY, HISTORY, STAGES = "sparsity.json", "history.jsonl", "stages.jsonl"  # kept ranks, log lines, stages
 ADAPTER, SORA_ADAPTER = "adapter", "sora_adapter"  # the exported plain LoRA; SoRA's gated adapter
 GENERATIONS = "generations.jsonl"  # an sft run's greedy generations on validation prompts (tasks/sft.py)
+# The top-level keys of METRICS, which run.py writes and eval, export, report and bench read. Never rename one:
+# bench/results/*.jsonl store whole metrics.json objects. (STAGES lines, STATE and SPARSITY spell some of their own
+# fields alike, e.g. "kept_params" from prune.sparsity_report: those are theirs, not these.)
+TASK = "task"  # the task's name (config.task)
+METHOD = "method"  # the method's name (config.method)
+SEED = "seed"  # config.seed
+MODEL = "model"  # the model as given (config.model: a path, a hub id or a shortcut such as "minilm")
+MAIN_METRIC = "main_metric"  # the name of the metric that selects models (TaskSpec.main_metric), a key of EVAL
+HIGHER_IS_BETTER = "higher_is_better"  # whether MAIN_METRIC improves upwards (false for a loss)
+EVAL = "eval"  # the validation split's metrics, name -> value (an sft run adds its generation scores)
+TEST = "test"  # the test split's metrics (protocol paper); a further dev set (MNLI's) is under its split name
+KEPT_PARAMS = "kept_params"  # the result's size: in + out per live rank (adapters), trained parameters (full)
+LORA_PARAMS_AT_R_MAX = "lora_params_at_r_max"  # the size of a plain LoRA at rank r; None without one (full, bitfit)
+EXPORTED_PARAMS = "exported_params"  # SoRA only: the parameters adapter/ stores (layout uniform pads the ranks)
+TRAIN_SECONDS = "train_seconds"  # training time of all stages and resumes, evaluations excluded
+STEPS = "steps"  # optimizer steps of the (last) stage: its Trainer's global_step
+SKIPPED_STEPS = "skipped_steps"  # steps skipped for a non-finite loss or gradients, over all stages
+NUM_LABELS = "num_labels"  # the task's number of classes (1: regression)
 RUN = {
     GENERATIONS: FILE, CONFIG: FILE, STATE: FILE, METRICS: FILE, SPARSITY: FILE, HISTORY: FILE, STAGES: FILE,
     LOCK: FILE, ADAPTER: ADAPTER_FILES, SORA_ADAPTER: ADAPTER_FILES, "model": {"trainable.safetensors": FILE},

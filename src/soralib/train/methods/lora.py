@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import InputError
-from ..rundir import ADAPTER
+from ..rundir import ADAPTER, KEPT_PARAMS, LORA_PARAMS_AT_R_MAX
 from .method import Method
 from .pretrained import peft_common
 from .sora import check_adapter
@@ -71,7 +71,7 @@ class Lora(Method):
                 cost = module.in_features + module.out_features
                 kept += self.live_rank(module) * cost
                 full += config.r * cost
-        return {"kept_params": kept, "lora_params_at_r_max": full}
+        return {KEPT_PARAMS: kept, LORA_PARAMS_AT_R_MAX: full}
 
     def live_rank(self, module) -> int:
         return getattr(module.lora_A["default"], "weight", module.lora_A["default"]).shape[0]

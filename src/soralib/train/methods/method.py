@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import InputError
+from ..rundir import KEPT_PARAMS, LORA_PARAMS_AT_R_MAX
 from .pretrained import HEADS
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class Method:
     def adapter_size(self, config: TrainConfig, model: nn.Module) -> dict[str, Any]:
         """kept_params (the result's size) and lora_params_at_r_max (the LoRA(r) reference, None without one)."""
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return {"kept_params": trainable, "lora_params_at_r_max": None}
+        return {KEPT_PARAMS: trainable, LORA_PARAMS_AT_R_MAX: None}
 
     def load_result(self, model: nn.Module, run: Path) -> nn.Module:
         """The base `model` with what `export` wrote into `run` applied (checked to fit and be finite first)."""

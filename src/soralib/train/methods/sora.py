@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import InputError
-from ..rundir import ADAPTER, SORA_ADAPTER, SPARSITY
+from ..rundir import ADAPTER, EXPORTED_PARAMS, KEPT_PARAMS, LORA_PARAMS_AT_R_MAX, SORA_ADAPTER, SPARSITY
 from .method import Method
 from .pretrained import peft_common
 
@@ -133,8 +133,8 @@ class Sora(Method):
         report = soralib.sparsity_report(model)
         top = max(max(m["kept_rank"] for m in report["modules"]), 1)  # as export_lora pads
         padded = sum(top * (m["in_features"] + m["out_features"]) for m in report["modules"])
-        return {"kept_params": report["kept_params"], "lora_params_at_r_max": report["lora_params_at_r_max"],
-                "exported_params": padded if export_layout(config, report) == "uniform" else report["kept_params"]}
+        return {KEPT_PARAMS: report["kept_params"], LORA_PARAMS_AT_R_MAX: report["lora_params_at_r_max"],
+                EXPORTED_PARAMS: padded if export_layout(config, report) == "uniform" else report["kept_params"]}
 
     def load_result(self, model: nn.Module, run: Path) -> nn.Module:
         from ...verify import load_adapter_safely

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..rundir import METRICS
+from ..rundir import METRICS, NUM_LABELS
 from .glue import TaskSpec, get_task
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ class CustomTask(ClassificationTask):
     def saved_spec(self, config: TrainConfig, run: Path) -> TaskSpec:
         import json
 
-        num_labels = int(json.loads((run / METRICS).read_text()).get("num_labels", 2))
+        num_labels = int(json.loads((run / METRICS).read_text()).get(NUM_LABELS, 2))
         return TaskSpec("custom", tuple(config.text_columns or ()), num_labels, (), "", False)
 
 

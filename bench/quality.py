@@ -9,6 +9,7 @@ the dev set's first shuffled half selects, the second half is the test set; max 
 method family's lr chosen on the validation half by a search, see bench/lr.py, else its shipped one). A
 finished cell (its key in the results JSONL) is skipped, an interrupted one resumed; each finished cell
 appends one line: the run's metrics.json, wall time, the exact command, the commit and the machine.
+Decoder-LLM SFT cells (SmolLM2 on GSM8K) are `python -m bench.sft`: one shared lr, not this per-task search.
 
 `--jobs N` runs N cells at once, each with cores // N torch threads. On 2 cores two one-thread runs of
 MiniLM at batch 8 do 1.3x the steps per second of one two-thread run (small matmuls thread poorly), but
@@ -66,6 +67,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.methods is None:
         left_out = ("adalora", "full") if args.lr_search == "per-task" else tuple(patterns.SHUFFLED)
         args.methods = ",".join(v for v in VARIANTS if v not in left_out)
+    tasks = [t for t in args.tasks.split(",") if t not in TASKS]
+    if tasks:
+        p.error(f"unknown task(s) {tasks}; allowed: {', '.join(TASKS)} (SFT cells on GSM8K: python -m bench.sft)")
     unknown = [v for v in args.methods.split(",") if v not in VARIANTS]
     if unknown or any("=" not in s for s in args.set):
         p.error(f"unknown variant(s) {unknown}" if unknown else "--set takes FIELD=VALUE")

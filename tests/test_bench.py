@@ -89,6 +89,13 @@ def _quality_record(task, variant, seed, test, kept, wall=100.0, val=None):
                         "train_seconds": wall}}
 
 
+def test_quality_refuses_an_unknown_task_and_points_sft_to_bench_sft(capsys):
+    with pytest.raises(SystemExit):
+        quality.parse(["--tasks", "mrpc,gsm8k"])
+    err = capsys.readouterr().err
+    assert "unknown task(s) ['gsm8k']" in err and "python -m bench.sft" in err
+
+
 def test_quality_dry_run_skips_finished_cells(tmp_path, capsys):
     results, runs = tmp_path / "quality.jsonl", tmp_path / "runs"
     argv = ["--lr-search", "family", "--dry-run", "--tasks", "rte", "--seeds", "0,1", "--methods", "lora,sora,adalora", "--results",

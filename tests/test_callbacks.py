@@ -190,6 +190,32 @@ def test_budget_callback_run_resumed_from_a_checkpoint_goes_on_bit_for_bit(tmp_p
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def adapter_tensors(model):
+    return {k: v for k, v in model.state_dict().items() if "sora_" in k}
+
+
+def assert_bitwise_equal(straight, resumed):
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("callbacks", [
+    lambda: [soralib.SoraCallback(threshold=20.0, threshold_mode="lr_scaled", gate_lr=2e-2)],
+    lambda: [soralib.SoraCallback(threshold=0.0), soralib.SoraBudgetCallback(target_rank=2)],
+], ids=["SoraCallback", "with-SoraBudgetCallback"])
+def test_trainer_run_with_soracallback_resumed_from_a_checkpoint_goes_on_bit_for_bit(tmp_path, callbacks):
+    def run(out, resume=None):  # the Trainer's own AdamW, weight-decayed: the callback moves the gates
+        model = sora_model("bert")
+        train(out, model, max_steps=8, save_steps=3, callbacks=callbacks(), resume=resume)
+        return model
+
+    straight = run(tmp_path / "straight")
+    gates = torch.cat([g.detach() for g in soralib.gate_parameters(straight)])
+    assert (gates == 0).any() and (gates != 0).any()  # the prox step (or the budget) pruned some ranks
+    # in the ramp of the budget schedule, past the lr's first steps
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-3"))
+    assert_bitwise_equal(adapter_tensors(straight), adapter_tensors(resumed))
+
+
 @pytest.mark.parametrize("order", ["alone", "before-SoraCallback"])
 def test_budget_callback_without_a_gate_group_says_to_list_soracallback_first(tmp_path, order):
     callbacks = [soralib.SoraBudgetCallback(target_rank=2)] + ([soralib.SoraCallback(threshold=0.0)]
@@ -241,3 +267,25 @@ def test_sft_trainer_with_sora_config_and_both_callbacks_ends_within_budget(tmp_
     assert not warnings_in(caplog)  # the gates were soft-thresholded: SoraCallback fixed SFTTrainer's AdamW
     assert len(soralib.sparsity_report(trainer.model)["modules"]) == 6
     assert_within_one_rank(trainer.model, budget)
+
+
+def test_sft_trainer_with_both_callbacks_resumed_from_a_checkpoint_goes_on_bit_for_bit(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+
+    def run(out, resume=None):
+        model, tokenizer = tiny_llama_and_tokenizer()
+        g = torch.Generator().manual_seed(0)
+        data = datasets.Dataset.from_dict({"input_ids": torch.randint(0, 97, (16, 12), generator=g).tolist()})
+        args = trl.SFTConfig(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, logging_strategy="no",
+                             disable_tqdm=True)
+        trainer = trl.SFTTrainer(
+            model=model, args=args, train_dataset=data, processing_class=tokenizer,
+            peft_config=soralib.SoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+            callbacks=[soralib.SoraCallback(threshold=0.0), soralib.SoraBudgetCallback(target_rank=2)])
+        trainer.train(resume_from_checkpoint=resume)
+        return adapter_tensors(trainer.model)
+
+    straight = run(tmp_path / "straight")
+    assert_bitwise_equal(straight, run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2")))

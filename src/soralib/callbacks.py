@@ -7,24 +7,40 @@ optimizer at ``on_train_begin``, the first event that sees it (the Trainer build
 learning-rate schedule in ``train()``, just before): the gates move out of their groups into a gate group of
 their own (no weight decay, the ``sora_*`` keys of `soralib.create_sora_optimizer`), the schedule gets an entry
 for the new group, and the prox step is added. An optimizer that already has a gate group is left alone.
+
+Resume: ``Trainer.train(resume_from_checkpoint=...)`` builds its optimizer without the gate group and loads
+the checkpoint's optimizer and schedule into it before any callback runs. So at ``on_save`` SoraCallback puts
+the checkpoint's ``optimizer.pt`` and ``scheduler.pt`` back into the layout the Trainer builds: each gate at
+its place in the group it came from, the gate group's settings kept in the first of those groups. On resume
+``on_train_begin`` moves the gates out again (their Adam state goes with them) and brings the gate group back
+as it was saved: its threshold (as a `soralib.BudgetSchedule` left it) and lr win over the callback's
+arguments, as they do when soralib's optimizer is resumed. The run goes on bit for bit.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .budget import BudgetSchedule, check_budget
+from .io import atomic_write_bytes
 from .optim import _why_no_gates, add_prox_step, check_gate_options, gate_parameters
 
 logger = logging.getLogger(__name__)
 
 FIX = ("pass soralib's optimizer instead: Trainer(..., optimizers=(soralib.create_sora_optimizer(model, "
        "lr=args.learning_rate, threshold=...), None))")
+# The Trainer's checkpoint files (transformers.trainer's OPTIMIZER_NAME, SCHEDULER_NAME)
+OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"
+# In a checkpoint's optimizer state: the gate group's settings, kept in a group the gates came from
+SAVED_GATE_GROUP = "sora_callback_gate_group"
 
 
 class SoraCallback(TrainerCallback):
@@ -39,9 +55,17 @@ class SoraCallback(TrainerCallback):
         self.gate_group = {"sora_threshold": float(threshold), "sora_threshold_mode": threshold_mode,
                            "sora_min_rank": min_rank, "sora_gate_update": gate_update, **(gate_group_kwargs or {})}
         self.gate_lr = gate_lr
+        self.origins: list[tuple[int, int]] | None = None  # (group, position) each gate was moved from
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        add_gate_group(model, optimizer, lr_scheduler, self.gate_group, self.gate_lr)
+        self.origins = add_gate_group(model, optimizer, lr_scheduler, self.gate_group, self.gate_lr)
+
+    def on_save(self, args, state, control, **kwargs):
+        # The Trainer has just written the checkpoint (only where args.should_save); save_only_model,
+        # DeepSpeed and FSDP write no optimizer.pt, and an optimizer left alone needs no change.
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if self.origins is not None and args.should_save and os.path.isfile(os.path.join(folder, OPTIMIZER_FILE)):
+            to_trainer_layout(folder, self.origins)
 
 
 class SoraBudgetCallback(TrainerCallback):
@@ -87,17 +111,20 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def add_gate_group(model: torch.nn.Module, optimizer: Any, scheduler: Any, gate_group: dict[str, Any],
-                   gate_lr: float | None) -> None:
+                   gate_lr: float | None) -> list[tuple[int, int]] | None:
     """Move the gates of `model` out of `optimizer`'s groups into a gate group, extend `scheduler` to it and
-    add the prox step. Everything is checked before anything changes. The optimizer state of each gate stays
-    (torch keys it by parameter, not by group)."""
+    add the prox step; return where each gate was: (group, position), in the gate group's order (None: the
+    optimizer had a gate group and was left alone). A group holding a `SAVED_GATE_GROUP` (a checkpoint saved
+    by SoraCallback was loaded) gives the gate group's settings instead of `gate_group` and `gate_lr`.
+    Everything is checked before anything changes. The optimizer state of each gate stays (torch keys it by
+    parameter, not by group)."""
     gates = gate_parameters(model)
     if not gates:
         raise ValueError(_why_no_gates(model))
     opt = torch_optimizer(optimizer)
     if any("sora_threshold" in group for group in opt.param_groups):
         add_prox_step(opt)  # soralib's optimizer (or its groups): keep its threshold; the hook is idempotent
-        return
+        return None
     gate_ids = {id(g) for g in gates}
     sources = [i for i, group in enumerate(opt.param_groups) if any(id(p) in gate_ids for p in group["params"])]
     found = sum(id(p) in gate_ids for group in opt.param_groups for p in group["params"])
@@ -108,17 +135,65 @@ def add_gate_group(model: torch.nn.Module, optimizer: Any, scheduler: Any, gate_
         raise ValueError(f"SoraCallback cannot extend a {type(scheduler).__name__} learning-rate schedule to "
                          f"the gate group; {FIX}")
 
+    where = {id(p): (i, at) for i, group in enumerate(opt.param_groups) for at, p in enumerate(group["params"])}
+    origins = [where[id(g)] for g in gates]
     source = opt.param_groups[sources[0]]
-    base_lr = gate_lr or source.get("initial_lr", source["lr"])
-    factor = scheduler.lr_lambdas[sources[0]](scheduler.last_epoch) if scheduler is not None else 1.0
+    saved = next((group.pop(SAVED_GATE_GROUP) for group in opt.param_groups if SAVED_GATE_GROUP in group), None)
+    if saved is not None:  # resumed: the group as it was saved (threshold, lr at the saved step, ...)
+        new_group = {**saved, "params": gates}
+    else:
+        base_lr = gate_lr or source.get("initial_lr", source["lr"])
+        factor = scheduler.lr_lambdas[sources[0]](scheduler.last_epoch) if scheduler is not None else 1.0
+        settings = {k: v for k, v in source.items() if k != "params"}  # betas, eps, fused, ... as the gates had
+        new_group = {**settings, "params": gates, "weight_decay": 0.0, "lr": base_lr * factor,
+                     "initial_lr": base_lr, **gate_group}
     for group in opt.param_groups:  # an emptied group stays, so that the schedule's entries keep their places
         group["params"] = [p for p in group["params"] if id(p) not in gate_ids]
-    settings = {k: v for k, v in source.items() if k != "params"}  # betas, eps, fused, ... as the gates had
-    opt.add_param_group({**settings, "params": gates, "weight_decay": 0.0, "lr": base_lr * factor,
-                         "initial_lr": base_lr, **gate_group})
+    opt.add_param_group(new_group)
     if scheduler is not None:
         scheduler.lr_lambdas.append(scheduler.lr_lambdas[sources[0]])
-        scheduler.base_lrs.append(base_lr)
+        scheduler.base_lrs.append(new_group["initial_lr"])
     add_prox_step(opt)
-    logger.info("SoraCallback: %d gates moved into a gate group (threshold %g, %s)", len(gates),
-                gate_group["sora_threshold"], gate_group["sora_threshold_mode"])
+    logger.info("SoraCallback: %d gates moved into a gate group (threshold %g, %s%s)", len(gates),
+                new_group["sora_threshold"], new_group["sora_threshold_mode"],
+                ", as saved in the checkpoint" if saved is not None else "")
+    return origins
+
+
+def to_trainer_layout(folder: str, origins: list[tuple[int, int]]) -> None:
+    """Rewrite a checkpoint's optimizer.pt and scheduler.pt, saved with the gate group `add_gate_group` added,
+    in the layout of the optimizer the Trainer builds: each gate back at its `origins` place, the gate group
+    gone (its settings kept under `SAVED_GATE_GROUP` in the first group a gate came from), one schedule entry
+    fewer. Each file is replaced atomically; one in another layout is left as it is."""
+    path = os.path.join(folder, OPTIMIZER_FILE)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    *groups, gate_group = saved["param_groups"]
+    if "sora_threshold" not in gate_group or len(gate_group["params"]) != len(origins):
+        logger.warning("SoraCallback: %s has no gate group of %d gates last; left as it is", path, len(origins))
+        return
+    # torch numbers the parameters consecutively over the groups: put the gates' numbers back in place
+    # (in ascending positions, so each lands where it was), then number them anew in that order.
+    order = [list(group["params"]) for group in groups]
+    for (i, at), index in sorted(zip(origins, gate_group["params"])):
+        order[i].insert(at, index)
+    renumber = {old: new for new, old in enumerate(index for params in order for index in params)}
+    first = min(i for i, _ in origins)
+    saved["param_groups"] = [{**group, "params": [renumber[index] for index in params]} for group, params in
+                             zip(groups, order)]
+    saved["param_groups"][first][SAVED_GATE_GROUP] = {k: v for k, v in gate_group.items() if k != "params"}
+    saved["state"] = {renumber[index]: value for index, value in saved["state"].items()}
+    _save_atomically(saved, path)
+
+    path = os.path.join(folder, SCHEDULER_FILE)
+    if os.path.isfile(path):
+        schedule = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("base_lrs", "_last_lr", "lr_lambdas"):  # LambdaLR's entries per group
+            if len(schedule.get(key, ())) == len(groups) + 1:
+                schedule[key] = schedule[key][:len(groups)]
+        _save_atomically(schedule, path)
+
+
+def _save_atomically(obj: Any, path: str) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())

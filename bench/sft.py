@@ -131,9 +131,38 @@ def table(records: list[dict[str, Any]]) -> list[str]:
         gain = claims.t_interval([by["lora-equal", s][EVAL]["loss"] - by[v, s][EVAL]["loss"] for s in both])
         shown = "" if v == "lora-equal" or gain is None else \
             f"{gain[0]:+.4f} [{gain[1]:+.4f}, {gain[2]:+.4f}] ({claims.verdict(gain, len(both))})"
-        out.append(f"| {v} | {len(seeds)} | {by[v, seeds[0]].get(KEPT_PARAMS, '')} | {mean['loss']:.4f} | "
+        out.append(f"| {v} | {len(seeds)} | {by[v, seeds[0]].get(KEPT_PARAMS, 0):,} | {mean['loss']:.4f} | "
                    f"{mean['exact_match']:.3f} | {shown} |")
     return out
+
+
+def section(records: list[dict[str, Any]]) -> list[str]:
+    """bench/README.md's SFT part: per setting, the table, the validation loss at each evaluated step (mean over
+    seeds) and where the numbers came from."""
+    lines = ["## SFT: SmolLM2 on GSM8K (`python -m bench.sft`)", ""]
+    cells = [r for r in records if r.get("kind") == "sft"]
+    if not cells:
+        return lines + ["Not yet measured.", ""]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in cells:
+        groups.setdefault(json.dumps(r["settings"], sort_keys=True), []).append(r)
+    for group in groups.values():
+        s, first = group[0]["settings"], group[0]
+        lines += [f"### {s['model']} on {s['data']}: {s['steps']} steps of batch {s['batch']} (≤ {s['max_length']} "
+                  f"tokens), lr {s['lr']}, {s['train_samples']} training rows, validation loss on {s['eval_samples']} "
+                  f"rows, exact match on {s['generate_samples']}", "",
+                  f"commit `{(first.get('commit') or '?')[:12]}`; {first.get('jobs', 1)} cell(s) at a time × "
+                  f"{first.get('threads')} thread(s); mean wall time per cell "
+                  f"{sum(r['wall_seconds'] for r in group) / len(group) / 60:.0f} min", ""]
+        lines += table(group) + ["", "| variant | " + " | ".join(f"loss at step {step}" for step, _ in
+                                                                    first["validation_loss"]) + " |",
+                                 "|---|" + "---|" * len(first["validation_loss"])]
+        for v in [v for v in VARIANTS if any(r["variant"] == v for r in group)]:
+            curves = [dict(r["validation_loss"]) for r in group if r["variant"] == v]
+            lines.append(f"| {v} | " + " | ".join(f"{sum(c.get(step, float('nan')) for c in curves) / len(curves):.4f}"
+                                                  for step, _ in first["validation_loss"]) + " |")
+        lines.append("")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:

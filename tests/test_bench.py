@@ -63,6 +63,20 @@ def test_sft_cells_differ_only_in_the_method_and_the_table_pairs_them_by_seed(tm
     assert rows[2].startswith("| sora-budget | 3 | 10 | 1.0100 |") and "+0.2000" in rows[2] and "not judged" in rows[2]
 
 
+def test_sft_section_shows_each_settings_table_and_the_mean_loss_at_each_evaluated_step():
+    settings = {"model": "smollm2", "data": "gsm8k", "steps": 50, "batch": 4, "max_length": 384, "lr": "8e-4",
+                "train_samples": 2000, "eval_samples": 64, "generate_samples": 50, "eval_fraction": 0.5}
+    records = [{"kind": "sft", "variant": v, "seed": s, "settings": settings, "wall_seconds": 600.0, "jobs": 2,
+                "threads": 1, "commit": "b" * 40, "validation_loss": [[25, 1.5 + s], [50, 1.0 + s]],
+                "metrics": {"kept_params": 1234, "eval": {"loss": 1.0 + s, "exact_match": 0.02}}}
+               for v in ("lora-equal", "sora-budget") for s in (0, 1)]
+    text = "\n".join(sft.section(records + [{"kind": "speed"}]))
+    assert "### smollm2 on gsm8k: 50 steps of batch 4" in text and "mean wall time per cell 10 min" in text
+    assert "| sora-budget | 2 | 1,234 | 1.5000 | 0.020 | +0.0000" in text
+    assert "| sora-budget | 2.0000 | 1.5000 |" in text  # the mean of seeds 0 and 1 at steps 25 and 50
+    assert sft.section([]) == ["## SFT: SmolLM2 on GSM8K (`python -m bench.sft`)", "", "Not yet measured.", ""]
+
+
 def test_sft_runs_cells_two_at_a_time_and_records_each_once(tmp_path, monkeypatch, capsys):
     results = tmp_path / "sft.jsonl"
     ran = []

@@ -206,11 +206,12 @@ def test_a_checkpoint_torn_by_a_kill_inside_the_save_is_not_resumed_and_is_gone_
 
 def test_ctrl_c_exits_130_with_one_line_naming_the_checkpoint_and_its_command_resumes(glue_dir, tiny_model, tmp_path):  # noqa: F811
     run = tmp_path / "run"
-    # Steps enough that a loaded machine, which may leave this process unscheduled for seconds, cannot see the
-    # run end before its first checkpoint is noticed
-    cmd = [sys.executable, "-m", "soralib.cli", *train_args(glue_dir, tiny_model, run, "--max-steps", "60",
+    cmd = [sys.executable, "-m", "soralib.cli", *train_args(glue_dir, tiny_model, run, "--max-steps", "12",
                                                             "--save-steps", "2", "--batch-size", "4")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    # SIGINT back to its default in the child: a shell that starts the suite in the background (`... &`) makes
+    # its children ignore SIGINT, and Python installs its KeyboardInterrupt handler only where it is not ignored
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not MOMENTS["right_after_a_checkpoint"](run):
         time.sleep(0.001)

@@ -5,7 +5,8 @@
 
 Every cell is one `sora train --task sft` run with the same data, steps, batch and learning rate (one lr for
 all methods: no per-method search at this cost), validation loss on the same validation rows every
---eval-fraction of training, and exact match of greedy generations on the same first --generate-samples validation prompts.
+--eval-fraction of training, and exact match of greedy generations on the same first --generate-samples
+validation prompts.
 One line per finished cell goes to bench/results/sft.jsonl; the run directories to bench/runs/.
 `--jobs N` runs N cells at once, each with cores // N torch threads (on 2 cores two one-thread cells finish
 sooner than two two-thread cells in turn); the wall time of a cell depends on it, its scores do not.
@@ -72,8 +73,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     """What every cell shares: part of each cell's key, so other settings never mix in one table."""
     return {"model": args.model, "steps": args.steps, "batch": args.batch, "max_length": args.max_length,
             "lr": args.lr, "eval_fraction": args.eval_fraction, "train_samples": args.train_samples,
-            "eval_samples": args.eval_samples,
-            "generate_samples": args.generate_samples, "data": Path(args.data_dir).name}
+            "eval_samples": args.eval_samples, "generate_samples": args.generate_samples,
+            "data": Path(args.data_dir).name}
 
 
 def key(variant: str, seed: int, args: argparse.Namespace) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_bytes, atomic_write_text
-from .report_data import is_number, module_records, read_run
+from .report_data import is_number, module_records, read_jsonl, read_run
 from .train.rundir import (EVAL, GENERATIONS, HIGHER_IS_BETTER, KEPT_PARAMS, LORA_PARAMS_AT_R_MAX, MAIN_METRIC, METHOD,
                            SEED, STEPS, TASK, TEST, TRAIN_SECONDS)
 from .train.tasks.generate import sample_generations
@@ -207,7 +207,7 @@ def _markdown(run_dir: Path, metrics: dict, sparsity: dict, stages: list[dict], 
             label = f"**{name}** (main{lower})" if name == main else name
             md.append(f"| {label} | " + " | ".join(_fmt(metrics[s].get(name, "")) for s in splits) + " |")
         md.append("")
-    md += sample_generations(run_dir / GENERATIONS)
+    md += sample_generations(read_jsonl(run_dir / GENERATIONS))
 
     facts = []
     kept = metrics.get(KEPT_PARAMS, sparsity.get("kept_params"))  # sparsity.json: prune.sparsity_report's keys

@@ -29,8 +29,8 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[s
         raise InputError(f"not a soralib run directory: {run_dir} (no metrics.json or stages.jsonl)")
     metrics = _read_json(run_dir / METRICS) or {}
     sparsity = _read_json(run_dir / SPARSITY) or {}
-    history = [row for row in _read_jsonl(run_dir / HISTORY) if is_number(row.get("step"))]
-    stages = _read_jsonl(run_dir / STAGES)
+    history = [row for row in read_jsonl(run_dir / HISTORY) if is_number(row.get("step"))]
+    stages = read_jsonl(run_dir / STAGES)
     _check_structure(run_dir, sparsity, stages)
     return metrics, sparsity, history, stages
 
@@ -78,7 +78,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The objects of a JSON-lines file ([] if missing). Bad lines are skipped with a warning, not fatal:
     a run killed mid-write leaves a torn last line, and the rest of its log is still worth plotting."""
     if not path.is_file():

@@ -33,10 +33,9 @@ from .checkpoints import history_size, latest_checkpoint, resume_hint, rewind_hi
 from .config import TrainConfig, save_yaml
 from .loop import is_main_process, make_trainer
 from .methods import adapter_size, get_method, within
-from .rundir import (ADAPTER, CONFIG, HISTORY, LOCK, METRICS, REPLACED, SPARSITY, STAGES, STATE, foreign, in_use,
-                     lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora)
-from .rundir import (EVAL, HIGHER_IS_BETTER, MAIN_METRIC, METHOD, MODEL, NUM_LABELS, SEED, SKIPPED_STEPS, STEPS, TASK,
-                     TRAIN_SECONDS)
+from .rundir import (ADAPTER, CONFIG, EVAL, HIGHER_IS_BETTER, HISTORY, LOCK, MAIN_METRIC, METHOD, METRICS, MODEL,
+                     NUM_LABELS, REPLACED, SEED, SKIPPED_STEPS, SPARSITY, STAGES, STATE, STEPS, TASK, TRAIN_SECONDS,
+                     foreign, in_use, lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora)
 from .tasks import task_of
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 from .sft_data import prompt_ids
@@ -60,9 +59,9 @@ def generation_metrics(rows: list[dict[str, Any]], texts: list[str]) -> tuple[di
     return metrics, records
 
 
-def sample_generations(path: Path, count: int = 3) -> list[str]:
-    """Markdown lines showing the first `count` generations of an sft run (generations.jsonl), if any."""
-    records = [r for r in _records(path) if isinstance(r, dict) and isinstance(r.get("generation"), str)][:count]
+def sample_generations(records: list[dict[str, Any]], count: int = 3) -> list[str]:
+    """Markdown lines showing the first `count` of an sft run's generations (generations.jsonl's records)."""
+    records = [r for r in records if isinstance(r.get("generation"), str)][:count]
     md = ["## Sample generations", ""] if records else []
     for r in records:
         prompt = r["prompt"] if isinstance(r.get("prompt"), str) else json.dumps(r.get("prompt"))
@@ -71,12 +70,23 @@ def sample_generations(path: Path, count: int = 3) -> list[str]:
     return md
 
 
-def _records(path: Path) -> list:
-    """The JSON lines of `path` (none if it is missing); a torn last line is skipped."""
-    out = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
+def generate_shared_out(model, tokenizer, rows, chat: bool, max_new_tokens: int, batch_size: int) -> list[str]:
+    """`generate` on every rank of a DDP run (or the one process): rank r takes rows r, r + W, ..., and all
+    ranks gather every text, in row order.
+
+    Why each rank a share rather than rank 0 alone: DDP keeps the whole model on every rank, so the ranks
+    generate independently (no collective inside `generate`; `sora train` has no ZeRO-3 or FSDP, whose
+    forwards would need every rank), W times faster; the one gather comes when every rank is done with its
+    share, where rank 0 generating alone would keep the others at a barrier that times out (Trainer's
+    ddp_timeout, 30 min) on a long generation, or leave them without the metrics.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    texts = generate(model, tokenizer, rows[rank::world], chat, max_new_tokens, batch_size)
+    if world == 1:
+        return texts
+    shares: list[list[str] | None] = [None] * world
+    dist.all_gather_object(shares, texts)
+    return [shares[i % world][i // world] for i in range(len(rows))]

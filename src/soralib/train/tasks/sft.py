@@ -91,7 +91,7 @@ class SftTask(Task):
     def final_metrics(self, model, tokenizer, config: TrainConfig, splits: dict, out: Path | None) -> dict[str, Any]:
         from ...io import atomic_write_text
         from ..rundir import GENERATIONS
-        from .generate import generation_metrics
+        from .generate import generate_shared_out, generation_metrics
         from .sft_data import uses_chat_template
 
         rows = splits["validation"][: config.max_generate_samples]
@@ -103,30 +103,6 @@ class SftTask(Task):
         if out is not None:
             atomic_write_text(out / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))
         return metrics
-
-
-def generate_shared_out(model, tokenizer, rows, chat: bool, max_new_tokens: int, batch_size: int) -> list[str]:
-    """`generate` on every rank of a DDP run (or the one process): rank r takes rows r, r + W, ..., and all
-    ranks gather every text, in row order.
-
-    Why each rank a share rather than rank 0 alone: DDP keeps the whole model on every rank, so the ranks
-    generate independently (no collective inside `generate`; `sora train` has no ZeRO-3 or FSDP, whose
-    forwards would need every rank), W times faster; the one gather comes when every rank is done with its
-    share, where rank 0 generating alone would keep the others at a barrier that times out (Trainer's
-    ddp_timeout, 30 min) on a long generation, or leave them without the metrics.
-    """
-    import torch.distributed as dist
-
-    from .generate import generate
-
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    texts = generate(model, tokenizer, rows[rank::world], chat, max_new_tokens, batch_size)
-    if world == 1:
-        return texts
-    shares: list[list[str] | None] = [None] * world
-    dist.all_gather_object(shares, texts)
-    return [shares[i % world][i // world] for i in range(len(rows))]
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from typing import Any
 from soralib.train.rundir import KEPT_PARAMS, MAIN_METRIC
 
 from . import lr
-from .matrix import TASKS, VARIANTS
+from .matrix import EVAL_ONLY, TASKS, VARIANTS
 from .quality_tables import main_score, setting
 
 MIN_SEEDS = 3
@@ -93,8 +93,10 @@ def per_task_groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str],
         where = (setting(r), r["task"], r["variant"])
         if where in groups:
             continue
-        points = lr.per_task_points(records, r["model"], r["epochs"], r.get("jobs", 1), r["task"], r["variant"],
-                                    method, given)
+        source = r.get("lr_from_epochs")  # a long block trains at the lr its task's shorter search chose
+        search = {k: v for k, v in given.items() if not source or k not in EVAL_ONLY}
+        points = lr.per_task_points(records, r["model"], source or r["epochs"], r.get("jobs", 1), r["task"],
+                                    r["variant"], method, search)
         choice = lr.per_task_choice(points, r.get("lr_grid") or lr.GRID)
         if choice is None:
             continue
@@ -138,6 +140,8 @@ def claims_section(records: list[dict[str, Any]]) -> list[str]:
                 scores = [100 * s for s in map(main_score, rs) if s is not None]
                 spread = f" ± {statistics.stdev(scores):.2f}" if len(scores) > 1 else ""
                 params = statistics.mean(r["metrics"][KEPT_PARAMS] for r in rs)
+                if rs[0].get("lr_from_epochs"):
+                    choice += f" (its {rs[0]['lr_from_epochs']:g}-epoch search)"
                 lines.append(f"| {task} ({rs[0]['metrics'].get(MAIN_METRIC)}) | {variant} | {choice} | {len(rs)} | "
                              f"{statistics.mean(scores):.2f}{spread} | {params:,.0f} |")
         rows = []

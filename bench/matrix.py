@@ -94,18 +94,27 @@ def cells(args: argparse.Namespace, records: dict[str, dict]) -> list[Cell]:
     return [cell(t, v, int(s)) for t in args.tasks.split(",") for s in args.seeds.split(",") for v in variants]
 
 
+# Overrides that change what a run measures, not how it trains: a search's choice holds across them.
+EVAL_ONLY = ("eval_fraction", "eval_each_epoch")
+
+
 def per_task_cells(args: argparse.Namespace, records: dict[str, dict], given: dict[str, str]) -> list[Cell]:
     """Per task and variant: seed 0 at every lr of the grid (the search), then the other seeds at the lr with
     the best validation score, once the search is complete (`main` plans again after every finished cell).
-    A pattern control is planned once its seed's sora-budget cell (at sora-budget's lr) has stored ranks."""
+    A pattern control is planned once its seed's sora-budget cell (at sora-budget's lr) has stored ranks.
+    With `--lr-from-epochs E` no search runs: every seed trains at the lr the search of E epochs chose (a
+    long block too costly to search at its own length), and a variant whose search is incomplete waits."""
     grid = args.lr_grid.split(",")
     variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
     stored = patterns.load(args.ranks)
+    searching = args.lr_from_epochs is None
+    search_epochs = args.epochs if searching else args.lr_from_epochs
+    search_given = {k: v for k, v in given.items() if searching or k not in EVAL_ONLY}
     out = []
 
     def choice(task: str, variant: str) -> str | None:
-        return lr.per_task_choice(lr.per_task_points(records.values(), args.model, args.epochs, args.jobs, task,
-                                                     variant, VARIANTS[variant][0], given), grid)
+        return lr.per_task_choice(lr.per_task_points(records.values(), args.model, search_epochs, args.jobs, task,
+                                                     variant, VARIANTS[variant][0], search_given), grid)
 
     def cell(task: str, variant: str, seed: int, value: str) -> Cell | None:
         """The cell, or None for a pattern cell whose source's ranks are not stored yet."""
@@ -121,8 +130,8 @@ def per_task_cells(args: argparse.Namespace, records: dict[str, dict], given: di
     for task in args.tasks.split(","):
         for variant in variants:
             chosen = choice(task, variant)
-            seeds = [int(s) for s in args.seeds.split(",") if int(s) != lr.SEARCH_SEED] if chosen else []
-            planned = [cell(task, variant, lr.SEARCH_SEED, g) for g in grid] + [cell(task, variant, s, chosen)
-                                                                              for s in seeds]
+            seeds = [int(s) for s in args.seeds.split(",") if not searching or int(s) != lr.SEARCH_SEED]
+            planned = ([cell(task, variant, lr.SEARCH_SEED, g) for g in grid] if searching else []) + \
+                [cell(task, variant, s, chosen) for s in (seeds if chosen else [])]
             out += [c for c in planned if c is not None]
     return out

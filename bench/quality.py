@@ -1,7 +1,7 @@
 """Quality benchmark: a resumable matrix of `sora train` runs, task × method variant × seed.
 
     python -m bench.quality [--tasks rte,mrpc,cola,stsb] [--seeds 0,1,2] [--methods sora,lora,...]
-                            [--epochs 20] [--jobs 1] [--start-within MINUTES] [--dry-run]
+                            [--epochs 20] [--jobs 1] [--start-within MINUTES] [--lr-from-epochs E] [--dry-run]
                             [--set FIELD=VALUE ...]
 
 Every cell is one `sora train` subprocess into bench/runs/<key>/ under one protocol (MiniLM, protocol paper:
@@ -57,6 +57,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="per-task (default): every variant picks its lr per task from --lr-grid on seed 0's "
                         "validation half; family: one lr per method family from bench/lr.py's older search")
     p.add_argument("--lr-grid", default=",".join(lr.GRID), help="the per-task search's lrs (default %(default)s)")
+    p.add_argument("--lr-from-epochs", type=float, default=None, metavar="EPOCHS",
+                   help="per-task: run no search; every seed trains at the lr the search at EPOCHS epochs chose "
+                        "for its task and variant (for a block too long to search at its own length)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="extra TrainConfig override for every cell (part of the cell key), e.g. max_steps=5")
     p.add_argument("--results", default=str(common.RESULTS / "quality.jsonl"), help="results JSONL")
@@ -80,6 +83,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if one_lr and set(args.methods.split(",")) & set(patterns.SHUFFLED):
         p.error(f"{', '.join(patterns.SHUFFLED)} take their ranks from the per-task search's sora-budget cells: "
                 "run them with --lr-search per-task and no --set lr=")
+    if args.lr_from_epochs is not None and (one_lr or args.lr_from_epochs == args.epochs):
+        p.error(f"--lr-from-epochs {args.lr_from_epochs:g}: allowed only with --lr-search per-task, no --set lr=, "
+                f"and epochs other than --epochs {args.epochs:g} (whose own search runs without it)")
     if not 1 <= args.jobs <= (os.cpu_count() or 1):
         p.error(f"--jobs {args.jobs}: allowed 1 to the number of cores ({os.cpu_count()})")
     return args
@@ -176,6 +182,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
             "extra": dict(cell.extra), "metrics": metrics, "wall_seconds": wall, "resumed": resumed,
             "budget": budget or None, "ranks": ranks, "curve": curve,
             "lr_grid": args.lr_grid.split(",") if args.lr_search == "per-task" else None,
+            "lr_from_epochs": args.lr_from_epochs,
             "pattern": {"source": cell.pattern_from, "shuffled": patterns.SHUFFLED[cell.variant]}
             if cell.pattern_from else None, "curve_note": curve_note,
             "run_command": f"OMP_NUM_THREADS={cell.threads} {shlex.join(argv)}"}
@@ -186,10 +193,12 @@ def waiting_for_ranks(args: argparse.Namespace, records: dict[str, dict]) -> lis
     if args.lr_search != "per-task":
         return []
     planned = {(c.task, c.variant) for c in cells(args, records)}
-    return [f"wait  {task} {variant}: the ranks of its {patterns.SOURCE} cells are not stored yet "
-            f"({args.ranks}; `sora ranks` runs when such a cell finishes here)"
-            for task in args.tasks.split(",") for variant in args.methods.split(",")
-            if variant in patterns.SHUFFLED and (task, variant) not in planned]
+    why = (f"its search at {args.lr_from_epochs:g} epochs is incomplete (or, for a pattern control, its "
+           f"{patterns.SOURCE} cells' ranks are not stored yet)" if args.lr_from_epochs is not None else
+           f"the ranks of its {patterns.SOURCE} cells are not stored yet ({args.ranks}; `sora ranks` runs when "
+           "such a cell finishes here)")
+    return [f"wait  {task} {variant}: {why}" for task in args.tasks.split(",") for variant in args.methods.split(",")
+            if (variant in patterns.SHUFFLED or args.lr_from_epochs is not None) and (task, variant) not in planned]
 
 
 def ready(cell: Cell, waiting: set[str]) -> bool:
@@ -211,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         patterns.backfill(records, Path(args.runs_dir), args.ranks)
     queue = []
     matrix = cells(args, records)
-    searching = args.lr_search == "per-task" and "lr" not in dict(s.split("=", 1) for s in args.set)
+    searching = (args.lr_search == "per-task" and "lr" not in dict(s.split("=", 1) for s in args.set)
+                 and args.lr_from_epochs is None)
     for variant in sorted({c.variant for c in matrix}, key=list(VARIANTS).index):
         lrs = sorted({dict(c.extra).get("lr", "shipped") for c in matrix
                       if c.variant == variant and not (searching and c.seed == lr.SEARCH_SEED)})

@@ -574,3 +574,33 @@ def test_pattern_controls_train_the_ranks_of_their_seeds_sora_budget_cell_as_fou
     for one_lr in (["--lr-search", "family"], ["--set", "lr=2e-4"]):  # a pattern needs the per-task search
         with pytest.raises(SystemExit):
             quality.parse(argv + one_lr)
+
+
+def test_a_long_block_trains_every_seed_at_the_lr_its_tasks_short_search_chose(tmp_path, monkeypatch, capsys):
+    score = {"2e-4": 0.70, None: 0.60, "2e-3": 0.75}  # None: the shipped 8e-4; the 3-epoch winner is 2e-3
+    ran = []
+
+    def fake_run_cell(cell, args, records):
+        extra = dict(cell.extra)
+        ran.append((cell.task, cell.seed, cell.epochs, extra.get("lr")))
+        return {"kind": "quality", "key": cell.key, "task": cell.task, "variant": cell.variant, "seed": cell.seed,
+                "epochs": cell.epochs, "model": cell.model, "jobs": cell.jobs, "extra": extra,
+                "lr_from_epochs": args.lr_from_epochs, "metrics": {"main_metric": "accuracy", "kept_params": 8,
+                "eval": {"accuracy": score[extra.get("lr")]}, "test": {"accuracy": 0.5}}}
+
+    monkeypatch.setattr(quality, "run_cell", fake_run_cell)
+    base = ["--seeds", "0,1,2", "--methods", "lora-equal", "--results", str(tmp_path / "q.jsonl"),
+            "--runs-dir", str(tmp_path / "runs")]
+    long = base + ["--tasks", "rte,mrpc", "--epochs", "10", "--lr-from-epochs", "3", "--set", "eval_fraction=0.1"]
+    assert quality.main(base + ["--tasks", "rte", "--epochs", "3", "--seeds", "0"]) == 0  # rte's search only
+    ran.clear()
+    assert quality.main(long) == 0
+    assert ran == [("rte", s, 10.0, "2e-3") for s in (0, 1, 2)]  # no search at 10 epochs; mrpc has none at 3
+    assert "wait  mrpc lora-equal: its search at 3 epochs is incomplete" in capsys.readouterr().out
+    from bench import claims as claims_module
+
+    claims = "\n".join(claims_module.claims_section(common.read_jsonl(tmp_path / "q.jsonl")))
+    assert "| rte (accuracy) | lora-equal | 2e-3 (its 3-epoch search) | 3 |" in claims, claims
+    with pytest.raises(SystemExit):
+        quality.main(base + ["--epochs", "3", "--lr-from-epochs", "3"])
+    assert "--lr-from-epochs 3: allowed only" in capsys.readouterr().err

@@ -160,3 +160,14 @@ def test_a_negative_looking_token_after_a_text_flag_is_not_taken_as_its_value(ca
     with pytest.raises(SystemExit):
         main(["train", "--output-dir", "-1e-3"])
     assert "argument --output-dir: expected one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank, speaks", [("0", True), ("1", False)])
+def test_under_torchrun_only_rank_0_prints_the_result_lines(monkeypatch, capsys, rank, speaks):
+    import soralib.train.run
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(soralib.train.run, "train", lambda config, **kw: {"task": "rte", "method": "lora"})
+    assert main(["train", "--method", "lora", *REQUIRED]) == 0
+    out = capsys.readouterr().out
+    assert ("metrics.json" in out) == speaks, out

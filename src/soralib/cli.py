@@ -154,6 +154,7 @@ def train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train.loop import is_main_process
     from .train.methods import get_method
     from .train.run import train
     from .train.rundir import EVAL, KEPT_PARAMS, METHOD, TASK
@@ -161,6 +162,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = train_config(args)
     _progress_logging()
     metrics = train(config, overwrite=args.overwrite, resume=args.resume, show_progress=True)
+    if not is_main_process():  # under torchrun every rank trains; rank 0 alone speaks for the run
+        return 0
     print(json.dumps({k: metrics[k] for k in (TASK, METHOD, EVAL, KEPT_PARAMS) if k in metrics}))
     out = config.output_dir
     what = get_method(config.method).output

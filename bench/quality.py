@@ -188,8 +188,9 @@ def run_cell(cell: Cell, args: argparse.Namespace, records: dict[str, dict]) -> 
             "run_command": f"OMP_NUM_THREADS={cell.threads} {shlex.join(argv)}"}
 
 
-def waiting_for_ranks(args: argparse.Namespace, records: dict[str, dict]) -> list[str]:
-    """A line per pattern variant and task that planned no cell: its sora-budget source has no stored ranks."""
+def unplanned_notes(args: argparse.Namespace, records: dict[str, dict]) -> list[str]:
+    """A line per variant and task that planned no cell, and why: a pattern control whose sora-budget source has
+    no stored ranks, or (with --lr-from-epochs) a variant whose shorter search is incomplete."""
     if args.lr_search != "per-task":
         return []
     planned = {(c.task, c.variant) for c in cells(args, records)}
@@ -278,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # A finished search plans its other seeds' cells: the queue is the matrix again, in its order.
                 busy = {c.key for c in running.values()} | set(records) | gave_up
                 queue = [c for c in cells(args, records) if c.key not in busy]
-    for note in waiting_for_ranks(args, records):
+    for note in unplanned_notes(args, records):
         print(note)
     return 1 if failed else 0
 

@@ -17,7 +17,7 @@ from typing import Any
 from soralib.train.rundir import KEPT_PARAMS, MAIN_METRIC
 
 from . import lr
-from .matrix import EVAL_ONLY, TASKS, VARIANTS
+from .matrix import TASKS, VARIANTS
 from .quality_tables import main_score, setting
 
 MIN_SEEDS = 3
@@ -93,10 +93,9 @@ def per_task_groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str],
         where = (setting(r), r["task"], r["variant"])
         if where in groups:
             continue
-        source = r.get("lr_from_epochs")  # a long block trains at the lr its task's shorter search chose
-        search = {k: v for k, v in given.items() if not source or k not in EVAL_ONLY}
-        points = lr.per_task_points(records, r["model"], source or r["epochs"], r.get("jobs", 1), r["task"],
-                                    r["variant"], method, search)
+        epochs, search = lr.search_of(r["epochs"], given, r.get("lr_from_epochs"))  # a long block: a shorter one's
+        points = lr.per_task_points(records, r["model"], epochs, r.get("jobs", 1), r["task"], r["variant"], method,
+                                    search)
         choice = lr.per_task_choice(points, r.get("lr_grid") or lr.GRID)
         if choice is None:
             continue

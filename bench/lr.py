@@ -149,6 +149,18 @@ def cell_lr(r: dict[str, Any], method: str) -> str:
     return text(float((r.get("extra") or {}).get("lr", shipped(method))))
 
 
+# Overrides that change what a run measures, not how it trains: a search's choice holds across them.
+EVAL_ONLY = ("eval_fraction", "eval_each_epoch")
+
+
+def search_of(epochs: float, given: dict[str, str], lr_from_epochs: float | None) -> tuple[float, dict[str, str]]:
+    """(epochs, overrides) of the per-task search whose choice cells of `epochs` with `given` train at: their own,
+    or with `--lr-from-epochs` the shorter search's, matched on everything but the eval-only overrides."""
+    if lr_from_epochs is None:
+        return epochs, given
+    return lr_from_epochs, {k: v for k, v in given.items() if k not in EVAL_ONLY}
+
+
 def per_task_points(records: Iterable[dict[str, Any]], model: str, epochs: float, jobs: int, task: str,
                     variant: str, method: str, given: dict[str, str]) -> dict[str, float]:
     """{lr: validation score} of the seed-0 cells of (task, variant) whose other overrides are `given`."""

@@ -94,10 +94,6 @@ def cells(args: argparse.Namespace, records: dict[str, dict]) -> list[Cell]:
     return [cell(t, v, int(s)) for t in args.tasks.split(",") for s in args.seeds.split(",") for v in variants]
 
 
-# Overrides that change what a run measures, not how it trains: a search's choice holds across them.
-EVAL_ONLY = ("eval_fraction", "eval_each_epoch")
-
-
 def per_task_cells(args: argparse.Namespace, records: dict[str, dict], given: dict[str, str]) -> list[Cell]:
     """Per task and variant: seed 0 at every lr of the grid (the search), then the other seeds at the lr with
     the best validation score, once the search is complete (`main` plans again after every finished cell).
@@ -108,8 +104,7 @@ def per_task_cells(args: argparse.Namespace, records: dict[str, dict], given: di
     variants = sorted(args.methods.split(","), key=list(VARIANTS).index)
     stored = patterns.load(args.ranks)
     searching = args.lr_from_epochs is None
-    search_epochs = args.epochs if searching else args.lr_from_epochs
-    search_given = {k: v for k, v in given.items() if searching or k not in EVAL_ONLY}
+    search_epochs, search_given = lr.search_of(args.epochs, given, args.lr_from_epochs)
     out = []
 
     def choice(task: str, variant: str) -> str | None:

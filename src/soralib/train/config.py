@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import InputError
-from .custom import TASK_TYPES
 from .methods import get_method
-from .rules import (CHOICES, METHODS, PROTOCOLS, SCHEDULES, USED_ONLY, check_deepspeed_config,  # noqa: F401
+from .rules import (CHOICES, METHODS, PROTOCOLS, SCHEDULES, USED_ONLY, check_combinations,  # noqa: F401
                     check_method, check_ranges, check_used, unused_reason)  # rules.py holds them; importers use this module too
-from .tasks import GLUE_TASKS, task_of
+from .tasks import task_of
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -187,21 +186,7 @@ class TrainConfig:
         check_ranges(self)  # each numeric field within its allowed range (rules.RANGES)
         if not (0 < self.epochs < math.inf or self.max_steps > 0):
             bad("epochs", "a finite number > 0 (or set max_steps)")
-        if self.target_params is not None and self.target_rank is not None:
-            raise InputError("give target_params or target_rank, not both")
-        if (self.target_params is not None or self.target_rank is not None) and (self.schedule or self.thresholds):
-            raise InputError("a parameter budget (target_params/target_rank) and a threshold schedule exclude each other")
-        if self.deepspeed is not None:
-            check_deepspeed_config(self.deepspeed)
-        if self.eval_fraction is not None and self.eval_each_epoch:
-            raise InputError("give eval_each_epoch or eval_fraction, not both")
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
-            bad("task_type", "one of " + ", ".join(TASK_TYPES) + " (or unset: inferred)")
-        glue = GLUE_TASKS.get(self.task.lower())
-        fixed = glue and ("regression" if glue.is_regression else "classification")
-        if self.task_type is not None and fixed and self.task_type != fixed:
-            raise InputError(f"task {glue.name} is {fixed}: task_type {self.task_type} conflicts with it "
-                             "(leave task_type unset)")
+        check_combinations(self)  # fields that exclude or fix each other (rules.py)
         if self.task:
             task_of(self.task).check(self)  # an unknown task, the fields the task needs
         check_method(self)  # last: what the method allows (rules.py) and its own rules (its class)

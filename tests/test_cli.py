@@ -1,5 +1,5 @@
 """The `sora` parser: instant help that imports no torch/peft/transformers, every flag explained, no
-abbreviations, negative numbers as values, --flag/--no-flag booleans. Rejections are in test_rejections.py."""
+abbreviations, negative numbers as values, --flag/--no-flag booleans. Rejections are in test_rejections_*.py."""
 
 import subprocess
 import sys

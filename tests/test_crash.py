@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import train_args
 from soralib.cli import main
 from soralib.train import checkpoints
 from soralib.train.checkpoints import latest_checkpoint
-from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
 
 COMMON = ["--max-steps", "24", "--save-steps", "4", "--batch-size", "4",
           "--schedule", "linear", "--schedule-start", "0.002", "--schedule-end", "0.01", "--num-stages", "2"]

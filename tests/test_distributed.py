@@ -12,8 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_cli import glue_dir  # noqa: F401  (session fixture)
-
 WORKER = Path(__file__).with_name("ddp_worker.py")
 SFT_WORKER = Path(__file__).with_name("sft_ddp_worker.py")
 FSDP2_WORKER = Path(__file__).with_name("fsdp2_worker.py")

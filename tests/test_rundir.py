@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import soralib.train.run as run_module
+from conftest import train_args
 from soralib.cli import main
 from soralib.train.config import build_config, save_yaml
 from soralib.train.checkpoints import latest_checkpoint
 from soralib.train import rundir
 from soralib.train.rundir import LOCK, foreign
-from test_train_cli import glue_dir, tiny_model, train_args  # noqa: F401  (session fixtures)
 
 STEPS = ["--max-steps", "4", "--save-steps", "2", "--batch-size", "4"]
 QUICK = [*STEPS, "--threshold", "0.01"]

@@ -2,7 +2,7 @@
 
 `--overwrite` deletes only the names in RUN and refuses while anything else is in the directory (a file of
 yours, a folder, a symlink): it never deletes what a run did not write. A new file a run writes must be added
-to RUN, or overwriting a run that has it is refused (test_train_cli checks a real run has nothing foreign).
+to RUN, or overwriting a run that has it is refused (test_train_methods checks a real run has nothing foreign).
 """
 
 from __future__ import annotations

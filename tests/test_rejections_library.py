@@ -1,0 +1,167 @@
+"""The rows of docs/errors.md for the library (no CLI) that no other test file covers: SoraConfig fields, optimizer
+arguments, target modules, and export, prune, the sparsity report and merge, each rejected with a one-line message."""
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import soralib
+from conftest import make_model, sora_model
+from rejection_helpers import one_line
+from soralib.layer import SoraLinear
+
+# SORALIB_CACHE in each test's own tmp_path (conftest._cache): nothing is cached in the home directory
+pytestmark = pytest.mark.usefixtures("_cache")
+
+
+# ---- SoraConfig fields ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"r": True}, "r must be a positive integer (r_max), got True"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number > 0, got nan"),
+    ({"lora_dropout": -0.1}, "lora_dropout must be in [0, 1), got -0.1"),
+    ({"kept_ranks": ["fc1"]}, "kept_ranks must be a dict of module path -> rank, got ['fc1']"),
+    ({"r": 4, "kept_ranks": {"fc1": 5}}, "kept_ranks['fc1'] must be an integer in [0, r=4], got 5"),
+    ({"r": 4, "rank_pattern": {"fc1": 6}, "kept_ranks": {"fc1": 7}},
+     "kept_ranks['fc1'] must be an integer in [0, r_max=6 (rank_pattern)], got 7"),
+    ({"rank_pattern": ["fc1"]}, "rank_pattern must be a dict of module key (regex) -> value, got ['fc1']"),
+    ({"rank_pattern": {"fc1": 0}}, "rank_pattern['fc1'] must be a positive integer, got 0"),
+    ({"rank_pattern": {"fc1": 2.0}}, "rank_pattern['fc1'] must be a positive integer, got 2.0"),
+    ({"rank_pattern": {"fc(": 2}}, "rank_pattern key 'fc(' is not a valid regex (missing ), unterminated subpattern "
+                                   "at position 2)"),
+    ({"alpha_pattern": {"fc1": -1}}, "alpha_pattern['fc1'] must be a finite number > 0, got -1"),
+    ({"alpha_pattern": {"": 2}}, "alpha_pattern keys must be non-empty module names or regexes, got ''"),
+    ({"use_rslora": "yes"}, "use_rslora must be true or false, got 'yes'"),
+    ({"bias": "all"}, "bias must be 'none' (SoRA trains no biases; put the module in modules_to_save to train its "
+                      "bias), got 'all'"),
+    ({"layers_pattern": "layer"}, "layers_pattern='layer' needs layers_to_transform (the layer indexes to adapt)"),
+    ({"target_modules": ".*query", "layers_to_transform": [0]}, "layers_to_transform and layers_pattern need "
+     "target_modules as a list of names, not one regex; got target_modules='.*query'"),
+    ({"layers_to_transform": [0, -1]}, "layers_to_transform must be a layer index >= 0 or a list of them, got [0, -1]"),
+    ({"layers_to_transform": [0], "layers_pattern": 3}, "layers_pattern must be a name or a list of names, got 3"),
+], ids=["r-bool", "lora_alpha-nan", "lora_dropout-negative", "kept_ranks-list", "kept_ranks-above-r",
+        "kept_ranks-above-pattern-r_max", "rank_pattern-list", "rank_pattern-zero", "rank_pattern-float",
+        "rank_pattern-bad-regex", "alpha_pattern-negative", "alpha_pattern-empty-key", "use_rslora-str", "bias-all",
+        "layers_pattern-alone", "layers_to_transform-with-regex-targets", "layers_to_transform-negative",
+        "layers_pattern-int"])
+def test_sora_config_rejects_bad_field_values(kwargs, expected):
+    with pytest.raises(ValueError) as excinfo:
+        soralib.SoraConfig(**kwargs)
+    assert one_line(excinfo) == expected
+
+
+# ---- optimizer arguments --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"threshold": float("inf")}, "threshold must be a finite number >= 0, got inf"),
+    ({"threshold": "0.1"}, "threshold must be a finite number >= 0, got '0.1'"),
+    ({"min_rank": -1}, "min_rank must be an integer >= 0, got -1"),
+    ({"min_rank": 1.5}, "min_rank must be an integer >= 0, got 1.5"),
+], ids=["threshold-inf", "threshold-str", "min_rank-negative", "min_rank-float"])
+def test_optimizer_rejects_bad_arguments(kwargs, expected):
+    with pytest.raises(ValueError) as excinfo:
+        soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, **kwargs)
+    assert one_line(excinfo) == expected
+
+
+def test_set_threshold_needs_an_optimizer_with_a_sora_gate_group():
+    plain = torch.optim.SGD(make_model("mlp").parameters(), lr=0.1)
+    with pytest.raises(ValueError) as excinfo:
+        soralib.set_threshold(plain, 1e-3)
+    assert one_line(excinfo) == ("this optimizer has no SoRA gate group; build it with "
+                                 "soralib.create_sora_optimizer")
+
+
+def test_gate_l1_needs_a_model_with_sora_layers():
+    with pytest.raises(ValueError) as excinfo:
+        soralib.gate_l1(make_model("mlp"))
+    assert one_line(excinfo) == "gate_l1 needs a model with SoRA layers; this one has none"
+
+
+# ---- targets --------------------------------------------------------------------------------------------------------
+
+def test_exclude_modules_that_leave_no_target_are_rejected_with_the_closest_names():
+    config = soralib.SoraConfig(target_modules=["fc1"], exclude_modules=["fc1"])
+    with pytest.raises(ValueError) as excinfo:
+        peft.get_peft_model(make_model("mlp"), config)
+    assert one_line(excinfo) == "No modules were targeted for adaptation; closest linear modules: fc1, fc2"
+
+
+def test_no_target_modules_on_an_architecture_peft_does_not_know_is_rejected():
+    with pytest.raises(ValueError) as excinfo:
+        peft.get_peft_model(make_model("mlp"), soralib.SoraConfig())
+    assert "Please specify `target_modules` in `peft_config`" in one_line(excinfo)  # PEFT's own message
+
+
+def test_a_modules_to_save_entry_that_matches_no_module_is_rejected_with_the_closest_names():
+    model = make_model("bert")
+    config = soralib.SoraConfig(task_type="SEQ_CLS", target_modules=["query"], modules_to_save=["clasifier"])
+    with pytest.raises(ValueError) as excinfo:
+        peft.get_peft_model(model, config)
+    assert one_line(excinfo) == ("modules_to_save entry 'clasifier' matches no module of the model; "
+                                 "closest modules: classifier, layer, pooler")
+    assert not any(isinstance(m, soralib.SoraLayer) for m in model.modules())  # refused before injecting
+    # the head names PEFT adds itself for SEQ_CLS are not refused: a Llama has "score" and no "classifier"
+    config = soralib.SoraConfig(task_type="SEQ_CLS", target_modules=["q_proj"], modules_to_save=["score"])
+    assert "classifier" in peft.get_peft_model(make_model("llama"), config).peft_config["default"].modules_to_save
+
+
+@pytest.mark.parametrize("layer, expected", [
+    (nn.Embedding(3, 4), "cannot adapt an nn.Embedding: SoRA adapts nn.Linear and Conv1D; for embeddings use "
+                         "peft.LoraConfig or modules_to_save"),
+    (nn.Conv2d(3, 4, 1), "cannot adapt a layer of type Conv2d; allowed: torch.nn.Linear, transformers Conv1D"),
+], ids=["embedding", "conv2d"])
+def test_a_sora_layer_refuses_a_base_layer_that_is_not_linear(layer, expected):
+    with pytest.raises(ValueError) as excinfo:
+        SoraLinear(layer, "default", r_max=2, rank=2, lora_alpha=4, lora_dropout=0.0, gate_init="randn")
+    assert one_line(excinfo) == expected
+
+
+# ---- export, prune, sparsity report, merge --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda: soralib.sparsity_report(make_model("mlp")), "the model has no SoRA layers for adapter 'default'"),
+    (lambda: soralib.sparsity_report(sora_model("mlp"), adapter="other"),
+     "the model has no SoRA layers for adapter 'other'"),
+    (lambda: soralib.prune(make_model("mlp")), "the model has no SoRA layers for adapter 'default'"),
+    (lambda: soralib.prune(sora_model("mlp"), adapter="other"), "the model has no SoRA layers for adapter 'other'"),
+], ids=["sparsity_report-plain-model", "sparsity_report-unknown-adapter", "prune-plain-model", "prune-unknown-adapter"])
+def test_sparsity_report_and_prune_need_sora_layers_for_the_adapter(call, expected):
+    with pytest.raises(ValueError) as excinfo:
+        call()
+    assert one_line(excinfo) == expected
+
+
+def test_prune_refuses_a_merged_model_and_leaves_it_as_it_was():
+    model = sora_model("mlp")
+    model.base_model.merge_adapter()
+    ranks = {name: layer.r["default"] for name, layer in soralib.optim.sora_layers(model)}
+    with pytest.raises(ValueError) as excinfo:
+        soralib.prune(model)
+    assert one_line(excinfo) == "cannot prune 'fc1' while merged; unmerge first"
+    assert ranks == {name: layer.r["default"] for name, layer in soralib.optim.sora_layers(model)}
+
+
+def test_safe_merge_refuses_an_adapter_that_gives_non_finite_weights():
+    model = sora_model("mlp")
+    layer = next(m for m in model.modules() if isinstance(m, soralib.SoraLayer))
+    base = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        layer.sora_B["default"].weight.fill_(float("inf"))
+    with pytest.raises(ValueError) as excinfo:
+        layer.merge(safe_merge=True)
+    assert one_line(excinfo) == "merging adapter 'default' gives non-finite weights; the adapter is broken"
+    assert torch.equal(layer.get_base_layer().weight, base) and not layer.merged
+
+
+def test_exact_export_of_an_adapter_whose_gates_are_all_zero_is_refused_and_writes_nothing(tmp_path):
+    model = sora_model("mlp")
+    with torch.no_grad():
+        for gate in soralib.gate_parameters(model):
+            gate.zero_()
+    with pytest.raises(ValueError) as excinfo:
+        soralib.export_lora(model, tmp_path / "adapter", layout="exact")
+    assert one_line(excinfo) == ("every gate is zero: the adapter is empty; export with layout='uniform' to get "
+                                 "zero LoRA")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,78 @@
+"""What `sora train` evaluates: validation points during training (each epoch or every fraction of it), a
+regression task's metrics, a custom CSV task with its report, and the paper protocol's validation and test halves."""
+
+import json
+import random
+
+import pytest
+
+from conftest import _sentence, train_args
+from soralib.cli import main
+from soralib.errors import InputError
+from soralib.train.config import build_config
+
+# SORALIB_CACHE in each test's own tmp_path (conftest._cache): nothing is cached in the home directory
+pytestmark = pytest.mark.usefixtures("_cache")
+
+
+def test_eval_each_epoch_writes_a_validation_curve_with_elapsed_time(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--eval-each-epoch", "true")) == 0
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    evals = [h for h in history if h.get("split") == "validation"]
+    assert len(evals) == 2 and all("eval_accuracy" in h for h in evals)  # after epoch 1 and epoch 2
+    assert evals[0]["step"] < evals[1]["step"] and 0 < evals[0]["elapsed_seconds"] < evals[1]["elapsed_seconds"]
+    final = [h for h in history if "validation_accuracy" in h]
+    assert len(final) == 1 and "split" not in final[0]  # the final evaluation, told apart by its prefix
+
+
+def test_eval_fraction_writes_a_validation_point_every_tenth_of_training(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    # 48 rows, batch 8, 2 epochs: 12 steps; every 0.25 of them is every 3 steps
+    assert main(train_args(glue_dir, tiny_model, out, "--eval-fraction", "0.25")) == 0
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if h.get("split") == "validation"] == [3, 6, 9, 12]
+    with pytest.raises(InputError, match="eval_fraction must be in"):
+        build_config("sora", None, {"eval_fraction": 1.5})
+    with pytest.raises(InputError, match="give eval_each_epoch or eval_fraction, not both"):
+        build_config("sora", None, {"eval_fraction": 0.1, "eval_each_epoch": True})
+
+
+def test_regression_task_reports_pearson_and_spearman(glue_dir, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, task="stsb")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"pearson", "spearmanr"} <= set(metrics["eval"]) and metrics["main_metric"] == "pearson"
+
+
+def test_custom_csv_task_trains_and_a_report_is_written(tiny_model, tmp_path, capsys):
+    rng = random.Random(1)
+    for name, n in (("train.csv", 40), ("dev.jsonl", 16)):
+        rows = [{"q": _sentence(rng), "a": _sentence(rng, 3), "y": rng.choice(["yes", "no", "maybe"])} for _ in range(n)]
+        path = tmp_path / name
+        if name.endswith(".csv"):
+            path.write_text("q,a,y\n" + "".join(f"{r['q']},{r['a']},{r['y']}\n" for r in rows))
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = ["train", "--task", "custom", "--train-file", str(tmp_path / "train.csv"), "--validation-file",
+            str(tmp_path / "dev.jsonl"), "--text-columns", "q,a", "--label-column", "y", "--model", str(tiny_model),
+            "--output-dir", str(out), "--epochs", "1", "--batch-size", "8"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "custom" and "accuracy" in metrics["eval"] and metrics["num_labels"] == 3
+    assert main(["report", str(out)]) == 0
+    report = (out / "report" / "report.md").read_text()
+    assert "custom" in report and (out / "report" / "kept_rank_heatmap.png").is_file()
+
+
+def test_split_seed_gives_every_seed_the_same_validation_and_test_halves(glue_dir):
+    from soralib.train.run import load_splits
+
+    def halves(**fields):
+        config = build_config("sora", None, {"task": "rte", "data_dir": str(glue_dir), "protocol": "paper", **fields})
+        splits = load_splits(config)[1]
+        return splits["validation"], splits["test"]
+
+    assert halves(seed=1, split_seed=0) == halves(seed=0, split_seed=0) == halves(seed=0)
+    assert halves(seed=1) != halves(seed=0)  # without it, each seed draws its own halves

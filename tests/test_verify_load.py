@@ -1,0 +1,139 @@
+"""verify_adapter and load_adapter_safely on good adapters: SoRA (gated or pruned) and exported LoRA verify and
+load to the outputs they were saved with; a task_type must fit the model; a load that fails, in the check or
+inside PEFT, leaves the model as it was."""
+
+import peft
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+
+import soralib
+from conftest import make_input, make_model, output, saved_sora, sora_model, trained_sora
+from soralib.errors import InputError
+from soralib.verify import load_adapter_safely, verify_adapter
+from verify_helpers import CONFIG, WEIGHTS, refused, tampered
+
+
+# ---- good adapters pass and load to the outputs they were saved with -------------------------------------------
+
+@pytest.mark.parametrize("arch", ["mlp", "bert", "gpt2", "llama"])
+@pytest.mark.parametrize("pruned", [False, True], ids=["gated", "pruned"])
+def test_saved_sora_adapter_verifies_and_loads_to_the_same_outputs(tmp_path, arch, pruned):
+    adapter_dir, expected = saved_sora(tmp_path / "a", arch, pruned)
+    config = verify_adapter(make_model(arch), adapter_dir)
+    assert isinstance(config, soralib.SoraConfig)
+    assert bool(config.kept_ranks) == pruned
+    loaded = load_adapter_safely(make_model(arch), adapter_dir)
+    torch.testing.assert_close(output(loaded, make_input(arch)), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "bert", "gpt2", "llama"])
+@pytest.mark.parametrize("layout", ["exact", "uniform"])
+def test_exported_lora_verifies_and_loads_to_the_same_outputs(tmp_path, arch, layout):
+    model = trained_sora(arch)
+    expected = output(model, make_input(arch))
+    soralib.export_lora(model, tmp_path / "lora", layout=layout)
+    config = verify_adapter(make_model(arch), tmp_path / "lora")
+    assert config.peft_type == "LORA"
+    loaded = load_adapter_safely(make_model(arch), tmp_path / "lora")
+    torch.testing.assert_close(output(loaded, make_input(arch)), expected, atol=1e-5, rtol=0)
+
+
+def test_load_adapter_safely_can_load_for_training(tmp_path, mlp_adapter):
+    loaded = load_adapter_safely(make_model("mlp"), mlp_adapter, is_trainable=True)
+    assert any(p.requires_grad for p in soralib.gate_parameters(loaded))
+
+
+def test_a_matching_expected_base_passes_and_an_unset_one_in_the_config_is_not_checked(tmp_path, mlp_adapter):
+    named = tampered(mlp_adapter, tmp_path / "named", lambda c: c.update(base_model_name_or_path="org/tiny-mlp"))
+    assert verify_adapter(make_model("mlp"), named, expected_base="org/tiny-mlp").base_model_name_or_path
+    assert verify_adapter(make_model("mlp"), mlp_adapter, expected_base="org/tiny-mlp").base_model_name_or_path is None
+
+
+# ---- load_adapter_safely never touches the model when verify fails --------------------------------------------------
+
+@pytest.mark.parametrize("case", ["pickle", "nan", "shape"])
+def test_load_adapter_safely_refuses_before_touching_the_model(tmp_path, mlp_adapter, case):
+    adapter = tampered(mlp_adapter, tmp_path / case)
+    key = "base_model.model.fc2.sora_B.weight"
+    tensors = load_file(str(adapter / WEIGHTS))
+    if case == "pickle":
+        torch.save(tensors, adapter / "adapter_model.bin")
+        (adapter / WEIGHTS).unlink()
+    else:
+        tensors[key] = torch.full_like(tensors[key], float("nan")) if case == "nan" else torch.zeros(1, 1)
+        save_file(tensors, str(adapter / WEIGHTS))
+    model = make_model("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InputError):
+        load_adapter_safely(model, adapter)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- task_type, and a load that fails inside PEFT --------------------------------------------------------------------
+
+@pytest.fixture
+def bert_seq_cls(tmp_path):
+    model = sora_model("bert", task_type="SEQ_CLS")
+    model.save_pretrained(str(tmp_path / "seq_cls"))
+    return tmp_path / "seq_cls", output(model, make_input("bert"))
+
+
+def test_a_seq_cls_adapter_loads_on_a_sequence_classifier(bert_seq_cls):
+    adapter, expected = bert_seq_cls
+    loaded = load_adapter_safely(make_model("bert"), adapter)
+    assert isinstance(loaded, peft.PeftModelForSequenceClassification)
+    torch.testing.assert_close(output(loaded, make_input("bert")), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["CAUSAL_LM", "TOKEN_CLS", "FEATURE_EXTRACTION"])
+def test_a_task_type_that_does_not_fit_the_model_is_refused_and_the_model_untouched(tmp_path, bert_seq_cls, task):
+    adapter = tampered(bert_seq_cls[0], tmp_path / "task", lambda c: c.update(task_type=task))
+    model = make_model("bert")
+    refused(model, adapter, f"{CONFIG}: task_type is '{task}', which does not fit the base model "
+                            "BertForSequenceClassification; expected SEQ_CLS (or null)")
+    with pytest.raises(InputError, match="does not fit the base model"):
+        load_adapter_safely(model, adapter)
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def test_a_task_type_on_a_model_that_is_not_a_transformers_model_is_refused(tmp_path, mlp_adapter):
+    adapter = tampered(mlp_adapter, tmp_path / "task", lambda c: c.update(task_type="SEQ_CLS"))
+    refused(make_model("mlp"), adapter, f"{CONFIG}: task_type is 'SEQ_CLS', which needs a transformers model, and "
+                                        "the base model MLP is not one; expected task_type null")
+
+
+def model_state(model):
+    """Everything a failed load must leave as it was: module tree (by identity), attributes, tensors, config."""
+    return ([(name, type(m), id(m), sorted(vars(m))) for name, m in model.named_modules()],
+            [(name, id(p), p.requires_grad, p.clone()) for name, p in model.named_parameters()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            dict(vars(model.config)) if hasattr(model, "config") else None)
+
+
+def assert_same_state(before, after):
+    assert before[0] == after[0]
+    assert [x[:3] for x in before[1]] == [x[:3] for x in after[1]]
+    assert all(torch.equal(b[3], a[3]) for b, a in zip(before[1], after[1]))
+    assert before[2].keys() == after[2].keys() and all(torch.equal(before[2][k], after[2][k]) for k in before[2])
+    assert before[3] == after[3]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "bert"])
+def test_a_load_that_fails_inside_peft_leaves_the_model_as_it_was(tmp_path, monkeypatch, request, arch):
+    adapter, expected = saved_sora(tmp_path / "a") if arch == "mlp" else request.getfixturevalue("bert_seq_cls")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("failed while loading the weights")
+    monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", boom)
+    model = make_model(arch)
+    before = model_state(model)
+    with pytest.raises(RuntimeError, match="failed while loading the weights"):
+        load_adapter_safely(model, adapter, is_trainable=True)
+    assert_same_state(before, model_state(model))
+    monkeypatch.undo()  # the same model then loads the adapter as a fresh one would
+    loaded = load_adapter_safely(model, adapter)
+    torch.testing.assert_close(output(loaded, make_input(arch)), expected, atol=1e-5, rtol=0)

@@ -88,7 +88,7 @@ def _finite_only(compute, run_dir, split: str):
 
 def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> Path:
     """Re-export a SoRA run's gated adapter (sora_adapter/) as a standard LoRA with `layout`."""
-    import soralib
+    import soralib.export  # the submodule itself: `import soralib` alone loads it only on first use of a name
 
     from ..io import foreign_entries, name_list
 

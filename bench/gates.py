@@ -98,7 +98,10 @@ def table(records: list[dict[str, Any]]) -> list[str]:
     lines = ["### Which ranks a SoRA run keeps, against what its initial gates alone predict (`python -m bench.gates`)",
              "", "Prediction: abs(g0) > ξ·T for a fixed ξ; for a budget, the ranks its trim keeps applied to abs(g0); "
              "none when every gate starts at 1. \"Chance\" is the agreement of two random kept sets of this size: "
-             "a same-verdict share near it means g0 decides nothing, near 100 % that g0 decides everything.", "",
+             "a same-verdict share near it means g0 decides nothing, near 100 % that g0 decides everything. "
+             "A budget run's floor is its frozen-gates twin (`sora-budget-static`), not 100 %: where the ramp cuts a "
+             "few ranks past the budget, the hold phase refills it with dead gates AdamW revives at about the gate "
+             "lr, which g0 did not choose.", "",
              "| cell | rule | gate init | steps T | ξ·T | ranks alive | predicted alive | same verdict | chance "
              "| alive, not predicted | predicted, dead |", "|---" * 11 + "|"]
     for r in sorted(rows, key=lambda r: r["key"]):

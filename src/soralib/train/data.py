@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,11 +28,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "load_glue_dir", "load_hub", "load_custom", "paper_split", "make_splits",
-    "tokenize_rows", "check_max_length",
+    "tokenize_rows", "tokenizer_fingerprint", "check_max_length",
 ]
 
 PAPER_LARGE_VALIDATION_ROWS = 1000  # training rows held out for model selection on large tasks
 CACHE_FORMAT = 1  # bump when the layout of cached tokenized features changes
+# Parts of a saved tokenizer that do not decide its ids, dropped from its fingerprint. tokenizer.json: the
+# truncation and padding of the last call (each call sets its own). tokenizer_config.json: how it was loaded.
+_NOT_DEFINITION = {"tokenizer.json": ("truncation", "padding"),
+                   "tokenizer_config.json": ("is_local", "local_files_only")}
+# Read at call time but not always saved by save_pretrained (add_*_token never is, the sides only when passed
+# to __init__)
+_CALL_ATTRIBUTES = ("truncation_side", "padding_side", "split_special_tokens", "add_bos_token", "add_eos_token")
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -103,13 +111,15 @@ def tokenize_rows(
 ) -> list[dict[str, Any]]:
     """Tokenize rows (truncated to `max_length`, not padded) into features with ``labels``.
 
-    With `cache_dir`, features are cached as JSON under a sha256 of the tokenizer, `max_length`,
-    `text_columns` and the rows, so any change to these misses the cache.
+    With `cache_dir`, features are cached as JSON under a sha256 of the tokenizer's definition (see
+    `tokenizer_fingerprint`, not its path), `max_length`, `text_columns` and the rows, so any change to these
+    misses the cache. A tokenizer that cannot be saved is not cached.
     """
     text_columns = tuple(text_columns)
     path = None
-    if cache_dir is not None:
-        key = _cache_key(rows, tokenizer, text_columns, max_length)
+    fingerprint = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
+    if fingerprint is not None:
+        key = _cache_key(rows, tokenizer, fingerprint, text_columns, max_length)
         path = Path(cache_dir) / f"tokenized-{key}.json"
         cached = _read_cache(path)
         if cached is not None:
@@ -136,11 +146,42 @@ def check_max_length(max_length: int, model: Any) -> None:
                          f"(max_position_embeddings); pass --max-length {positions} or less")
 
 
-def _cache_key(rows: Rows, tokenizer: Any, text_columns: tuple[str, ...], max_length: int) -> str:
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """sha256 of all that decides `tokenizer`'s ids, or None if it cannot be saved.
+
+    The files `save_pretrained` writes (for a fast tokenizer tokenizer.json: vocabulary, normalizer,
+    pre-tokenizer, post-processor, added tokens; the config: init settings and special tokens; chat
+    templates; a slow one's vocabulary files), hashed in sorted order, and the attributes in
+    `_CALL_ATTRIBUTES`. The path it was loaded from is not part of it: two directories holding the same
+    tokenizer share it, one directory re-saved with another tokenizer does not.
+    """
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory(prefix="soralib-tokenizer-") as tmp:
+        try:
+            tokenizer.save_pretrained(tmp)
+        except NotImplementedError:  # a python tokenizer without save_vocabulary
+            logger.warning("not caching tokenized rows: the %s cannot be saved, so its ids have no cache key",
+                           type(tokenizer).__name__)
+            return None
+        for file in sorted(f for f in Path(tmp).rglob("*") if f.is_file()):
+            name = file.relative_to(tmp).as_posix()
+            content = file.read_bytes()
+            if name in _NOT_DEFINITION:
+                saved = json.loads(content)
+                for field in _NOT_DEFINITION[name]:
+                    saved.pop(field, None)
+                content = json.dumps(saved).encode()
+            digest.update(f"\n{name} {len(content)}\n".encode() + content)
+    attributes = {name: getattr(tokenizer, name, None) for name in _CALL_ATTRIBUTES}
+    digest.update(json.dumps(attributes, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _cache_key(rows: Rows, tokenizer: Any, fingerprint: str, text_columns: tuple[str, ...], max_length: int) -> str:
     digest = hashlib.sha256()
     settings = {
         "format": CACHE_FORMAT,
-        "tokenizer": str(getattr(tokenizer, "name_or_path", "")),
+        "tokenizer": fingerprint,
         "tokenizer_class": type(tokenizer).__name__,
         "vocab_size": len(tokenizer),
         "max_length": max_length,

@@ -55,6 +55,24 @@ def test_eval_and_export_reuse_a_finished_run(glue_dir, tiny_model, tmp_path, ca
     assert config["peft_type"] == "LORA" and not config["rank_pattern"]
 
 
+def test_eval_of_an_adalora_run_gives_its_metrics_with_the_task_loss_and_export_refuses_in_one_line(
+        glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--method", "adalora", "--max-steps", "4")) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0  # crashed: AdaLoRA loaded for inference cannot return a loss
+    again = json.loads(capsys.readouterr().out)["validation"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert again[saved["main_metric"]] == saved["eval"][saved["main_metric"]]
+    # eval scores a plain merged model, so an equal loss means training recorded the task loss without
+    # AdaLoRA's orthogonality regulariser (0.5 × it had tripled this one)
+    assert again["loss"] == pytest.approx(saved["eval"]["loss"], rel=1e-6)
+    assert main(["report", str(out)]) == 0
+    for command in ("export", "ranks"):
+        assert main([command, str(out)]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"{out} is not a finished SoRA run (no sora_adapter/)")
+
+
 def test_ranks_writes_a_lora_config_with_the_ranks_the_run_kept(glue_dir, tiny_model, tmp_path, capsys):
     import peft
     from transformers import BertForSequenceClassification

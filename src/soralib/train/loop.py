@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 class SoraTrainer(Trainer):
     """Trainer + the method's extra loss term (SoRA's optional ℓ1 gate term) and log scalars (SoRA's threshold and
-    kept size) in every log line (TensorBoard and history.jsonl)."""
+    kept size) in every log line (TensorBoard and history.jsonl); evaluations report the task loss alone."""
 
     def __init__(self, *args, run: TrainConfig, history: Path, stage: int, seconds_before: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -78,6 +78,10 @@ class SoraTrainer(Trainer):
     def training_seconds(self) -> float:
         """Seconds spent training so far in the run, evaluations excluded: the x axis of time-to-score."""
         return self.seconds_before + time.perf_counter() - self.started - self.eval_seconds
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        with get_method(self.run.method).evaluating(_unwrap(self.model)):
+            return super().evaluate(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

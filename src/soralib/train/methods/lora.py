@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,8 +131,21 @@ class AdaLora(Lora):
     def live_rank(self, module) -> int:
         return int((module.lora_E["default"] != 0).sum())  # AdaLoRA masks ranks by zeroing its singular values E
 
+    @contextlib.contextmanager
+    def evaluating(self, model: nn.Module):
+        # PEFT's AdaLoRA forward adds orth_reg_weight × its orthogonality regulariser to every loss the model
+        # returns, in eval mode too; it reads the weight at each call, so 0 leaves the task loss exactly
+        config = model.peft_config[model.active_adapter]
+        weight, config.orth_reg_weight = config.orth_reg_weight, 0.0
+        try:
+            yield
+        finally:
+            config.orth_reg_weight = weight
+
     def load_result(self, model: nn.Module, run: Path) -> nn.Module:
         import peft
 
         check_adapter(run)  # verify_adapter knows LoRA and SoRA; AdaLoRA loads as PEFT saved it
-        return peft.PeftModel.from_pretrained(model, str(run / ADAPTER))
+        # Merged into a plain model: loaded for inference, AdaLoRA's forward fails on any batch with labels (it
+        # adds its regulariser, which needs a trainable adapter), and `evaluating` needs one too
+        return peft.PeftModel.from_pretrained(model, str(run / ADAPTER)).merge_and_unload()

@@ -9,6 +9,7 @@ read by `sora --help`, which must stay instant.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,11 @@ class Method:
     def extra_loss(self, config: TrainConfig, model: nn.Module) -> torch.Tensor | None:
         """A term added to the task loss at every step, or None."""
         return None
+
+    def evaluating(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which the loss `model` returns is the task loss alone: a validation loss scores the model,
+        not a training-only term of the method. SoraTrainer evaluates within it."""
+        return contextlib.nullcontext()
 
     def log_scalars(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Scalars added to every training log line (TensorBoard and history.jsonl)."""

@@ -73,6 +73,15 @@ def test_eval_of_an_adalora_run_gives_its_metrics_with_the_task_loss_and_export_
         assert capsys.readouterr().err.strip().endswith(f"{out} is not a finished SoRA run (no sora_adapter/)")
 
 
+def test_a_sora_run_with_an_l1_term_records_the_task_loss_that_eval_gives(glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--l1-coef", "1", "--max-steps", "4")) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    again = json.loads(capsys.readouterr().out)["validation"]["loss"]
+    assert again == pytest.approx(json.loads((out / "metrics.json").read_text())["eval"]["loss"], rel=1e-6)
+
+
 def test_ranks_writes_a_lora_config_with_the_ranks_the_run_kept(glue_dir, tiny_model, tmp_path, capsys):
     import peft
     from transformers import BertForSequenceClassification

@@ -85,7 +85,8 @@ class SoraTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        extra = get_method(self.run.method).extra_loss(self.run, model)
+        # a training term: an evaluation (model.eval()) reports the task loss alone, as `sora eval` does
+        extra = get_method(self.run.method).extra_loss(self.run, model) if model.training else None
         if extra is None:
             return result
         if return_outputs:

@@ -1,6 +1,7 @@
-"""Every `sora` command that reads a run directory works in a fresh interpreter. soralib loads its names on
-first use (PEP 562), so a command that leans on a submodule some earlier import happened to load passes
-in-process tests and crashes for the user: each command here runs alone in its own process."""
+"""Every `sora` command that reads a run directory, and every way into the library (a top-level name or a
+submodule imported directly), works in a fresh interpreter. soralib loads its names on first use (PEP 562), so
+code that leans on a submodule, or on PEFT's "SORA" registration, that some earlier import happened to load
+passes in-process tests and crashes for the user: each case here runs alone in its own process."""
 
 import json
 import os
@@ -8,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch import nn
 
 from conftest import train_args
 from soralib.cli import main
@@ -43,3 +46,62 @@ def test_ranks_report_and_eval_in_a_fresh_process_succeed(run_dir, tmp_path):
     for command in ("report", "eval"):
         result = sora(command, run_dir)
         assert result.returncode == 0, f"sora {command}: {result.stderr}"
+
+
+def python(code: str, *argv) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def sora_adapter(tmp_path_factory):
+    """A saved SoRA adapter of a one-layer model, `nn.Sequential(nn.Linear(4, 4))`."""
+    import peft
+
+    import soralib
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(4, 4)), soralib.SoraConfig(r=2, target_modules=["0"]))
+    out = tmp_path_factory.mktemp("sora_adapter")
+    model.save_pretrained(out)
+    return out
+
+
+# Each imports only the submodule it names, and peft after it (with peft first, `import soralib` loads everything).
+ENTRIES = {
+    "verify.load_adapter_safely": "from soralib.verify import load_adapter_safely\n"
+                                  "print(type(load_adapter_safely(BASE, ADAPTER).base_model).__name__)",
+    "verify.verify_adapter": "from soralib.verify import verify_adapter\n"
+                             "print(verify_adapter(BASE, ADAPTER).peft_type.value)",
+    "adapter_dir": "from soralib.adapter_dir import read_adapter_config\n"
+                   "print(read_adapter_config(pathlib.Path(ADAPTER), None).peft_type.value)",
+    "config+get_peft_model": "from soralib.config import SoraConfig\nimport peft\n"
+                             "print(type(peft.get_peft_model(BASE, SoraConfig(r=2, target_modules=['0'])).base_model).__name__)",
+    "model+PeftModel.from_pretrained": "from soralib.model import SoraModel\nimport peft\n"
+                                       "print(type(peft.PeftModel.from_pretrained(BASE, ADAPTER).base_model).__name__)",
+}
+EXPECTED = {"verify.verify_adapter": "SORA", "adapter_dir": "SORA"}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_submodule_imported_alone_hands_sora_to_peft_as_the_top_level_names_do(sora_adapter, entry):
+    setup = "import pathlib, sys\nfrom torch import nn\nBASE, ADAPTER = nn.Sequential(nn.Linear(4, 4)), sys.argv[1]\n"
+    result = python(setup + ENTRIES[entry], sora_adapter)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [EXPECTED.get(entry, "SoraModel")], result.stderr
+
+
+def test_submodules_are_attributes_of_soralib_without_loading_torch():
+    code = ("import sys, soralib\n"
+            "print(soralib.errors.InputError.__name__, soralib.schedule.stage_thresholds.__name__, "
+            "[m for m in ('torch', 'peft', 'transformers') if m in sys.modules])")
+    result = python(code)
+    assert result.stdout.split() == ["InputError", "stage_thresholds", "[]"], result.stderr
+
+
+def test_soralib_prune_is_the_function_however_imported_and_its_module_names_import_by_name():
+    code = ("import soralib.prune as sp\nfrom soralib.prune import sparsity_report\n"
+            "print(sp.__name__, type(sp).__name__, sparsity_report.__module__)")
+    result = python(code)
+    assert result.stdout.split() == ["prune", "function", "soralib.prune"], result.stderr

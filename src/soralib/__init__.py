@@ -8,11 +8,17 @@
     lora = soralib.lora_config_from(model)   # or: retrain a plain LoRA from scratch with the ranks SoRA found
 
 The names below are loaded on first use (PEP 562), so that `sora --help` does not wait seconds for torch,
-transformers and peft. `import soralib` registers "SORA" with PEFT at once when peft is already imported,
-else at the first use of any soralib name (or an explicit `soralib.register()`).
+transformers and peft; so are the submodules (`soralib.errors.InputError`). "SORA" is registered with PEFT by
+importing soralib.config or soralib.model, which every soralib module that hands SoRA to PEFT does (verify,
+adapter_dir): a submodule imported directly works as the top-level names do. `import soralib` alone registers
+it at once when peft is already imported, else at the first use of any soralib name (or `soralib.register()`).
+
+One name is both a function and a submodule: `soralib.prune` is the function, and so is `import soralib.prune as
+sp` (Python resolves it as the attribute). The module's names: `from soralib.prune import sparsity_report`.
 """
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -41,6 +47,9 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         _load()
         return globals()[name]
+    if name.isidentifier() and not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+        # a submodule not imported yet, e.g. soralib.errors (the docs name its exceptions so)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

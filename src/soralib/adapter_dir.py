@@ -19,6 +19,7 @@ from pathlib import Path
 import peft
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
+from . import model as _model  # noqa: F401 (importing it registers "SORA", which PEFT_TYPE_TO_CONFIG_MAPPING needs)
 from .errors import InputError
 
 CONFIG_NAME = "adapter_config.json"

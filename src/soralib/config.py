@@ -172,3 +172,9 @@ def _check_pattern(name: str, pattern, valid, kind: str) -> None:
             raise ValueError(f"{name} key {key!r} is not a valid regex ({err})") from None
         if not valid(value):
             raise ValueError(f"{name}[{key!r}] must be {kind}, got {value!r}")
+
+
+# PEFT builds a SoraConfig's model from its registry, so a SoraConfig must not exist without SoraModel registered:
+# importing model.py registers both. Last, because model.py imports SoraConfig from here; when model.py is the
+# one imported first, this finds it half-imported and model.py registers once it is done.
+from . import model as _model  # noqa: E402,F401

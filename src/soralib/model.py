@@ -87,3 +87,8 @@ def register() -> None:
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[SoraPeftType.SORA] = SoraConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[SoraPeftType.SORA] = SoraModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[SoraPeftType.SORA] = PREFIX
+
+
+# Registered on import, so that whatever imports this module or soralib.config (which imports it) can hand a
+# SoraConfig or a saved SoRA adapter to PEFT, whichever soralib module it came through.
+register()

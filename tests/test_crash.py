@@ -206,8 +206,10 @@ def test_a_checkpoint_torn_by_a_kill_inside_the_save_is_not_resumed_and_is_gone_
 
 def test_ctrl_c_exits_130_with_one_line_naming_the_checkpoint_and_its_command_resumes(glue_dir, tiny_model, tmp_path):  # noqa: F811
     run = tmp_path / "run"
+    # --max-length other than the default: the printed command must resume whatever the run's settings
     cmd = [sys.executable, "-m", "soralib.cli", *train_args(glue_dir, tiny_model, run, "--max-steps", "12",
-                                                            "--save-steps", "2", "--batch-size", "4")]
+                                                            "--save-steps", "2", "--batch-size", "4",
+                                                            "--max-length", "64")]
     # SIGINT back to its default in the child: a shell that starts the suite in the background (`... &`) makes
     # its children ignore SIGINT, and Python installs its KeyboardInterrupt handler only where it is not ignored
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),

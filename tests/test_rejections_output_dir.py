@@ -76,6 +76,24 @@ def test_resume_with_only_the_output_dir_continues_with_the_saved_settings(glue_
     assert json.loads((out / "metrics.json").read_text())["steps"] == 1
 
 
+def test_bare_resume_of_a_run_saved_with_its_own_max_length_continues_with_it(glue_dir, tiny_model, tmp_path):
+    # what Ctrl-C prints: max_length, which validation fills in (128 without a task), is no flag of the user's
+    out = tmp_path / "run"
+    saved = _saved_run(glue_dir, tiny_model, out, max_length="64", max_steps="1")
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0
+    assert (out / "config.yaml").read_text() == saved and "max_length: 64\n" in saved
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 1
+
+
+def test_resume_with_another_max_length_than_the_saved_run_is_refused(glue_dir, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    saved = _saved_run(glue_dir, tiny_model, out, max_length="64")
+    fails_cleanly(capsys, ["train", "--output-dir", out, "--max-length", "32", "--resume"],
+                  f"cannot resume {out} with other settings (max_length: saved 64, given 32): "
+                  "drop these flags to resume it, or start a new run in another --output-dir")
+    assert [p.name for p in out.iterdir()] == ["config.yaml"] and (out / "config.yaml").read_text() == saved
+
+
 @pytest.mark.parametrize("files, expected", [
     ({"config.yaml": "r: [1\n"}, "{out}/config.yaml: not valid YAML (while parsing a flow sequence)"),
     ({"config.yaml": "rank: 4\n"}, "{out}/config.yaml: unknown config field(s) rank; see `sora train --help`"),

@@ -94,6 +94,20 @@ def test_eval_with_a_missing_data_dir_is_refused(glue_dir, tiny_model, tmp_path,
                   f"GLUE data directory not found: {tmp_path / 'nowhere'}")
 
 
+def test_eval_of_a_custom_run_refuses_data_dir_which_only_glue_runs_read(tiny_model, tmp_path, capsys):
+    from soralib.train.config import build_config, save_yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_yaml(build_config("sora", None, {"task": "custom", "model": str(tiny_model), "text_columns": "q",
+                                          "train_file": str(tmp_path / "a.csv"), "validation_file": str(tmp_path / "b.csv"),
+                                          "output_dir": str(run)}), run / "config.yaml")
+    fails_cleanly(capsys, ["eval", run, "--data-dir", "/nowhere"],
+                  f"{run}: --data-dir is used only with a GLUE task, got task 'custom'; the run re-reads its own "
+                  "train_file and validation_file")
+    assert _listing(run) == ["config.yaml"]
+
+
 def test_eval_of_a_sora_run_without_its_adapter_is_refused(glue_dir, tiny_model, tmp_path, capsys):
     run = _fake_run(tmp_path / "run", glue_dir, tiny_model)
     fails_cleanly(capsys, ["eval", run], f"{run} has no finished adapter (adapter/adapter_config.json)")

@@ -1,6 +1,8 @@
 """The rows of docs/errors.md for `sora train`'s flags and config files (YAML, DeepSpeed JSON), and the CLI's
 usage errors: exit 2, one line on stderr, nothing written."""
 
+import os
+
 import pytest
 
 from conftest import train_args
@@ -88,7 +90,8 @@ BAD_FLAGS += [  # a negative number is a value (then out of range), and a flag t
     ("split-seed-without-paper", ["--split-seed", "3"],
      "--split-seed is used only with --protocol paper (the default protocol does not split), got protocol 'default'"),
     ("r-with-lora-config", ["--method", "lora", "--lora-config", "ranks.json", "--r", "4"],
-     "--r is used only without --lora-config (the file's value replaces it), got lora_config 'ranks.json'"),
+     "--r is used only without --lora-config (the file's value replaces it), got lora_config "
+     f"'{os.path.abspath('ranks.json')}'"),  # made absolute, as config.yaml keeps it
     ("lora-config-with-sora", ["--lora-config", "ranks.json"],
      "--lora-config is used only with method lora, got method 'sora'"),
     ("threshold-mode-with-bitfit", ["--method", "bitfit", "--threshold-mode", "fixed"],

@@ -145,6 +145,19 @@ def test_an_sft_run_resumed_from_a_checkpoint_goes_on_bitwise_like_the_straight_
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_an_sft_run_resumes_with_only_its_output_dir(tiny_llama, gsm_files, tmp_path):
+    # the command Ctrl-C prints: the sft task's max_length (512), filled in by validation, is no flag of the user's
+    from soralib.cli import build_parser, train_config
+    from soralib.train.config import save_yaml
+
+    out = tmp_path / "run"
+    out.mkdir()  # as a run killed before its first checkpoint leaves it: only config.yaml
+    save_yaml(train_config(build_parser().parse_args(sft_args(tiny_llama, gsm_files, out, *EVERY_STEP))),
+              out / "config.yaml")
+    assert "max_length: 512\n" in (out / "config.yaml").read_text()
+    assert main(["train", "--output-dir", str(out), "--resume"]) == 0 and (out / "metrics.json").is_file()
+
+
 def test_the_loss_covers_the_completion_tokens_only():
     tokenizer = byte_tokenizer()
     rows = [{"prompt": "2+2?", "completion": "#### 4", "where": "f line 1"}]

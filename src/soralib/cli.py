@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "eval", cmd_eval, help="re-evaluate a saved run")
     p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
     p.add_argument("--data-dir", "--task-data", dest="data_dir", default=None, metavar="DIR",
-                   help="GLUE data directory to use (default: the run's own)")
+                   help="GLUE data directory to use (default: the run's own); GLUE runs only: a custom run "
+                        "re-reads its own files")
 
     p = _parser(sub, "export", cmd_export, help="re-export a SoRA run's adapter with another layout")
     p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP + " with method sora")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import InputError
+from .fill import absolute_paths, fill_in
 from .methods import get_method
 from .rules import (CHOICES, METHODS, PROTOCOLS, SCHEDULES, USED_ONLY, check_combinations,  # noqa: F401
                     check_method, check_ranges, check_used, unused_reason)  # rules.py holds them; importers use this module too
@@ -181,8 +182,7 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed and not (name == "schedule" and self.schedule is None):
                 bad(name, "one of " + ", ".join(allowed))
-        if self.max_length is None:  # the task's own length (a saved config.yaml holds the number)
-            self.max_length = task_of(self.task).max_length if self.task else 128
+        fill_in(self)  # max_length from the task, local paths absolute (fill.py)
         check_ranges(self)  # each numeric field within its allowed range (rules.RANGES)
         if not (0 < self.epochs < math.inf or self.max_steps > 0):
             bad("epochs", "a finite number > 0 (or set max_steps)")
@@ -233,6 +233,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise InputError(f"{path}: unknown config field(s) {', '.join(unknown)}; see `sora train --help`")
     return data
+
+
+def load_saved(path: str | Path) -> TrainConfig:
+    """A run's config.yaml, not validated again (docs/errors.md). Its paths were saved absolute; those of a run
+    saved before soralib did so are read from the current directory, as they always were."""
+    return absolute_paths(TrainConfig(**{k: coerce(k, v) for k, v in load_yaml(path).items()}))
 
 
 def coerce(name: str, value: Any) -> Any:

@@ -15,13 +15,12 @@ logger = logging.getLogger(__name__)
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
-    from .config import FIELDS, coerce, load_yaml
+    from .config import load_saved
 
     run = Path(run_dir)
     if not (run / CONFIG).is_file():
         raise InputError(f"not a soralib run directory: {run} (no config.yaml)")
-    values = load_yaml(run / CONFIG)
-    return TrainConfig(**{k: coerce(k, v) for k, v in values.items() if k in FIELDS})
+    return load_saved(run / CONFIG)
 
 
 def load_trained_model(run_dir: str | Path, config: TrainConfig, spec):
@@ -46,6 +45,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
     from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 
     from . import data as data_mod
+    from .config import unused_reason
     from .loop import evaluate, metrics_fn
     from .run import cache_dir, load_splits
     from .tasks import task_of
@@ -55,6 +55,9 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
         raise InputError(f"{run_dir}: sora eval re-scores classification runs; an sft run's scores are in its "
                          "metrics.json (validation loss, perplexity, exact match)")
     if data_dir is not None:
+        unused = unused_reason(config, "data_dir")  # a custom run re-reads the files its config.yaml names
+        if unused:
+            raise InputError(f"{run_dir}: --data-dir {unused}; the run re-reads its own train_file and validation_file")
         config = replace(config, data_dir=data_dir)
     spec, splits = load_splits(config)
     model, tokenizer = load_trained_model(run_dir, config, spec)

@@ -33,6 +33,7 @@ from .checkpoints import history_size, latest_checkpoint, resume_hint, rewind_hi
 from .config import TrainConfig, save_yaml
 from .loop import is_main_process, make_trainer
 from .methods import adapter_size, get_method, within
+from .resume import resumed_config
 from .rundir import (ADAPTER, CONFIG, EVAL, HIGHER_IS_BETTER, HISTORY, LOCK, MAIN_METRIC, METHOD, METRICS, MODEL,
                      NUM_LABELS, REPLACED, SEED, SKIPPED_STEPS, SPARSITY, STAGES, STATE, STEPS, TASK, TRAIN_SECONDS,
                      foreign, in_use, lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora)
@@ -125,7 +126,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
         resume = False
     check_output_dir(config, overwrite, resume)
     if resume:  # the saved run's config wins (flags that disagree are refused); the output directory may differ
-        config = _resumed_config(Path(config.output_dir or "."), config)
+        config = resumed_config(Path(config.output_dir or "."), config)
     thresholds = config.stage_thresholds()
     # Everything that can fail on bad input (data, model path, tokenizer) runs before anything is written.
     task = task_of(config.task)
@@ -246,41 +247,6 @@ def _load_adapter(model, path: Path) -> None:
     from safetensors.torch import load_file
 
     peft.set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
-
-
-def _resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
-    from .config import FIELDS, coerce, load_yaml
-
-    if not (out / CONFIG).is_file():
-        raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
-    saved = TrainConfig(**{k: coerce(k, v) for k, v in load_yaml(out / CONFIG).items() if k in FIELDS})
-    changed = _changed_settings(saved, given)
-    if changed:
-        raise InputError(f"cannot resume {out} with other settings ({changed}): drop these flags to resume it, "
-                         "or start a new run in another --output-dir")
-    return replace(saved, output_dir=given.output_dir)
-
-
-def _changed_settings(saved: TrainConfig, given: TrainConfig) -> str:
-    """The fields the user set (to other than the method's defaults) that differ from the saved run's, as text.
-
-    `given` holds every field, so only a value the user chose can disagree: re-issuing the run's command with
-    --resume passes, and so does a bare `sora train --output-dir DIR --resume`. The output directory may differ.
-    """
-    from .config import CONFIG_DIR, FIELDS, coerce, load_yaml
-
-    defaults = {**TrainConfig().to_dict(), "method": "sora"}  # "sora": the method when none is given
-    defaults.update({k: coerce(k, v) for k, v in load_yaml(CONFIG_DIR / f"{given.method}.yaml").items()
-                     if k != "method"})
-    differ = []
-    for name in FIELDS:
-        old, new = getattr(saved, name), getattr(given, name)
-        if name == "output_dir" or new == defaults[name] or new == old:
-            continue
-        if name == "modules_to_save" and old and new and old[:len(new)] == new:
-            continue  # the run appended the modules its checkpoint lacked (see train)
-        differ.append(f"{name}: saved {old!r}, given {new!r}")
-    return "; ".join(differ)
 
 
 def _no_run_yet(output_dir: str) -> bool:

@@ -16,8 +16,8 @@ from ...errors import InputError
 from .full import BitFit, Full
 from .lora import PATTERN_FIELDS, AdaLora, Lora, lora_file
 from .method import Method, read_trained
-from .pretrained import (BLOCK_LINEARS, HEADS, MINILM_ALIASES, MINILM_HUB_ID, base_model_name, load_base, load_causal_lm,
-                         peft_common, resolve_model_path, target_modules, within)
+from .pretrained import (BLOCK_LINEARS, HEADS, MINILM_ALIASES, MINILM_HUB_ID, absolute_model, base_model_name, load_base,
+                         load_causal_lm, peft_common, resolve_model_path, target_modules, within)
 from .sora import Sora, export_layout
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def adapter_size(config: TrainConfig, model: nn.Module) -> dict[str, Any]:
 
 __all__ = [
     "BLOCK_LINEARS", "HEADS", "METHODS", "MINILM_ALIASES", "MINILM_HUB_ID", "PATTERN_FIELDS", "REGISTRY", "AdaLora",
-    "BitFit", "Full", "Lora", "Method", "Sora", "adapter_size", "base_model_name", "export_layout", "get_method",
+    "BitFit", "Full", "Lora", "Method", "Sora", "absolute_model", "adapter_size", "base_model_name", "export_layout", "get_method",
     "load_base", "load_causal_lm", "lora_file", "make_optimizer", "peft_common", "read_trained", "resolve_model_path",
     "target_modules", "within", "wrap",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,10 +62,25 @@ def resolve_model_path(name: str) -> str:
             raise InputError(f"model directory {name} holds no weights (*.safetensors, pytorch_model*.bin): "
                              f"not a saved model; {allowed}")
         return str(path)
-    hub_id = not name.startswith((".", "/", "~")) and name.count("/") <= 1  # "name" or "org/name"
-    if path.exists() or not hub_id:
+    if path.exists() or not is_hub_id(name):
         raise InputError(f"model path does not exist or is not a directory: {name}")
     return name
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is written as a hub id ("name" or "org/name"), not as a path."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1
+
+
+def absolute_model(name: str) -> str:
+    """`name` as config.yaml keeps it: a local path absolute ("~" expanded), so that the run loads the same model
+    from any directory; an alias ("minilm") or a hub id that names nothing here as given. A name that exists here
+    is the local path, as resolve_model_path loads it."""
+    local = os.path.expanduser(name)
+    alias = name.lower() in (*MINILM_ALIASES, *SMOLLM2_ALIASES)
+    if not name or alias or (is_hub_id(name) and not os.path.exists(local)):
+        return name
+    return local if os.path.isabs(local) else os.path.abspath(local)
 
 
 def smollm2_path() -> str:

@@ -1,0 +1,46 @@
+"""What `sora train --resume` continues with: the saved run's settings, refusing flags that disagree with them."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import InputError
+from .config import CONFIG_DIR, FIELDS, TrainConfig, coerce, load_saved, load_yaml
+from .fill import fill_in
+from .rundir import CONFIG
+
+
+def resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
+    """The config.yaml of the run in `out`, with `given`'s output directory; InputError if `given` sets other values."""
+    if not (out / CONFIG).is_file():
+        raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
+    saved = load_saved(out / CONFIG)
+    changed = changed_settings(saved, given)
+    if changed:
+        raise InputError(f"cannot resume {out} with other settings ({changed}): drop these flags to resume it, "
+                         "or start a new run in another --output-dir")
+    return replace(saved, output_dir=given.output_dir)
+
+
+def changed_settings(saved: TrainConfig, given: TrainConfig) -> str:
+    """The fields the user set (to other than the method's defaults) that differ from the saved run's, as text.
+
+    `given` holds every field, so only a value the user chose can disagree: re-issuing the run's command with
+    --resume passes, and so does a bare `sora train --output-dir DIR --resume`. The output directory may differ.
+    A field left unset is compared as validation fills it in (fill.fill_in): max_length from the task, which a
+    bare --resume does not name, is no choice of the user's. Paths are compared absolute, as both sides hold them.
+    """
+    defaults = {**TrainConfig().to_dict(), "method": "sora"}  # "sora": the method when none is given
+    defaults.update({k: coerce(k, v) for k, v in load_yaml(CONFIG_DIR / f"{given.method}.yaml").items()
+                     if k != "method"})
+    differ = []
+    for name in FIELDS:
+        old, new = getattr(saved, name), getattr(given, name)
+        left_unset = fill_in(replace(given, **{name: defaults[name]}))  # the value had the user not set it
+        if name == "output_dir" or new == old or new == getattr(left_unset, name):
+            continue
+        if name == "modules_to_save" and old and new and old[:len(new)] == new:
+            continue  # the run appended the modules its checkpoint lacked (see train)
+        differ.append(f"{name}: saved {old!r}, given {new!r}")
+    return "; ".join(differ)

@@ -37,9 +37,10 @@ def changed_settings(saved: TrainConfig, given: TrainConfig) -> str:
     differ = []
     for name in FIELDS:
         old, new = getattr(saved, name), getattr(given, name)
-        left_unset = fill_in(replace(given, **{name: defaults[name]}))  # the value had the user not set it
-        if name == "output_dir" or new == old or new == getattr(left_unset, name):
+        if name == "output_dir" or new == old:
             continue
+        if new == getattr(fill_in(replace(given, **{name: defaults[name]})), name):
+            continue  # the value `given` has had the user not set it: no choice of theirs
         if name == "modules_to_save" and old and new and old[:len(new)] == new:
             continue  # the run appended the modules its checkpoint lacked (see train)
         differ.append(f"{name}: saved {old!r}, given {new!r}")

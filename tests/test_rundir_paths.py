@@ -105,6 +105,19 @@ def test_resume_with_a_relative_path_naming_another_folder_here_is_refused(proje
             f"given '{elsewhere / 'glue'}')") in capsys.readouterr().err
 
 
+def test_resume_naming_the_runs_data_dir_without_its_task_resumes(project):
+    out = _started(project)
+    assert main(["train", "--output-dir", str(out), "--data-dir", "glue", "--resume"]) == 0
+    assert (out / "metrics.json").is_file()
+
+
+def test_resume_naming_another_data_dir_without_the_task_is_refused_as_another_setting(project, elsewhere, capsys):
+    out = _started(project)
+    assert main(["train", "--output-dir", str(out), "--data-dir", str(elsewhere), "--resume"]) == 2
+    assert (f"cannot resume {out} with other settings (data_dir: saved '{project / 'glue'}', given '{elsewhere}')"
+            in capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("model, saved", [
     ("minilm", "minilm"),  # an alias loads the offline package even where a folder of that name exists
     ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"),

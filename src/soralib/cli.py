@@ -17,6 +17,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -148,9 +149,13 @@ def _is_number_list(token: str) -> bool:
 def train_config(args: argparse.Namespace):
     """The TrainConfig of a parsed `sora train` command line: only the flags given override the YAMLs."""
     from .train.config import FIELDS, build_config
+    from .train.rundir import CONFIG
 
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and k != "method"}
-    return build_config(args.method, args.config, overrides)
+    # A --resume's flags are checked against the saved run (train/resume.py), not alone: `--data-dir` without
+    # the run's --task names that run's data.
+    saved_run = args.resume and args.output_dir and os.path.isfile(os.path.join(args.output_dir, CONFIG))
+    return build_config(args.method, args.config, overrides, check=not saved_run)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

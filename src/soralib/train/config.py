@@ -271,10 +271,12 @@ def coerce(name: str, value: Any) -> Any:
         raise InputError(f"{name} must be {'a list' if kind.startswith('list') else 'a ' + kind}, got {value!r}") from None
 
 
-def build_config(method: str | None, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+def build_config(method: str | None, config_file: str | None, overrides: dict[str, Any],
+                 check: bool = True) -> TrainConfig:
     """Method defaults < config file < explicit overrides (None values in overrides are ignored).
 
-    The method is `method` if given, else the config file's `method`, else "sora".
+    The method is `method` if given, else the config file's `method`, else "sora". check=False: not validated,
+    for the flags of a --resume, which resume.py checks against the saved run instead.
     """
     from_file = load_yaml(config_file) if config_file else {}
     method = method or from_file.get("method") or "sora"
@@ -284,8 +286,9 @@ def build_config(method: str | None, config_file: str | None, overrides: dict[st
     given = {k: v for k, v in overrides.items() if v is not None}
     values.update(given)
     values["method"] = method
-    config = TrainConfig(**{k: coerce(k, v) for k, v in values.items()}).validate()
-    check_used(config, set(given), from_file, config_file)
+    config = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+    if check:
+        check_used(config.validate(), set(given), from_file, config_file)
     return config
 
 

@@ -12,15 +12,19 @@ from .rundir import CONFIG
 
 
 def resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
-    """The config.yaml of the run in `out`, with `given`'s output directory; InputError if `given` sets other values."""
+    """The config.yaml of the run in `out`, with `given`'s output directory, validated; InputError if `given` sets
+    other values.
+
+    `given` is not validated alone: its flags only name the saved run's values, so `--data-dir` without the
+    run's --task is that run's data, not a data directory for no task."""
     if not (out / CONFIG).is_file():
         raise InputError(f"nothing to resume in {out}: no config.yaml from an earlier run")
     saved = load_saved(out / CONFIG)
-    changed = changed_settings(saved, given)
+    changed = changed_settings(saved, fill_in(replace(given)))
     if changed:
         raise InputError(f"cannot resume {out} with other settings ({changed}): drop these flags to resume it, "
                          "or start a new run in another --output-dir")
-    return replace(saved, output_dir=given.output_dir)
+    return replace(saved, output_dir=given.output_dir).validate()
 
 
 def changed_settings(saved: TrainConfig, given: TrainConfig) -> str:

@@ -120,10 +120,11 @@ def train(config: TrainConfig, overwrite: bool = False, resume: bool = False, sh
 
 def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bool,
            lock: contextlib.ExitStack) -> dict:
-    config.validate()
     if resume and not overwrite and _no_run_yet(config.output_dir):  # killed before it wrote anything
         logger.warning("--resume: no run in %s yet; starting it from scratch", config.output_dir)
         resume = False
+    if not resume:
+        config.validate()
     check_output_dir(config, overwrite, resume)
     if resume:  # the saved run's config wins (flags that disagree are refused); the output directory may differ
         config = resumed_config(Path(config.output_dir or "."), config)

@@ -26,6 +26,49 @@ def test_eval_each_epoch_writes_a_validation_curve_with_elapsed_time(glue_dir, t
     assert len(final) == 1 and "split" not in final[0]  # the final evaluation, told apart by its prefix
 
 
+def _validation_passes(monkeypatch) -> list[str]:
+    """The prefixes of the evaluation passes Trainer runs from now on."""
+    import transformers
+
+    passes, loop = [], transformers.Trainer.evaluation_loop
+
+    def counted(self, *args, **kwargs):
+        passes.append(kwargs.get("metric_key_prefix", args[-1] if len(args) > 4 else "eval"))
+        return loop(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "evaluation_loop", counted)
+    return passes
+
+
+def test_the_final_validation_reuses_the_last_steps_evaluation_of_the_same_weights(glue_dir, tiny_model, tmp_path,
+                                                                                   monkeypatch):
+    passes = _validation_passes(monkeypatch)
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--eval-each-epoch", "true")) == 0
+    assert passes == ["eval", "eval"]  # after epoch 1 and 2; none repeats the second for metrics.json
+    history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+    last = [h for h in history if h.get("split") == "validation"][-1]
+    final = json.loads((out / "metrics.json").read_text())["eval"]
+    assert final["accuracy"] == last["eval_accuracy"] and final["loss"] == last["eval_loss"]
+
+
+def test_the_final_validation_runs_again_when_the_weights_changed_after_the_last_evaluation(
+        glue_dir, tiny_model, tmp_path, monkeypatch):
+    import torch
+
+    from soralib.train import run
+
+    def trim_that_moves_a_gate(model, *args):  # the budget's trim runs after training, before the final evaluation
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "gate" in n)[0] += 1.0
+
+    monkeypatch.setattr(run, "trim_model_", trim_that_moves_a_gate)
+    passes = _validation_passes(monkeypatch)
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--eval-each-epoch", "true", "--target-rank", "2")) == 0
+    assert passes == ["eval", "eval", "validation"]
+
+
 def test_eval_fraction_writes_a_validation_point_every_tenth_of_training(glue_dir, tiny_model, tmp_path):
     out = tmp_path / "run"
     # 48 rows, batch 8, 2 epochs: 12 steps; every 0.25 of them is every 3 steps

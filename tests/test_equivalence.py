@@ -130,3 +130,32 @@ def test_two_adapters_switch_and_only_the_active_one_counts():
     torch.testing.assert_close(output(model, inputs), output(make_model("mlp"), inputs))  # "other" has B = 0
     model.set_adapter("default")
     torch.testing.assert_close(output(model, inputs), first)
+
+
+def test_prune_leaves_the_users_config_alone_so_reusing_it_builds_full_rank_adapters():
+    config = soralib.SoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["mlp"][0])
+    model = peft.get_peft_model(make_model("mlp"), config)
+    scramble(model)
+    kept = soralib.prune(model)
+    assert model.peft_config["default"].kept_ranks == kept and sum(kept.values()) < 8
+    assert config.kept_ranks == {}
+    fresh = peft.get_peft_model(make_model("mlp", seed=1), config)  # the next seed of a loop
+    assert [layer.r["default"] for _, layer in soralib.optim.sora_layers(fresh)] == [4, 4]
+
+
+def test_two_adapters_sharing_one_config_both_load_with_peft_after_one_is_pruned(tmp_path):
+    config = soralib.SoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["mlp"][0])
+    model = peft.get_peft_model(make_model("mlp"), config, adapter_name="one")
+    model.add_adapter("two", config)
+    scramble(model)
+    inputs = make_input("mlp")
+    expected = {}
+    for name in ("two", "one"):
+        model.set_adapter(name)
+        expected[name] = output(model, inputs)
+    soralib.prune(model, adapter="one")
+    assert model.peft_config["two"].kept_ranks == {}
+    model.save_pretrained(tmp_path)
+    for name in ("one", "two"):
+        loaded = peft.PeftModel.from_pretrained(make_model("mlp"), tmp_path / name, adapter_name=name)
+        torch.testing.assert_close(output(loaded, inputs), expected[name], atol=ATOL, rtol=0)

@@ -171,6 +171,18 @@ def test_gate_l1_is_the_mean_absolute_gate_and_has_a_gradient():
     torch.testing.assert_close(gates[0].grad, torch.sign(gates[0].detach()) / n)
 
 
+def test_gate_l1_counts_only_the_gates_of_the_active_adapter():
+    model = sora_model("mlp", gate_init="ones")
+    model.add_adapter("other", soralib.SoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["mlp"][0]))
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.sora_gate["other"].zero_()
+    assert soralib.gate_l1(model).item() == 1.0  # "default" is active; "other"'s zero gates do not count
+    assert soralib.gate_l1(model, adapter="other").item() == 0.0
+    model.set_adapter("other")
+    assert soralib.gate_l1(model).item() == 0.0
+
+
 def test_trainer_optimizer_form_uses_the_given_lr_and_gate_group(tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -40,15 +40,36 @@ pytestmark = pytest.mark.usefixtures("_cache")
      "target_modules as a list of names, not one regex; got target_modules='.*query'"),
     ({"layers_to_transform": [0, -1]}, "layers_to_transform must be a layer index >= 0 or a list of them, got [0, -1]"),
     ({"layers_to_transform": [0], "layers_pattern": 3}, "layers_pattern must be a name or a list of names, got 3"),
+    ({"target_modules": 5}, "target_modules must be a list of module names or one regex string (or 'all-linear'), "
+                            "got 5"),
+    ({"target_modules": ["fc1", 5]}, "target_modules must be a list of module names or one regex string (or "
+                                     "'all-linear'), got ['fc1', 5]"),
+    ({"target_modules": "(("}, "target_modules '((' is not a valid regex (missing ), unterminated subpattern at "
+                               "position 1); expected a list of module names or one regex"),
+    ({"exclude_modules": 5}, "exclude_modules must be a list of module names or one regex string, got 5"),
+    ({"modules_to_save": 5}, "modules_to_save must be a list of module names, got 5"),
+    ({"modules_to_save": "head"}, "modules_to_save must be a list of module names, got 'head'; did you mean ['head']?"),
+    ({"inference_mode": "no"}, "inference_mode must be true or false, got 'no'"),
 ], ids=["r-bool", "lora_alpha-nan", "lora_dropout-negative", "kept_ranks-list", "kept_ranks-above-r",
         "kept_ranks-above-pattern-r_max", "rank_pattern-list", "rank_pattern-zero", "rank_pattern-float",
         "rank_pattern-bad-regex", "alpha_pattern-negative", "alpha_pattern-empty-key", "use_rslora-str", "bias-all",
         "layers_pattern-alone", "layers_to_transform-with-regex-targets", "layers_to_transform-negative",
-        "layers_pattern-int"])
+        "layers_pattern-int", "target_modules-int", "target_modules-int-entry", "target_modules-bad-regex",
+        "exclude_modules-int", "modules_to_save-int", "modules_to_save-str", "inference_mode-str"])
 def test_sora_config_rejects_bad_field_values(kwargs, expected):
     with pytest.raises(ValueError) as excinfo:
         soralib.SoraConfig(**kwargs)
     assert one_line(excinfo) == expected
+
+
+@pytest.mark.parametrize("targets, adapted", [
+    ("all-linear", ["fc1", "fc2", "head"]),  # a plain torch model has no output head PEFT knows to leave out
+    ("fc.", ["fc1", "fc2"]), (["fc1", "fc2"], ["fc1", "fc2"]), (("fc1", "fc2"), ["fc1", "fc2"]),
+    ({"fc1", "fc2"}, ["fc1", "fc2"]),
+], ids=["all-linear", "regex", "list", "tuple", "set"])
+def test_sora_config_takes_target_modules_in_every_form_peft_lora_takes(targets, adapted):
+    model = peft.get_peft_model(make_model("mlp"), soralib.SoraConfig(target_modules=targets))
+    assert [name.removeprefix("base_model.model.") for name, _ in soralib.optim.sora_layers(model)] == adapted
 
 
 # ---- optimizer arguments --------------------------------------------------------------------------------------------
@@ -126,7 +147,9 @@ def test_a_sora_layer_refuses_a_base_layer_that_is_not_linear(layer, expected):
      "the model has no SoRA layers for adapter 'other'"),
     (lambda: soralib.prune(make_model("mlp")), "the model has no SoRA layers for adapter 'default'"),
     (lambda: soralib.prune(sora_model("mlp"), adapter="other"), "the model has no SoRA layers for adapter 'other'"),
-], ids=["sparsity_report-plain-model", "sparsity_report-unknown-adapter", "prune-plain-model", "prune-unknown-adapter"])
+    (lambda: soralib.gate_l1(sora_model("mlp"), adapter="other"), "the model has no SoRA layers for adapter 'other'"),
+], ids=["sparsity_report-plain-model", "sparsity_report-unknown-adapter", "prune-plain-model", "prune-unknown-adapter",
+        "gate_l1-unknown-adapter"])
 def test_sparsity_report_and_prune_need_sora_layers_for_the_adapter(call, expected):
     with pytest.raises(ValueError) as excinfo:
         call()

@@ -93,4 +93,5 @@ def test_a_deeply_nested_config_is_refused_in_one_line(tmp_path, mlp_adapter, te
 @pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
 def test_a_module_pattern_that_is_not_a_regular_expression_is_refused(tmp_path, mlp_adapter, field):
     adapter = tampered(mlp_adapter, tmp_path / "regex", lambda c: c.update({field: "fc(1"}))
-    refused(make_model("mlp"), adapter, f"{CONFIG}: 'fc(1' is not a valid regular expression (missing ),")
+    refused(make_model("mlp"), adapter, f"{CONFIG}: invalid SORA config: {field} 'fc(1' is not a valid regex "
+                                        "(missing ),")

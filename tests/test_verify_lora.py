@@ -47,6 +47,13 @@ def test_a_lora_rank_of_zero_is_refused(tmp_path, bert_lora):
     refused(make_model("bert"), adapter, "LoRA rank of", "is 0; expected a positive integer")
 
 
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_a_lora_module_pattern_that_is_not_a_regular_expression_is_refused(tmp_path, bert_lora, field):
+    # LoraConfig takes any string; PEFT would fail on it only while matching modules
+    adapter = tampered(bert_lora, tmp_path / "regex", lambda c: c.update({field: "fc(1"}))
+    refused(make_model("bert"), adapter, f"{CONFIG}: 'fc(1' is not a valid regular expression (missing ),")
+
+
 def test_sora_weights_relabelled_as_lora_are_refused(tmp_path, mlp_adapter):
     def relabel(config):
         del config["kept_ranks"], config["gate_init"]

@@ -105,6 +105,9 @@ class SoraConfig(PeftConfig):
                              f"its bias), got {self.bias!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+        if not isinstance(self.inference_mode, bool):
+            raise ValueError(f"inference_mode must be true or false, got {self.inference_mode!r}")
+        self._check_module_names()
         _check_pattern("rank_pattern", self.rank_pattern, _is_rank, "a positive integer")
         _check_pattern("alpha_pattern", self.alpha_pattern, _is_alpha, "a finite number > 0")
         self._check_layers()
@@ -119,6 +122,26 @@ class SoraConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+
+    def _check_module_names(self) -> None:
+        """The types PEFT LoraConfig takes, which PEFT itself never checks (5 fails deep inside get_peft_model, and a
+        string modules_to_save is walked letter by letter)."""
+        for name, example in (("target_modules", " (or 'all-linear')"), ("exclude_modules", "")):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)  # PEFT matches a string as one regex against the whole module path
+                except re.error as err:
+                    raise ValueError(f"{name} {value!r} is not a valid regex ({err}); expected a list of module "
+                                     "names or one regex") from None
+            elif value is not None and not _is_names(value, (list, tuple, set)):
+                raise ValueError(f"{name} must be a list of module names or one regex string{example}, got {value!r}")
+        saved = self.modules_to_save
+        if isinstance(saved, str):
+            raise ValueError(f"modules_to_save must be a list of module names, got {saved!r}; "
+                             f"did you mean [{saved!r}]?")
+        if saved is not None and not _is_names(saved, (list,)):  # a list: PEFT appends its head names to it
+            raise ValueError(f"modules_to_save must be a list of module names, got {saved!r}")
 
     def _check_layers(self) -> None:
         """PEFT LoraConfig's rules for layers_to_transform / layers_pattern, plus their types."""
@@ -154,6 +177,10 @@ def _is_rank(value) -> bool:
 
 def _is_alpha(value) -> bool:
     return _is_number(value) and 0 < value < math.inf
+
+
+def _is_names(value, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and all(isinstance(name, str) for name in value)
 
 
 def _is_index(value) -> bool:

@@ -64,11 +64,24 @@ def gate_parameters(model: nn.Module, trainable_only: bool = True) -> list[nn.Pa
     return [g for g in gates if g.requires_grad or not trainable_only]
 
 
-def gate_l1(model: nn.Module) -> torch.Tensor:
-    """mean |g| over all gates: the reference code's optional extra loss term (`loss + c · gate_l1(model)`)."""
-    gates = gate_parameters(model, trainable_only=False)
-    if not gates:
+def _adapter_name(model: nn.Module, adapter: str | None) -> str:
+    """`adapter`, else the model's active adapter (the first, when several are active)."""
+    if adapter is not None:
+        return adapter
+    active = getattr(model, "active_adapter", "default")
+    return active if isinstance(active, str) else active[0]
+
+
+def gate_l1(model: nn.Module, adapter: str | None = None) -> torch.Tensor:
+    """mean |g| over the gates of `adapter` (default: the active one): the reference code's optional extra loss
+    term (`loss + c · gate_l1(model)`)."""
+    layers = [layer for _, layer in sora_layers(model)]
+    if not layers:
         raise ValueError("gate_l1 needs a model with SoRA layers; this one has none")
+    adapter = _adapter_name(model, adapter)
+    gates = [layer.sora_gate[adapter] for layer in layers if adapter in layer.sora_gate]
+    if not gates:
+        raise ValueError(f"the model has no SoRA layers for adapter {adapter!r}")
     return torch.cat([g.reshape(-1) for g in gates]).abs().mean()
 
 

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-from .optim import sora_layers, whole
-
-
-def _adapter_name(model: nn.Module, adapter: str | None) -> str:
-    if adapter is not None:
-        return adapter
-    active = getattr(model, "active_adapter", "default")
-    return active if isinstance(active, str) else active[0]
+from .optim import _adapter_name, sora_layers, whole
 
 
 def sparsity_report(model: nn.Module, adapter: str | None = None) -> dict[str, Any]:
@@ -60,8 +54,9 @@ def prune(model: nn.Module, adapter: str | None = None) -> dict[str, int]:
     """Cut zero-gated ranks out of A, B and g in place; the model's outputs do not change.
 
     The kept ranks are written to the adapter config's `kept_ranks`, so a saved pruned adapter loads back
-    with its smaller shapes. Returns module path -> kept rank. Build a new optimizer afterwards: the
-    pruned parameters are new tensors.
+    with its smaller shapes; the adapter gets its own copy of the config first, so the SoraConfig you passed
+    (and any other adapter built from it) is left as it was. Returns module path -> kept rank. Build a new
+    optimizer afterwards: the pruned parameters are new tensors.
     """
     adapter = _adapter_name(model, adapter)
     kept = {}
@@ -73,7 +68,9 @@ def prune(model: nn.Module, adapter: str | None = None) -> dict[str, int]:
             kept[_strip(name)] = layer.r[adapter]
     if not kept:
         raise ValueError(f"the model has no SoRA layers for adapter {adapter!r}")
-    config = getattr(model, "peft_config", {}).get(adapter)
-    if config is not None:
-        config.kept_ranks = dict(kept)
+    configs = getattr(model, "peft_config", {})
+    if adapter in configs:
+        # PEFT keeps the very object given to get_peft_model / add_adapter: the user's, maybe other adapters' too
+        configs[adapter] = copy.deepcopy(configs[adapter])
+        configs[adapter].kept_ranks = dict(kept)
     return kept

@@ -28,7 +28,7 @@ from .errors import InputError
 from .io import atomic_dir, foreign_entries, name_list
 from .layer import SoraLayer
 from .optim import DTensor, sora_layers
-from .prune import _adapter_name, _strip
+from .prune import adapter_of, _strip
 from .ranks import exact_key, exact_targets
 
 LAYOUTS = ("exact", "uniform")
@@ -66,7 +66,7 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
     if in_the_way:
         raise InputError(f"{out_dir} holds {name_list(in_the_way)}, which an export does not write; "
                          "move them out or choose another directory")
-    adapter = _adapter_name(model, adapter)
+    adapter = adapter_of(model, adapter)
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or adapter not in configs:
         have = ", ".join(configs) if isinstance(configs, dict) else "none (not a PEFT model)"

@@ -64,7 +64,7 @@ def gate_parameters(model: nn.Module, trainable_only: bool = True) -> list[nn.Pa
     return [g for g in gates if g.requires_grad or not trainable_only]
 
 
-def _adapter_name(model: nn.Module, adapter: str | None) -> str:
+def adapter_of(model: nn.Module, adapter: str | None) -> str:
     """`adapter`, else the model's active adapter (the first, when several are active)."""
     if adapter is not None:
         return adapter
@@ -78,7 +78,7 @@ def gate_l1(model: nn.Module, adapter: str | None = None) -> torch.Tensor:
     layers = [layer for _, layer in sora_layers(model)]
     if not layers:
         raise ValueError("gate_l1 needs a model with SoRA layers; this one has none")
-    adapter = _adapter_name(model, adapter)
+    adapter = adapter_of(model, adapter)
     gates = [layer.sora_gate[adapter] for layer in layers if adapter in layer.sora_gate]
     if not gates:
         raise ValueError(f"the model has no SoRA layers for adapter {adapter!r}")

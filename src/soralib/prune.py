@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .optim import _adapter_name, sora_layers, whole
+from .optim import adapter_of, sora_layers, whole
 
 
 def sparsity_report(model: nn.Module, adapter: str | None = None) -> dict[str, Any]:
@@ -17,7 +17,7 @@ def sparsity_report(model: nn.Module, adapter: str | None = None) -> dict[str, A
     A rank costs ``in_features + out_features`` parameters (one row of A, one column of B) in the exported
     LoRA, whatever the layer's shape; `lora_params_at_r_max` is the same count for a plain LoRA of rank r_max.
     """
-    adapter = _adapter_name(model, adapter)
+    adapter = adapter_of(model, adapter)
     modules, kept_params, full_params, kept_rank, r_max_total = [], 0, 0, 0, 0
     for name, layer in sora_layers(model):
         if adapter not in layer.sora_gate:
@@ -58,7 +58,7 @@ def prune(model: nn.Module, adapter: str | None = None) -> dict[str, int]:
     (and any other adapter built from it) is left as it was. Returns module path -> kept rank. Build a new
     optimizer afterwards: the pruned parameters are new tensors.
     """
-    adapter = _adapter_name(model, adapter)
+    adapter = adapter_of(model, adapter)
     kept = {}
     for name, layer in sora_layers(model):
         if adapter in layer.sora_gate:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import SoraConfig
 from .optim import sora_layers
-from .prune import _adapter_name, _strip
+from .prune import adapter_of, _strip
 
 
 def exact_key(path: str) -> str:
@@ -53,7 +53,7 @@ def sora_config(model: nn.Module, adapter: str) -> SoraConfig:
 
 def kept_ranks(model: nn.Module, adapter: str | None = None) -> dict[str, int]:
     """Module path (PEFT's convention, without ``base_model.model.``) -> number of non-zero gates, 0 included."""
-    adapter = _adapter_name(model, adapter)
+    adapter = adapter_of(model, adapter)
     ranks = {_strip(name): int((layer.sora_gate[adapter] != 0).sum())
              for name, layer in sora_layers(model) if adapter in layer.sora_gate}
     if not ranks:
@@ -86,7 +86,7 @@ def lora_config_from(model: nn.Module, lora_alpha: float | None = None, adapter:
 
     `lora_kwargs` set or override any other LoraConfig field (e.g. ``init_lora_weights="pissa"``).
     """
-    adapter = _adapter_name(model, adapter)
+    adapter = adapter_of(model, adapter)
     config = sora_config(model, adapter)
     if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
                                    or not 0 < lora_alpha < float("inf")):

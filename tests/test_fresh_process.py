@@ -92,6 +92,25 @@ def test_a_submodule_imported_alone_hands_sora_to_peft_as_the_top_level_names_do
     assert result.stdout.split() == [EXPECTED.get(entry, "SoraModel")], result.stderr
 
 
+@pytest.mark.parametrize("imports", ["import soralib, peft", "import soralib\nfrom peft import PeftConfig",
+                                     "import peft, soralib"], ids=["soralib-then-peft", "soralib-then-from-peft",
+                                                                   "peft-then-soralib"])
+def test_a_saved_sora_adapter_loads_through_peft_alone_after_import_soralib_in_either_order(sora_adapter, imports):
+    # the README's "import soralib  # registers the SORA type with PEFT", with no soralib name used after it
+    code = (imports + "\nimport sys, peft\nfrom torch import nn\n"
+            "config = peft.PeftConfig.from_pretrained(sys.argv[1])\n"
+            "model = peft.PeftModel.from_pretrained(nn.Sequential(nn.Linear(4, 4)), sys.argv[1])\n"
+            "print(config.peft_type.value, type(model.base_model).__name__)")
+    result = python(code, sora_adapter)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["SORA", "SoraModel"], result.stderr
+
+
+def test_import_soralib_alone_loads_no_torch_peft_or_transformers():
+    result = python("import sys, soralib\nprint([m for m in ('torch', 'peft', 'transformers') if m in sys.modules])")
+    assert result.stdout.split() == ["[]"], result.stderr
+
+
 def test_submodules_are_attributes_of_soralib_without_loading_torch():
     code = ("import sys, soralib\n"
             "print(soralib.errors.InputError.__name__, soralib.schedule.stage_thresholds.__name__, "

@@ -79,11 +79,66 @@ def test_sora_config_takes_target_modules_in_every_form_peft_lora_takes(targets,
     ({"threshold": "0.1"}, "threshold must be a finite number >= 0, got '0.1'"),
     ({"min_rank": -1}, "min_rank must be an integer >= 0, got -1"),
     ({"min_rank": 1.5}, "min_rank must be an integer >= 0, got 1.5"),
-], ids=["threshold-inf", "threshold-str", "min_rank-negative", "min_rank-float"])
+    ({"lr": "1e-3"}, "lr must be a finite number > 0, got '1e-3'"),
+    ({"lr": None}, "lr must be a finite number > 0, got None"),
+    ({"weight_decay": "0.1"}, "weight_decay must be a finite number >= 0, got '0.1'"),
+    ({"gate_lr": "x"}, "gate_lr must be a finite number > 0 (or None: lr), got 'x'"),
+    ({"gate_group_kwargs": {"sora_threshold": -5}},
+     "gate_group_kwargs['sora_threshold'] must be a finite number >= 0, got -5"),
+    ({"gate_group_kwargs": {"lr": "1e-3"}}, "gate_group_kwargs['lr'] must be a finite number > 0, got '1e-3'"),
+    ({"gate_group_kwargs": 5}, "gate_group_kwargs must be a dict of the gates' optimizer settings, got 5"),
+], ids=["threshold-inf", "threshold-str", "min_rank-negative", "min_rank-float", "lr-str", "lr-None",
+        "weight_decay-str", "gate_lr-str", "gate_group_kwargs-threshold", "gate_group_kwargs-lr-str",
+        "gate_group_kwargs-not-dict"])
 def test_optimizer_rejects_bad_arguments(kwargs, expected):
     with pytest.raises(ValueError) as excinfo:
-        soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, **kwargs)
+        soralib.create_sora_optimizer(sora_model("mlp"), **{"lr": 1e-3, **kwargs})
     assert one_line(excinfo) == expected
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"threshold": -1}, "threshold must be a finite number >= 0, got -1"),
+    ({"lr": "1e-3"}, "lr must be a finite number > 0, got '1e-3'"),
+    ({"gate_group_kwargs": {"sora_min_rank": 0.5}}, "gate_group_kwargs['sora_min_rank'] must be an integer >= 0, "
+                                                    "got 0.5"),
+], ids=["threshold-negative", "lr-str", "gate_group_kwargs-min_rank"])
+def test_trainer_optimizer_form_checks_its_arguments_when_called_not_when_the_trainer_builds_it(kwargs, expected):
+    with pytest.raises(ValueError) as excinfo:
+        soralib.trainer_optimizer_cls_and_kwargs(**{"lr": 1e-3, **kwargs})
+    assert one_line(excinfo) == expected
+
+
+def test_soralib_callback_checks_the_gate_group_settings_it_is_given():
+    with pytest.raises(ValueError) as excinfo:
+        soralib.SoraCallback(threshold=1e-3, gate_group_kwargs={"sora_threshold": -5})
+    assert one_line(excinfo) == "gate_group_kwargs['sora_threshold'] must be a finite number >= 0, got -5"
+    with pytest.raises(ValueError) as excinfo:
+        soralib.SoraCallback(threshold=1e-3, gate_lr="x")
+    assert one_line(excinfo) == "gate_lr must be a finite number > 0 (or None: lr), got 'x'"
+
+
+def test_soft_threshold_refuses_a_negative_tau_that_would_grow_the_gates():
+    with pytest.raises(ValueError) as excinfo:
+        soralib.soft_threshold(torch.tensor([-1.0, 0.2, 0.5]), -0.3)
+    assert one_line(excinfo) == "tau must be a finite number >= 0, got -0.3"
+
+
+def test_add_prox_step_refuses_an_optimizer_without_a_gate_group_and_adds_no_hook():
+    plain = torch.optim.SGD(make_model("mlp").parameters(), lr=0.1)
+    with pytest.raises(ValueError) as excinfo:
+        soralib.add_prox_step(plain)
+    assert one_line(excinfo) == ("add_prox_step needs an optimizer with a SoRA gate group (a param group with "
+                                 "'sora_threshold'); this SGD has none: build it with soralib.create_sora_optimizer")
+    assert not getattr(plain, soralib.optim._HOOKED, False)
+
+
+def test_add_prox_step_checks_a_hand_built_gate_group():
+    model = sora_model("mlp")
+    gates = soralib.gate_parameters(model)
+    opt = torch.optim.SGD([{"params": gates, "sora_threshold": -1.0, "sora_threshold_mode": "fixed"}], lr=0.1)
+    with pytest.raises(ValueError) as excinfo:
+        soralib.add_prox_step(opt)
+    assert one_line(excinfo) == "optimizer.param_groups[0]['sora_threshold'] must be a finite number >= 0, got -1.0"
 
 
 def test_set_threshold_needs_an_optimizer_with_a_sora_gate_group():

@@ -30,8 +30,9 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .budget import BudgetSchedule, check_budget
+from .checks import check_gate_options
 from .io import atomic_write_bytes
-from .optim import _why_no_gates, add_prox_step, check_gate_options, gate_parameters
+from .optim import _why_no_gates, add_prox_step, gate_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class SoraCallback(TrainerCallback):
     def __init__(self, threshold: float, threshold_mode: str = "fixed", min_rank: int = 0,
                  gate_lr: float | None = None, gate_update: str = "optimizer",
                  gate_group_kwargs: dict[str, Any] | None = None) -> None:
-        check_gate_options(threshold, threshold_mode, gate_lr, min_rank, gate_update)
+        check_gate_options(threshold, threshold_mode, gate_lr, min_rank, gate_update, gate_group_kwargs)
         self.gate_group = {"sora_threshold": float(threshold), "sora_threshold_mode": threshold_mode,
                            "sora_min_rank": min_rank, "sora_gate_update": gate_update, **(gate_group_kwargs or {})}
         self.gate_lr = gate_lr

@@ -15,12 +15,12 @@ The step is a post-step hook of the optimizer itself: whenever AMP or gradient a
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from .checks import check_gate_group, check_number, check_optimizer_arguments, check_threshold
 from .layer import PROX_GATES, SoraLayer
 
 try:  # FSDP2 shards parameters as DTensors; a torch built without torch.distributed has none
@@ -28,14 +28,13 @@ try:  # FSDP2 shards parameters as DTensors; a torch built without torch.distrib
 except ImportError:  # pragma: no cover
     DTensor = ()
 
-THRESHOLD_MODES = ("fixed", "lr_scaled")
-GATE_UPDATES = ("optimizer", "sgd")
 _HOOKED = "_sora_prox_hooked"
 _HIDDEN = "_sora_hidden_gate_grads"
 
 
 def soft_threshold(g: torch.Tensor, tau: float) -> torch.Tensor:
     """T_τ(g) = sign(g) · max(|g| − τ, 0): exactly zero wherever |g| ≤ τ."""
+    check_number("tau", tau)  # a negative τ would grow every gate
     return torch.sign(g) * torch.clamp(g.abs() - tau, min=0.0)
 
 
@@ -85,25 +84,6 @@ def gate_l1(model: nn.Module, adapter: str | None = None) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in gates]).abs().mean()
 
 
-def check_threshold(threshold: float, mode: str) -> None:
-    if mode not in THRESHOLD_MODES:
-        raise ValueError(f"threshold_mode must be one of {', '.join(THRESHOLD_MODES)}, got {mode!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < math.inf:
-        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
-
-
-def check_gate_options(threshold: float, threshold_mode: str, gate_lr: float | None, min_rank: int,
-                       gate_update: str) -> None:
-    """The gate group's settings, checked before any optimizer is built or changed."""
-    check_threshold(threshold, threshold_mode)
-    if gate_update not in GATE_UPDATES:
-        raise ValueError(f"gate_update must be one of {', '.join(GATE_UPDATES)}, got {gate_update!r}")
-    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 0:
-        raise ValueError(f"min_rank must be an integer >= 0, got {min_rank!r}")
-    if gate_lr is not None and not 0 < gate_lr < math.inf:
-        raise ValueError(f"gate_lr must be a finite number > 0 (or None: lr), got {gate_lr!r}")
-
-
 @torch.no_grad()
 def prox_step(optimizer: torch.optim.Optimizer) -> None:
     """Soft-threshold every param group that carries a ``sora_threshold``."""
@@ -111,7 +91,8 @@ def prox_step(optimizer: torch.optim.Optimizer) -> None:
         threshold = group.get("sora_threshold")
         if threshold is None:
             continue
-        tau = threshold * group["lr"] if group["sora_threshold_mode"] == "lr_scaled" else threshold
+        # float: soft_threshold takes a number, and a Tensor lr (torch allows one) would make τ a tensor
+        tau = float(threshold * group["lr"] if group["sora_threshold_mode"] == "lr_scaled" else threshold)
         if tau <= 0:
             continue
         keep = group.get("sora_min_rank", 0)
@@ -155,11 +136,18 @@ def sgd_gate_step(optimizer: torch.optim.Optimizer) -> None:
 
 def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Run `prox_step` after every `optimizer.step()` (plain-SGD gates first take their step). Idempotent;
-    returns the optimizer."""
-    for group in optimizer.param_groups:  # so that training these gates does not warn they are not thresholded
+    returns the optimizer. Its gate groups (those with a ``sora_threshold``) are checked first."""
+    gate_groups = [group for group in optimizer.param_groups if "sora_threshold" in group]
+    if not gate_groups:  # soralib never calls it so: the hook would do nothing, and no gate would be pruned
+        raise ValueError(f"add_prox_step needs an optimizer with a SoRA gate group (a param group with "
+                         f"'sora_threshold'); this {type(optimizer).__name__} has none: build it with "
+                         f"soralib.create_sora_optimizer")
+    for i, group in enumerate(optimizer.param_groups):
         if "sora_threshold" in group:
-            for p in group["params"]:
-                PROX_GATES[p] = True
+            check_gate_group(group, f"optimizer.param_groups[{i}]")
+    for group in gate_groups:  # so that training these gates does not warn they are not thresholded
+        for p in group["params"]:
+            PROX_GATES[p] = True
     if not getattr(optimizer, _HOOKED, False):
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: hide_sgd_gate_grads(opt))
         optimizer.register_step_post_hook(lambda opt, args, kwargs: (sgd_gate_step(opt), prox_step(opt)))
@@ -195,11 +183,8 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
     the optimizer's own update (AdamW in the reference code); "sgd": plain SGD at the group's lr, whatever
     the optimizer (the paper's proximal gradient step, with ``threshold_mode="lr_scaled"``).
     """
-    check_gate_options(threshold, threshold_mode, gate_lr, min_rank, gate_update)
-    if not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if not 0 <= weight_decay < math.inf:
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    check_optimizer_arguments(lr, weight_decay, threshold, threshold_mode, gate_lr, gate_group_kwargs, min_rank,
+                              gate_update)
     gates = gate_parameters(model)
     if not gates:
         raise ValueError(_why_no_gates(model))
@@ -259,6 +244,8 @@ def trainer_optimizer_cls_and_kwargs(lr: float, **kwargs: Any) -> tuple[type, di
     """The ``Trainer(optimizer_cls_and_kwargs=...)`` form of `create_sora_optimizer`.
 
     Trainer passes a factory only the kwargs given here, not ``args.learning_rate`` (it would silently
-    fall back to the optimizer's default lr), so `lr` is required: pass ``args.learning_rate``.
+    fall back to the optimizer's default lr), so `lr` is required: pass ``args.learning_rate``. The arguments
+    are checked here, not first when the Trainer builds the optimizer.
     """
+    check_optimizer_arguments(lr, **kwargs)
     return SoraOptimizerFactory, {"lr": lr, **kwargs}

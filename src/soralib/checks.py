@@ -1,0 +1,75 @@
+"""The checks of the optimizer's, the callback's and the prox step's settings: each bad value is a one-line
+ValueError naming the argument, the value and what is allowed, raised before any optimizer is built or changed.
+Stdlib only."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+THRESHOLD_MODES = ("fixed", "lr_scaled")
+GATE_UPDATES = ("optimizer", "sgd")
+
+
+def check_number(name: str, value: Any, least: float = 0, *, above: bool = False, integer: bool = False,
+                 none: str = "") -> None:
+    """The one check of every numeric setting of the optimizer, the callback and the prox step: a one-line
+    ValueError naming `name`, `value` and the allowed range unless `value` is a real number (an integer if
+    `integer`; a bool is neither) >= `least` (> with `above`), and finite. None passes when `none` says what it
+    stands for."""
+    if value is None and none:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    # comparisons rather than math.isfinite: they reject NaN too, and never overflow on a huge int
+    if not (isinstance(value, kind) and not isinstance(value, bool)
+            and (least < value if above else least <= value) and value < math.inf):
+        allowed = f"{'an integer' if integer else 'a finite number'} {'>' if above else '>='} {least:g}"
+        raise ValueError(f"{name} must be {allowed}{f' (or None: {none})' if none else ''}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_threshold(threshold: float, mode: str) -> None:
+    check_choice("threshold_mode", mode, THRESHOLD_MODES)
+    check_number("threshold", threshold)
+
+
+# A gate group's settings that soralib reads (its own and `lr`): checked wherever they come from, by key
+GROUP_NUMBERS = {"lr": {"above": True}, "sora_threshold": {}, "sora_min_rank": {"integer": True}}
+GROUP_CHOICES = {"sora_threshold_mode": THRESHOLD_MODES, "sora_gate_update": GATE_UPDATES}
+
+
+def check_gate_group(group: dict[str, Any], where: str) -> None:
+    """The settings of `GROUP_NUMBERS` and `GROUP_CHOICES` that `group` has, each named ``where[key]``."""
+    for key, value in group.items():
+        if key in GROUP_NUMBERS:
+            check_number(f"{where}[{key!r}]", value, **GROUP_NUMBERS[key])
+        elif key in GROUP_CHOICES:
+            check_choice(f"{where}[{key!r}]", value, GROUP_CHOICES[key])
+
+
+def check_gate_options(threshold: float, threshold_mode: str, gate_lr: float | None, min_rank: int,
+                       gate_update: str, gate_group_kwargs: dict[str, Any] | None = None) -> None:
+    """The gate group's settings, checked before any optimizer is built or changed."""
+    check_threshold(threshold, threshold_mode)
+    check_choice("gate_update", gate_update, GATE_UPDATES)
+    check_number("min_rank", min_rank, integer=True)
+    check_number("gate_lr", gate_lr, above=True, none="lr")
+    kwargs = {} if gate_group_kwargs is None else gate_group_kwargs
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"gate_group_kwargs must be a dict of the gates' optimizer settings, got {kwargs!r}")
+    check_gate_group(kwargs, "gate_group_kwargs")  # its settings override the arguments above
+
+
+def check_optimizer_arguments(lr: float, weight_decay: float = 0.0, threshold: float = 0.0,
+                              threshold_mode: str = "fixed", gate_lr: float | None = None,
+                              gate_group_kwargs: dict[str, Any] | None = None, min_rank: int = 0,
+                              gate_update: str = "optimizer", **optimizer_kwargs: Any) -> None:
+    """`create_sora_optimizer`'s arguments that need no model (`optimizer_kwargs` are the optimizer's own)."""
+    check_gate_options(threshold, threshold_mode, gate_lr, min_rank, gate_update, gate_group_kwargs)
+    check_number("lr", lr, above=True)
+    check_number("weight_decay", weight_decay)

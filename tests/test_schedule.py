@@ -83,6 +83,7 @@ def test_schedules_are_non_decreasing_and_stay_within_start_end(kind, a, b, num_
         (("linear", -0.1, 0.2, 3), "start must be a finite threshold >= 0, got -0.1"),
         (("linear", 0.1, math.inf, 3), "end must be a finite threshold >= 0, got inf"),
         (("linear", 0.1, math.nan, 3), "end must be a finite threshold >= 0, got nan"),
+        (("linear", "a", 0.2, 3), "start must be a finite threshold >= 0, got 'a'"),
         (("exp_linear", 0.5, 0.2, 3), "start must be <= end (thresholds only rise), got start=0.5 > end=0.2"),
         (("log_linear", 0.0, 0.2, 3), "log_linear needs start > 0"),
     ],

@@ -9,12 +9,13 @@ gate is non-zero, ``Σ_modules kept_ranks·(in_features + out_features)``.
 from __future__ import annotations
 
 import math
+import numbers
 
 SCHEDULES = ("linear", "log_linear", "exp_linear")
 
 
 def _check_threshold(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value >= 0):
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
         raise ValueError(f"{name} must be a finite threshold >= 0, got {value!r}")
 
 

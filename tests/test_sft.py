@@ -52,6 +52,16 @@ def test_an_sft_run_reports_validation_loss_perplexity_and_exact_match(sora_run)
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
 
 
+def test_an_sft_run_evaluated_during_training_reports_what_one_evaluated_only_at_the_end_does(
+        sora_run, tiny_llama, gsm_files, tmp_path):
+    out = tmp_path / "run"
+    assert main(sft_args(tiny_llama, gsm_files, out, "--eval-fraction", "0.5")) == 0  # evaluated at steps 2 and 4
+    during = json.loads((out / "metrics.json").read_text())["eval"]
+    once = json.loads((sora_run / "metrics.json").read_text())["eval"]
+    # the final evaluation reuses step 4's: none of TRL's training counters (num_tokens) come with it
+    assert during.keys() == once.keys() and during == pytest.approx(once)
+
+
 def test_the_report_of_an_sft_run_shows_sample_generations(sora_run):
     from soralib.report import write_report
 

@@ -41,6 +41,7 @@ class SoraTrainer(Trainer):
         self.seconds_before = seconds_before  # training seconds of the earlier stages
         self.started, self.eval_seconds = time.perf_counter(), 0.0
         self.last_eval: tuple | None = None  # (dataset, (step, ignore_keys, weights), metrics): see evaluate
+        self.eval_logs: dict | None = None  # what an evaluation in progress logs, as Trainer hands it over
         self.add_callback(CompleteCheckpoints(self))  # marks each checkpoint complete, keeps the newest two
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
@@ -90,10 +91,15 @@ class SoraTrainer(Trainer):
             metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.last_eval[2].items()}
             self.log(metrics)
             return metrics
-        with get_method(self.run.method).evaluating(_unwrap(self.model)):
-            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        self.eval_logs = {}
+        try:
+            with get_method(self.run.method).evaluating(_unwrap(self.model)):
+                metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            logged = self.eval_logs  # the evaluation's own metrics, before TRL's log adds its training counters
+        finally:
+            self.eval_logs = None
         speed = ("_runtime", "_samples_per_second", "_steps_per_second", "_model_preparation_time")
-        self.last_eval = (dataset, key, {k[len(metric_key_prefix) + 1:]: v for k, v in metrics.items()
+        self.last_eval = (dataset, key, {k[len(metric_key_prefix) + 1:]: v for k, v in logged.items()
                                          if k.startswith(metric_key_prefix + "_") and not k.endswith(speed)})
         return metrics
 
@@ -108,6 +114,8 @@ class SoraTrainer(Trainer):
         return result + extra
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.eval_logs is not None:  # before SFTTrainer.log, which adds its train/eval counters in place
+            self.eval_logs.update(logs)
         # Added here, before Trainer hands the dict to its callbacks: a callback's on_log runs after
         # TensorBoard has written the line.
         if "loss" in logs:

@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "report", cmd_report, help="PNG plots and a markdown summary of a run")
     p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
 
-    p = _parser(sub, "eval", cmd_eval, help="re-evaluate a saved run")
+    p = _parser(sub, "eval", cmd_eval,
+                help="re-evaluate a saved classification run (GLUE or custom; an SFT run's scores are in metrics.json)")
     p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP)
     p.add_argument("--data-dir", "--task-data", dest="data_dir", default=None, metavar="DIR",
                    help="GLUE data directory to use (default: the run's own); GLUE runs only: a custom run "

@@ -62,6 +62,42 @@ def test_an_sft_run_evaluated_during_training_reports_what_one_evaluated_only_at
     assert during.keys() == once.keys() and during == pytest.approx(once)
 
 
+def token_mean_loss(base, run, validation_file) -> float:
+    """Σ token losses / Σ completion tokens of the validation rows, one row at a time in plain torch, with the
+    run's adapter on the base model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "adapter").eval()
+    rows = read_sft_rows(validation_file, "question", "answer")
+    total, tokens = 0.0, 0
+    for feature in tokenize_sft(rows, tokenizer, 512, chat=True):
+        ids, labels = torch.tensor([feature["input_ids"]]), torch.tensor(feature["labels"][1:])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]
+        total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        tokens += int((labels != -100).sum())
+    return total / tokens
+
+
+def test_the_validation_loss_is_the_mean_over_all_completion_tokens_whatever_the_eval_batch_size_or_packing(
+        tiny_llama, gsm_files, tmp_path):
+    # 8 validation rows: one batch of 8 (the default 64), 8 batches of 1, batches of 3, 3 and 2; packed into
+    # 512-token windows, one window a batch. Trainer's mean of batch means moved by 4e-4 between the first two.
+    runs = {"default": (), "one_row": ("--eval-batch-size", "1"), "three_rows": ("--eval-batch-size", "3"),
+            "packed_one_window": ("--packing", "--eval-batch-size", "1")}
+    reported = {}
+    for name, flags in runs.items():
+        assert main(sft_args(tiny_llama, gsm_files, tmp_path / name, "--method", "lora", "--max-steps", "1",
+                             "--max-generate-samples", "0", *flags)) == 0
+        reported[name] = json.loads((tmp_path / name / "metrics.json").read_text())["eval"]["loss"]
+        want = token_mean_loss(tiny_llama, tmp_path / name, gsm_files / "test.jsonl")
+        assert reported[name] == pytest.approx(want, abs=1e-6, rel=0), name
+    # The one step's warm-up lr is 0: every run scores the same weights, so the same loss.
+    assert max(reported.values()) - min(reported.values()) <= 1e-6, reported
+
+
 def test_the_report_of_an_sft_run_shows_sample_generations(sora_run):
     from soralib.report import write_report
 

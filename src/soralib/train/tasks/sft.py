@@ -105,12 +105,59 @@ class SftTask(Task):
         return metrics
 
 
+class TokenMeanEvalLoss:
+    """An evaluation's `{prefix}_loss` as the mean over all the split's completion tokens (Σ token losses / Σ
+    tokens, every rank's sums added), whatever the eval batch size, with or without packing.
+
+    Trainer's evaluation_loop repeats each batch's loss (a mean over that batch's tokens) once per row and
+    averages: a mean of batch means weighted by rows, which moves with --eval-batch-size. TRL's prediction_step
+    returns the batch's mean over the next-token labels that are not -100 (with packing too: its padding-free
+    collator sets each sequence's first label to -100), so that mean times their count is the batch's sum.
+    Under DDP, accelerate completes the ranks' last batches with rows from the split's start: those rows count
+    twice, as they did in Trainer's mean (docs/distributed.md)."""
+
+    token_loss: list[float] | None = None  # [Σ token losses, Σ tokens] of the evaluation in progress
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        import torch
+
+        self.token_loss = [0.0, 0.0]
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            total, tokens = self.token_loss
+        finally:
+            self.token_loss = None
+        if self.args.world_size > 1:
+            both = torch.tensor([total, tokens], dtype=torch.float64, device=self.args.device)
+            total, tokens = self.accelerator.reduce(both, reduction="sum").tolist()
+        key = f"{metric_key_prefix}_loss"
+        if key in output.metrics and tokens > 0:  # Trainer.evaluate logs and returns these metrics next
+            output.metrics[key] = total / tokens
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        import torch
+
+        # counted before the forward, as the model counts them: labels shifted by one (or pre-shifted ones)
+        labels = inputs["shift_labels"] if "shift_labels" in inputs else inputs["labels"][..., 1:]
+        tokens = int((labels != -100).sum())
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # Trainer leaves a non-finite batch loss out of its mean (logging_nan_inf_filter): so does the sum
+        if self.token_loss is not None and (bool(torch.isfinite(loss)) or not self.args.logging_nan_inf_filter):
+            self.token_loss[0] += float(loss) * tokens
+            self.token_loss[1] += tokens
+        return loss, logits, labels
+
+
 @functools.cache
 def sft_trainer_class():
-    """SoraTrainer's additions (checkpoints, log lines, SoRA's loss term, length-grouped epochs) on TRL's
-    SFTTrainer: the MRO runs SoraTrainer, then SFTTrainer, then Trainer. Built on first use: trl is slow to import."""
+    """SoraTrainer's additions (checkpoints, log lines, SoRA's loss term, length-grouped epochs) and the
+    token-weighted validation loss on TRL's SFTTrainer: the MRO runs SoraTrainer, TokenMeanEvalLoss, SFTTrainer,
+    then Trainer. Built on first use: trl is slow to import."""
     from trl import SFTTrainer
 
     from ..loop import SoraTrainer
 
-    return type("SoraSFTTrainer", (SoraTrainer, SFTTrainer), {"__module__": __name__})
+    return type("SoraSFTTrainer", (SoraTrainer, TokenMeanEvalLoss, SFTTrainer), {"__module__": __name__})

@@ -145,7 +145,8 @@ class TokenMeanEvalLoss:
         tokens = int((labels != -100).sum())
         loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         # Trainer leaves a non-finite batch loss out of its mean (logging_nan_inf_filter): so does the sum
-        if self.token_loss is not None and loss is not None and (bool(torch.isfinite(loss)) or not self.args.logging_nan_inf_filter):
+        counted = loss is not None and (bool(torch.isfinite(loss)) or not self.args.logging_nan_inf_filter)
+        if self.token_loss is not None and counted:
             self.token_loss[0] += float(loss) * tokens
             self.token_loss[1] += tokens
         return loss, logits, labels

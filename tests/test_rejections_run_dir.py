@@ -88,6 +88,71 @@ def test_ranks_refuses_a_run_that_is_not_a_finished_sora_run(glue_dir, tiny_mode
     fails_cleanly(capsys, ["ranks", run], f"{run} is not a finished SoRA run (no sora_adapter/)")
 
 
+# ---- export and ranks write only what they wrote before -------------------------------------------------------------
+
+def _finished_sora_run(run, glue_dir, tiny_model):
+    """A SoRA run directory with config.yaml and a (fresh) sora_adapter/: enough for `sora export` and `sora ranks`."""
+    from soralib.train.config import build_config
+    from soralib.train.methods import load_base, wrap
+
+    _fake_run(run, glue_dir, tiny_model)
+    config = build_config("sora", None, {"task": "rte", "model": str(tiny_model), "output_dir": str(run)})
+    wrap(config, load_base(config, 2)[0], total_steps=1).save_pretrained(str(run / "sora_adapter"))
+    return run
+
+
+def _contents(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["adapter", "adapter-new", "adapter/adapter_config.json", "config.yaml"])
+def test_export_out_inside_another_run_is_refused_and_that_run_kept(glue_dir, tiny_model, tmp_path, capsys, where):
+    run = _finished_sora_run(tmp_path / "run", glue_dir, tiny_model)
+    other = _fake_run(tmp_path / "other", glue_dir, tiny_model, **{"adapter/adapter_config.json": "{}",
+                                                                   "adapter/adapter_model.safetensors": "weights"})
+    before = _contents(other)
+    fails_cleanly(capsys, ["export", run, "--out", other / where],
+                  f"--out {other / where} is inside another run, {other.resolve()}; choose a directory outside it")
+    assert _contents(other) == before and not (other / "adapter-new").exists()
+
+
+def test_export_replaces_its_own_earlier_export_and_no_adapter_it_did_not_write(glue_dir, tiny_model, tmp_path,
+                                                                                 capsys):
+    from safetensors.torch import save_file
+
+    from soralib.cli import main
+
+    run = _finished_sora_run(tmp_path / "run", glue_dir, tiny_model)
+    assert main(["export", str(run), "--out", str(tmp_path / "served")]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "served"), "--layout", "exact"]) == 0
+    mine = tmp_path / "mine"  # an adapter of yours with just the two files an export writes
+    mine.mkdir()
+    (mine / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    save_file({"base_model.model.fc.lora_A.weight": torch.ones(2, 4)}, str(mine / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    before = _contents(mine)
+    fails_cleanly(capsys, ["export", run, "--out", mine],
+                  f"--out {mine} holds an adapter that sora export did not write, which it never replaces; "
+                  "choose another --out")
+    assert _contents(mine) == before
+
+
+@pytest.mark.parametrize("where", ["run/ranks.json", "other/config.yaml", "other/adapter/adapter_config.json",
+                                   "mydata.jsonl"])
+def test_ranks_out_is_a_new_file_outside_every_run(glue_dir, tiny_model, tmp_path, capsys, where):
+    run = _finished_sora_run(tmp_path / "run", glue_dir, tiny_model)
+    _fake_run(tmp_path / "other", glue_dir, tiny_model, **{"adapter/adapter_config.json": "{}"})
+    (tmp_path / "mydata.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    before = _contents(tmp_path)
+    out = tmp_path / where
+    holder = out.parent if where.startswith("run/") else tmp_path / "other"
+    expected = (f"--out {out} exists; sora ranks writes a new file and replaces none" if where == "mydata.jsonl" else
+                f"--out {out} is inside the run {holder}; give a JSON file path such as run-ranks.json outside every "
+                "run")
+    fails_cleanly(capsys, ["ranks", run, "--out", out], expected)
+    assert _contents(tmp_path) == before
+
+
 def test_eval_with_a_missing_data_dir_is_refused(glue_dir, tiny_model, tmp_path, capsys):
     run = _fake_run(tmp_path / "run", glue_dir, tiny_model)
     fails_cleanly(capsys, ["eval", run, "--data-dir", tmp_path / "nowhere"],

@@ -162,6 +162,32 @@ def test_a_saved_sora_config_reused_for_another_method_warns_about_nothing(tmp_p
     assert caplog.records == []
 
 
+@pytest.mark.parametrize("saved, method, field", [
+    ({"target_rank": "4"}, "lora", "target_rank"),
+    ({"target_rank": "4"}, "adalora", "target_rank"),
+    ({"target_params": "5000"}, "full", "target_params"),
+    ({"schedule": "linear"}, "lora", "schedule"),
+    ({"thresholds": "1e-4,2e-4"}, "bitfit", "thresholds"),
+], ids=["budget-to-lora", "target-rank-to-adalora", "budget-to-full", "schedule-to-lora", "thresholds-to-bitfit"])
+def test_a_saved_budget_or_schedule_config_trains_another_method_without_it(tmp_path, caplog, saved, method, field):
+    # `sora train --config runs/sora1/config.yaml --method lora` failed: "a parameter budget needs method sora or
+    # adalora, got 'lora'" (and `--target-rank none`, a flag lora does not use, is refused).
+    from soralib.train.config import build_config, save_yaml
+
+    path = tmp_path / "config.yaml"
+    save_yaml(build_config("sora", None, {"task": "rte", "model": "m", "output_dir": "o", **saved}), path)
+    value = build_config("sora", str(path), {})  # the saved value, as the run used it
+    with caplog.at_level("WARNING"):
+        config = build_config(method, str(path), {"output_dir": "o2"})
+    assert config.method == method and getattr(config, field) is None  # the method's default, saved as such
+    reason = "with method sora" if field in ("target_rank", "schedule", "thresholds") else "with method sora or adalora"
+    assert f"{path}: {field}={getattr(value, field)!r} is ignored: it is used only {reason}" in caplog.text
+    # the same value as a flag stays an error (the method's own words: "a parameter budget needs method sora or
+    # adalora, got 'lora'", "adalora takes its budget as target_params or adalora_target_r, not target_rank")
+    with pytest.raises(InputError):
+        build_config(method, str(path), {"output_dir": "o2", field: saved[field]})
+
+
 def test_max_length_beyond_the_models_positions_is_refused_without_writing(glue_dir, tiny_model, tmp_path, capsys):
     # The tiny BERT has 512 positions; a longer example would fail in the forward pass, after config.yaml exists.
     out = tmp_path / "run"

@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import byte_tokenizer, save_tiny_llama
+from conftest import CHATML, byte_tokenizer, save_tiny_llama
+from rejection_helpers import fails_cleanly
 from safetensors.torch import load_file
 
 from soralib.cli import main
@@ -275,6 +276,69 @@ def test_a_chat_template_asked_of_a_tokenizer_without_one_is_refused(gsm_files, 
     assert "--chat-template on: the tokenizer has no chat template" in capsys.readouterr().err
     assert not out.exists()
     assert main(sft_args(model, gsm_files, out, "--max-generate-samples", "1")) == 0  # auto: prompt, newline, answer
+
+
+def _llama_with(path, tokenizer_config=None, chat_template=None):
+    """The tiny Llama saved at `path` with its tokenizer_config.json edited (key -> None deletes it) or another
+    chat template."""
+    save_tiny_llama(path)
+    if tokenizer_config:
+        settings = json.loads((path / "tokenizer_config.json").read_text())
+        settings.update(tokenizer_config)
+        settings = {k: v for k, v in settings.items() if v is not None}
+        (path / "tokenizer_config.json").write_text(json.dumps(settings))
+    if chat_template is not None:
+        (path / "chat_template.jinja").write_text(chat_template)
+    return path
+
+
+@pytest.mark.parametrize("drop, flags", [({"eos_token": None}, ["--chat-template", "off"]),
+                                         ({"eos_token": None, "pad_token": None}, [])], ids=["pad-kept", "no-pad"])
+def test_a_tokenizer_without_eos_is_refused_before_anything_is_written(gsm_files, tmp_path, capsys, drop, flags):
+    # It crashed in TRL's collator ("Could not infer dtype of NoneType"), or failed on the missing pad token, with
+    # config.yaml, checkpoints/ and logs/ written, so that a second try was refused as "not empty".
+    model = _llama_with(tmp_path / "noeos", drop)
+    out = tmp_path / "run"
+    fails_cleanly(capsys, sft_args(model, gsm_files, out, *flags),
+                  f"model {str(model)!r}: its tokenizer has no EOS token, which --task sft needs to end each answer "
+                  "(and to pad with); set eos_token in its tokenizer_config.json", out)
+
+
+@pytest.mark.parametrize("which", ["tiny-bert", "minilm"])
+def test_an_encoder_is_refused_as_an_sft_model_before_anything_is_written(tiny_model, gsm_files, tmp_path, capsys,
+                                                                          which):
+    name = str(tiny_model) if which == "tiny-bert" else "minilm"
+    out = tmp_path / "run"
+    fails_cleanly(capsys, sft_args(name, gsm_files, out),
+                  f"model {name!r} is an encoder (bert), not a causal LM: --task sft needs a decoder such as Llama, "
+                  "Qwen or GPT-2", out)
+
+
+RAISES = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+          "{% endif %}" + CHATML[len("{% for m in messages %}"):])
+
+
+@pytest.mark.parametrize("template, data, expected", [
+    (RAISES, "messages", ("train.jsonl line 1: the tokenizer's chat template fails: System role not supported; "
+                          "change the messages or the template (--chat-template off cannot render a 'messages' row)")),
+    ("{% for m in messages %}{{ m['role'] }", "gsm", ("train.jsonl line 1: the tokenizer's chat template fails: syntax "
+     "error at template line 1: unexpected '}'; pass --chat-template off (prompt and completion joined by a newline) "
+     "or fix the template")),
+], ids=["raises-on-a-system-message", "syntax-error"])
+def test_a_chat_template_that_fails_is_refused_naming_the_row_before_anything_is_written(
+        gsm_files, tmp_path, capsys, template, data, expected):
+    model = _llama_with(tmp_path / "model", chat_template=template)
+    if data == "messages":
+        rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                              {"role": "assistant", "content": "#### 4"}]}] * 4
+        data = tmp_path / "msgs"
+        data.mkdir()
+        for split in ("train", "test"):
+            _write(data / f"{split}.jsonl", rows)
+    else:
+        data = gsm_files
+    out = tmp_path / "run"
+    fails_cleanly(capsys, sft_args(model, data, out), f"{data / expected}", out)
 
 
 @pytest.mark.parametrize("flags, message", [

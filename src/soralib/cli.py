@@ -247,11 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP + " with method sora")
     p.add_argument("--layout", default="uniform", metavar="{exact,uniform}",
                    help="exact: per-module ranks; uniform: one padded rank (default: uniform)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: RUN_DIR/adapter-LAYOUT)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory: new, or an earlier export; outside "
+                   "other runs (default: RUN_DIR/adapter-LAYOUT)")
 
     p = _parser(sub, "ranks", cmd_ranks, help="the ranks a SoRA run kept, as a complete peft.LoraConfig JSON to retrain with")
     p.add_argument("run_dir", metavar="RUN_DIR", help=RUN_DIR_HELP + " with method sora")
-    p.add_argument("--out", default=None, metavar="FILE", help="JSON file to write (default: print to stdout)")
+    p.add_argument("--out", default=None, metavar="FILE", help="a new JSON file outside every run, never one that "
+                   "exists (default: print to stdout)")
 
     p = _parser(sub, "bench", cmd_bench, help="benchmarks (repository checkout): speed, quality, tables",
                 description="Runs python -m bench.TOOL ARGS from a soralib checkout; `sora bench TOOL -h` "

@@ -33,6 +33,9 @@ from .ranks import exact_key, exact_targets
 
 LAYOUTS = ("exact", "uniform")
 FILES = ("adapter_config.json", "adapter_model.safetensors")  # all an export writes: nothing else is replaced
+# The weights' safetensors metadata (which LoRA loaders ignore): how `sora export` tells an earlier export, which it
+# may replace, from an adapter of yours with the same two files, which it must not.
+MARK = {"format": "pt", "written_by": "soralib.export_lora"}
 
 
 def lora_factors(layer: SoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +117,18 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
         bias="none",
     )
     with atomic_dir(out_dir) as tmp:
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"), metadata=MARK)
         lora_config.save_pretrained(str(tmp))
         json.loads((tmp / "adapter_config.json").read_text())  # fail here, not at load time, on a bad config
     return Path(out_dir)
+
+
+def written_by_export(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds adapter weights export_lora wrote (their metadata carries MARK)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(Path(directory) / FILES[1]), "pt") as weights:
+            return (weights.metadata() or {}).get("written_by") == MARK["written_by"]
+    except (OSError, SafetensorError):
+        return False

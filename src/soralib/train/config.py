@@ -15,7 +15,7 @@ from ..errors import InputError
 from .fill import absolute_paths, fill_in
 from .methods import get_method
 from .rules import (CHOICES, METHODS, PROTOCOLS, SCHEDULES, USED_ONLY, check_combinations,  # noqa: F401
-                    check_method, check_ranges, check_used, unused_reason)  # rules.py holds them; importers use this module too
+                    check_method, check_ranges, check_used, ignore_unused, unused_reason)  # also imported from here
 from .tasks import task_of
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -281,14 +281,14 @@ def build_config(method: str | None, config_file: str | None, overrides: dict[st
     from_file = load_yaml(config_file) if config_file else {}
     method = method or from_file.get("method") or "sora"
     get_method(method)  # InputError naming the methods
-    values = load_yaml(CONFIG_DIR / f"{method}.yaml")
-    values.update(from_file)
+    values = {**load_yaml(CONFIG_DIR / f"{method}.yaml"), "method": method}
+    defaults = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
     given = {k: v for k, v in overrides.items() if v is not None}
-    values.update(given)
-    values["method"] = method
+    values.update({**from_file, **given, "method": method})
     config = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
     if check:
-        check_used(config.validate(), set(given), from_file, config_file)
+        config = ignore_unused(config, defaults, set(from_file) - set(given), config_file)
+        check_used(config.validate(), set(given))
     return config
 
 

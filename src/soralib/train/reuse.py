@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .config import TrainConfig
-from .rundir import CONFIG, SORA_ADAPTER
+from .rundir import CONFIG, SORA_ADAPTER, run_holding
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def _finite_only(compute, run_dir, split: str):
 
 
 def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> Path:
-    """Re-export a SoRA run's gated adapter (sora_adapter/) as a standard LoRA with `layout`."""
+    """Re-export a SoRA run's gated adapter (sora_adapter/) as a standard LoRA with `layout`. `out_dir` is new or an
+    earlier export (export.MARK), in no run but this one's adapter-NAME/: nothing else is ever replaced."""
     import soralib.export  # the submodule itself: `import soralib` alone loads it only on first use of a name
 
     from ..io import foreign_entries, name_list
@@ -103,6 +104,9 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
     inside = out.resolve() == run.resolve() or run.resolve() in out.resolve().parents
     if inside and not (out.resolve().parent == run.resolve() and out.name.startswith("adapter-")):
         raise InputError(f"--out {out} would overwrite part of the run {run}; use {run}/adapter-NAME or another dir")
+    other = run_holding(out)
+    if other is not None and other != run.resolve():
+        raise InputError(f"--out {out} is inside another run, {other}; choose a directory outside it")
     if out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").is_file():
         raise InputError(f"--out {out} is a non-empty directory that is not an adapter; choose another")
     if out.exists() and not out.is_dir():
@@ -111,13 +115,19 @@ def export_run(run_dir: str | Path, layout: str, out_dir: str | None = None) -> 
     if in_the_way:
         raise InputError(f"--out {out} holds {name_list(in_the_way)}, which an export does not write; "
                          "move them out or choose another --out")
+    # the run's own adapter-exact/ and adapter-uniform/ (rundir.RUN) may come from a version that wrote no MARK
+    own = inside and out.name in {f"adapter-{name}" for name in soralib.export.LAYOUTS}
+    if out.is_dir() and any(out.iterdir()) and not own and not soralib.export.written_by_export(out):
+        raise InputError(f"--out {out} holds an adapter that sora export did not write, which it never replaces; "
+                         "choose another --out")
     return soralib.export_lora(load_sora_run(run), out, layout=layout)
 
 
 def ranks_run(run_dir: str | Path, out: str | None = None) -> str:
     """The JSON of a complete `peft.LoraConfig` giving each module the rank the run kept (`soralib.lora_config_from`);
-    written atomically to `out` when given. It is what `LoraConfig.save_pretrained` writes: `LoraConfig(**json.load(f))`
-    rebuilds it, and saved as DIR/adapter_config.json, `LoraConfig.from_pretrained(DIR)` reads it."""
+    written atomically to `out`, a new file outside every run, when given. It is what `LoraConfig.save_pretrained`
+    writes: `LoraConfig(**json.load(f))` rebuilds it, and saved as DIR/adapter_config.json,
+    `LoraConfig.from_pretrained(DIR)` reads it."""
     import json
 
     import soralib
@@ -126,15 +136,28 @@ def ranks_run(run_dir: str | Path, out: str | None = None) -> str:
 
     run = Path(run_dir)
     _sora_run_config(run)
-    if out is not None and (Path(out).is_dir() or not Path(out).resolve().parent.is_dir()):
-        what = "is a directory" if Path(out).is_dir() else "is in a directory that does not exist"
-        raise InputError(f"--out {out} {what}; give a JSON file path such as {run.name}-ranks.json (outside the run, which --overwrite would refuse)")
+    if out is not None:
+        _check_ranks_out(Path(out), run)
     config = soralib.lora_config_from(load_sora_run(run))
     text = json.dumps({k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()},
                       indent=2, sort_keys=True) + "\n"
     if out is not None:
         atomic_write_text(out, text)
     return text
+
+
+def _check_ranks_out(out: Path, run: Path) -> None:
+    """A new file outside every run: `sora ranks` replaces nothing (a data file of yours, a run's config.yaml)."""
+    hint = f"give a JSON file path such as {run.name}-ranks.json"
+    if out.is_dir() or not out.resolve().parent.is_dir():
+        what = "is a directory" if out.is_dir() else "is in a directory that does not exist"
+        raise InputError(f"--out {out} {what}; {hint} (outside the run, which --overwrite would refuse)")
+    holder = run_holding(out.parent)
+    if holder is not None:
+        raise InputError(f"--out {out} is inside the run {holder}; {hint} outside every run")
+    if out.exists() or out.is_symlink():
+        raise InputError(f"--out {out} exists; sora ranks writes a new file and replaces none: {hint} that does "
+                         "not exist yet, or move the file away")
 
 
 def load_sora_run(run_dir: str | Path):

@@ -6,6 +6,7 @@ method states its rules in its own class.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -76,7 +77,7 @@ def _with(prop: str) -> tuple[str, str, Callable[[TrainConfig], bool]]:
 
 # Fields that only some runs read: field -> [(field the condition is on, "with ..." the run needs, test)].
 # A field set for a run that does not read it would be silently ignored: `check_used` rejects it when
-# given as a flag and warns when a --config file sets it to something other than the default.
+# given as a flag; `ignore_unused` resets it when a --config file sets it (warning if not the method's default).
 _GATED = _with("gated")
 _NO_LIST = ("thresholds", "without --thresholds (the explicit list replaces the schedule)", lambda c: not c.thresholds)
 
@@ -159,18 +160,28 @@ def unused_reason(config: TrainConfig, name: str) -> str | None:
     return None
 
 
-def check_used(config: TrainConfig, given: set[str], from_file: dict[str, Any], path: str | None) -> None:
-    """Reject a flag the run would ignore; warn about a --config value it would ignore (a saved config.yaml
-    holds every field, so reusing one with another --method must not fail)."""
+def ignore_unused(config: TrainConfig, defaults: TrainConfig, from_file: set[str], path: str | None) -> TrainConfig:
+    """`config` with each --config file value the run does not read reset to the method's default, with a warning
+    when it differed. A saved config.yaml holds every field: reused with another --method or --task, its budget,
+    schedule or task fields must neither fail the new run's checks nor be saved as if used. Repeated until
+    nothing changes: a reset can leave another field unused (memorization_samples once schedule is gone)."""
+    while True:
+        unused = {name: unused_reason(config, name) for name in sorted(from_file)
+                  if getattr(config, name) != getattr(defaults, name)}
+        unused = {name: reason for name, reason in unused.items() if reason}
+        if not unused:
+            return config
+        for name, reason in unused.items():
+            logger.warning("%s: %s=%r is ignored: it %s", path, name, getattr(config, name), reason)
+        config = dataclasses.replace(config, **{name: getattr(defaults, name) for name in unused})
+
+
+def check_used(config: TrainConfig, given: set[str]) -> None:
+    """Reject a flag the run would ignore (a --config file value it would ignore is reset: `ignore_unused`)."""
     for name in sorted(given):
         reason = unused_reason(config, name)
         if reason:
             raise InputError(f"--{name.replace('_', '-')} {reason}")
-    defaults = type(config)()
-    for name in sorted(set(from_file) - given):
-        reason = unused_reason(config, name)
-        if reason and getattr(config, name) != getattr(defaults, name):
-            logger.warning("%s: %s=%r is ignored: it %s", path, name, getattr(config, name), reason)
 
 
 def check_deepspeed_config(path: str) -> None:

@@ -100,6 +100,13 @@ def written_by_sora(config_yaml: Path) -> bool:
     return isinstance(data, dict) and set(data) <= set(FIELDS) and {"task", "method", "model"} <= set(data)
 
 
+def run_holding(path: str | os.PathLike) -> Path | None:
+    """The run directory that `path` is or lies in (the nearest with a config.yaml `sora train` wrote), else None:
+    `sora export` and `sora ranks` write into no run but the one they were given."""
+    path = Path(path).resolve()
+    return next((p for p in (path, *path.parents) if (p / CONFIG).is_file() and written_by_sora(p / CONFIG)), None)
+
+
 def remove_run(out: Path) -> None:
     """Delete what an earlier run wrote in `out`, leaving the rest (and the held lock) alone.
 

@@ -112,6 +112,7 @@ def load_causal_lm(config: TrainConfig):
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **gguf)
     except (OSError, ValueError, ImportError) as err:
         raise InputError(f"cannot load model {config.model!r} as a causal LM: {str(err).splitlines()[0]}") from None
+    check_causal_lm(config.model, model)
     quantizer = getattr(model, "hf_quantizer", None)
     if gguf and quantizer is not None and all(p.dtype.is_floating_point for p in model.parameters()):
         # transformers unpacks this GGUF into plain float weights, yet marks the model quantized, which Trainer
@@ -123,6 +124,17 @@ def load_causal_lm(config: TrainConfig):
     model.name_or_path = model.config.name_or_path = base_model_name(config.model)
     fresh = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"] if "." in key})
     return model, tokenizer, [m for m in fresh if not within(m, ("lm_head",))]
+
+
+def check_causal_lm(name: str, model) -> None:
+    """InputError for an encoder (BERT, RoBERTa: a masked-LM family): it loads under AutoModelForCausalLM too, but
+    attends both ways unless its config says is_decoder, so it would learn to copy the next token, not predict it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(model.config, "model_type", "")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model.config, "is_decoder", False):
+        raise InputError(f"model {name!r} is an encoder ({kind}), not a causal LM: --task sft needs a decoder "
+                         "such as Llama, Qwen or GPT-2")
 
 
 def load_base(config: TrainConfig, num_labels: int):

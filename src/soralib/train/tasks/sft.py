@@ -64,8 +64,12 @@ class SftTask(Task):
     def features(self, config: TrainConfig, spec: TaskSpec, splits: dict, tokenizer) -> dict[str, Any]:
         from datasets import Dataset
 
+        from ...errors import InputError
         from .sft_data import tokenize_sft, uses_chat_template
 
+        if tokenizer.eos_token_id is None:  # else TRL's collator fails on a None id, after the run dir is written
+            raise InputError(f"model {config.model!r}: its tokenizer has no EOS token, which --task sft needs to end "
+                             "each answer (and to pad with); set eos_token in its tokenizer_config.json")
         chat = uses_chat_template(config.chat_template, tokenizer)
         return {name: Dataset.from_list(tokenize_sft(rows, tokenizer, config.max_length, chat))
                 for name, rows in splits.items() if rows}

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError, TemplateSyntaxError
+
 from ...errors import InputError
 from ..custom import check_data_file, csv_field_limit
 
@@ -155,11 +157,10 @@ def tokenize_sft(rows: list[dict[str, Any]], tokenizer, max_length: int, chat: b
     a completion that does not fit is cut at max_length, and a warning counts the rows cut."""
     features, cut = [], 0
     for row in rows:
-        head = prompt_ids(tokenizer, row["prompt"], chat)
+        head, tail = _row_ids(tokenizer, row, chat)
         if len(head) >= max_length:
             raise InputError(f"{row['where']}: the prompt is {len(head)} tokens, which leaves no room for the "
                              f"answer within --max-length {max_length}; raise --max-length or shorten the prompt")
-        tail = completion_ids(tokenizer, row["prompt"], row["completion"], chat, head)
         cut += len(head) + len(tail) > max_length
         ids = (head + tail)[:max_length]
         features.append({"input_ids": ids, "labels": [-100] * len(head) + ids[len(head):]})
@@ -167,3 +168,19 @@ def tokenize_sft(rows: list[dict[str, Any]], tokenizer, max_length: int, chat: b
         logger.warning("%d of %d rows were longer than --max-length %d: their answers are cut", cut, len(rows),
                        max_length)
     return features
+
+
+def _row_ids(tokenizer, row: dict[str, Any], chat: bool) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one row. A chat template that raises (Mistral's "System role not supported")
+    or does not compile is an InputError naming the row, not a jinja2 traceback."""
+    try:
+        head = prompt_ids(tokenizer, row["prompt"], chat)
+        return head, completion_ids(tokenizer, row["prompt"], row["completion"], chat, head)
+    except TemplateError as err:
+        message = (str(err) or type(err).__name__).splitlines()[0]
+        if isinstance(err, TemplateSyntaxError):
+            message = f"syntax error at template line {err.lineno}: {message}"
+        fix = ("pass --chat-template off (prompt and completion joined by a newline) or fix the template"
+               if isinstance(row["prompt"], str) else
+               "change the messages or the template (--chat-template off cannot render a 'messages' row)")
+        raise InputError(f"{row['where']}: the tokenizer's chat template fails: {message}; {fix}") from None

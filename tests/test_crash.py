@@ -2,6 +2,7 @@
 the run with exactly the uninterrupted run's result."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import train_args
+from rejection_helpers import fails_cleanly
 from soralib.cli import main
 from soralib.train import checkpoints
 from soralib.train.checkpoints import latest_checkpoint
@@ -229,3 +231,79 @@ def test_ctrl_c_exits_130_with_one_line_naming_the_checkpoint_and_its_command_re
     command = f"`sora train --output-dir {run} --resume`"
     assert lines[0] == f"sora train: interrupted; {command} continues from {checkpoint}"
     assert main(command.strip("`").split()[1:]) == 0 and (run / "metrics.json").is_file()
+
+
+# AdaLoRA over 40 steps (rte's 48 rows, 4 a batch): tinit 4, an allocation every step (deltaT 1) up to the final
+# one at step 32 (total_step − tfinal), then masking only
+ADALORA = ["--method", "adalora", "--max-steps", "40", "--batch-size", "4", "--save-steps", "1",
+           "--logging-steps", "1", "--target-params", "1000"]
+
+
+@pytest.fixture(scope="module")
+def adalora_every_checkpoint(glue_dir, tiny_model, tmp_path_factory):
+    """A straight AdaLoRA run that keeps its checkpoint of every step."""
+    out = tmp_path_factory.mktemp("adalora") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SORALIB_CACHE", str(out.parent / "cache"))
+        patch.setattr(checkpoints, "KEEP", 100)
+        assert main(train_args(glue_dir, tiny_model, out, *ADALORA)) == 0
+    return out
+
+
+def _copy_checkpoint(straight: Path, run: Path, step: int) -> Path:
+    """`run` as the straight run was when killed right after its checkpoint of `step` (its log runs on)."""
+    name = f"checkpoints/stage-1/checkpoint-{step}"
+    shutil.copytree(straight / name, run / name)
+    for file in ("config.yaml", "history.jsonl"):
+        shutil.copy(straight / file, run / file)
+    return run / name
+
+
+def _files(run: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".sora.lock"}
+
+
+# Resumed before AdaLoRA allocates, while it does (its checkpoints had lost the pruned ranks: size mismatch on
+# load), after its final allocation (the same, and the masking needs the rank pattern). The importance scores'
+# moving averages are in the checkpoint too: without them the first allocations after a resume differ.
+@pytest.mark.parametrize("step", [3, 10, 33])
+def test_an_adalora_run_resumed_from_any_checkpoint_goes_on_bitwise_like_the_straight_run(
+        glue_dir, tiny_model, adalora_every_checkpoint, tmp_path, monkeypatch, step):
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
+    straight, run = adalora_every_checkpoint, tmp_path / "run"
+    _copy_checkpoint(straight, run, step)
+    assert main(train_args(glue_dir, tiny_model, run, *ADALORA, "--resume")) == 0
+    assert _step_lines(run) == _step_lines(straight)  # bitwise the same losses and gradient norms
+    assert _history(run) == _history(straight)
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, run))
+    assert a["eval"] == b["eval"] and a["kept_params"] == b["kept_params"]
+    ta, tb = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, run))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_an_adalora_checkpoint_an_older_soralib_cut_to_its_ranks_is_refused_and_kept(
+        glue_dir, tiny_model, adalora_every_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    checkpoint = _copy_checkpoint(adalora_every_checkpoint, run, 10)
+    # What older versions wrote: PEFT's adapter_config.json with the rank pattern the adapter was cut to
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    config["rank_pattern"] = torch.load(checkpoint / "adalora_allocator.pt", weights_only=True)["rank_pattern"]
+    (checkpoint / "adapter_config.json").write_text(json.dumps(config))
+    before = _files(run)
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, run, *ADALORA, "--resume"),
+                  f"cannot resume from {checkpoint}: an older soralib saved it with AdaLoRA's adapter cut down to the "
+                  "ranks it kept, and training goes on with the pruned ones too; start the run again with --overwrite")
+    assert _files(run) == before  # the checkpoint is kept, and the log not rewound
+
+
+def test_an_adalora_checkpoint_without_its_allocation_resumes_with_a_warning(
+        glue_dir, tiny_model, adalora_every_checkpoint, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    checkpoint = _copy_checkpoint(adalora_every_checkpoint, run, 3)
+    (checkpoint / "adalora_allocator.pt").unlink()  # an older soralib's, saved before the first allocation
+    with caplog.at_level(logging.WARNING, logger="soralib.train.allocator"):
+        assert main(train_args(glue_dir, tiny_model, run, *ADALORA, "--resume")) == 0
+    assert (f"{checkpoint} has no AdaLoRA allocation (saved by an older soralib): the importance scores start "
+            "again from zero, so the run does not go on exactly as it would have") in caplog.messages

@@ -1,4 +1,4 @@
-"""One training stage on transformers' Trainer, plus the few hooks SoRA, AdaLoRA and budgets need.
+"""One training stage on transformers' Trainer, plus the few hooks SoRA and budgets need (AdaLoRA's: allocator.py).
 
 Trainer brings DDP under `torchrun` / `accelerate launch`, gradient clipping, the linear warm-up/decay
 schedule, length-grouped batches, checkpoints that resume exactly (optimizer state, which holds the
@@ -59,6 +59,11 @@ class SoraTrainer(Trainer):
                     if bar is not None:
                         bar.close()
             raise
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Trainer writes each checkpoint's model files here: the method saves what training goes on from
+        with get_method(self.run.method).checkpointing(_unwrap(self.model)):
+            super().save_model(output_dir, _internal_call)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.args.train_sampling_strategy != "group_by_length":
@@ -159,23 +164,6 @@ class NonFiniteGuard(TrainerCallback):
             last = latest_checkpoint(Path(args.output_dir))
             raise TrainingDiverged(f"stopped after {self.in_a_row} consecutive non-finite steps (step "
                                    f"{state.global_step + 1}); last good checkpoint: {last or 'none'}")
-
-
-class AdaLoraAllocator(TrainerCallback):
-    """PEFT AdaLoRA must see every step after backward and before zero_grad; Trainer does not call it.
-
-    A step the guard skipped has no gradients, which AdaLoRA's importance scores (p·∇p) cannot take; from
-    its final allocation on (step total_step − tfinal) AdaLoRA only masks, so those steps always run."""
-
-    def __init__(self, guard: NonFiniteGuard):
-        self.guard = guard
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        model = _unwrap(model)
-        config = model.peft_config[model.active_adapter]
-        if self.guard.in_a_row and state.global_step < config.total_step - config.tfinal:
-            return
-        model.base_model.update_and_allocate(state.global_step)
 
 
 class BudgetController(TrainerCallback):

@@ -176,6 +176,8 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
                                show_progress, budget if stage == len(thresholds) else None,
                                eval_features=features["validation"], seconds_before=state["train_seconds"], task=task)
         checkpoint = latest_checkpoint(Path(trainer.args.output_dir)) if resume else None
+        if checkpoint:
+            method.check_checkpoint(Path(checkpoint))
         if resume and processes.is_main_process:
             rewind_history(out / HISTORY, checkpoint, state)
         trainer.train(resume_from_checkpoint=checkpoint)

@@ -124,9 +124,19 @@ class AdaLora(Lora):
             tfinal=int(0.2 * total_steps), deltaT=max(1, total_steps // 100), **peft_common(config, model)))
 
     def callbacks(self, config: TrainConfig, guard, budget: tuple[float, str] | None) -> list:
-        from ..loop import AdaLoraAllocator
+        from ..allocator import AdaLoraAllocator
 
         return [AdaLoraAllocator(guard)]
+
+    def checkpointing(self, model: nn.Module):
+        from ..allocator import every_rank_saved
+
+        return every_rank_saved(model)  # PEFT would cut the adapter down to the ranks kept, losing the others
+
+    def check_checkpoint(self, checkpoint: Path) -> None:
+        from ..allocator import check_checkpoint
+
+        check_checkpoint(checkpoint)
 
     def live_rank(self, module) -> int:
         return int((module.lora_E["default"] != 0).sum())  # AdaLoRA masks ranks by zeroing its singular values E

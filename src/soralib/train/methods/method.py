@@ -96,6 +96,14 @@ class Method:
         not a training-only term of the method. SoraTrainer evaluates within it."""
         return contextlib.nullcontext()
 
+    def checkpointing(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which Trainer writes a checkpoint's model files (SoraTrainer.save_model): what it saves is
+        what training goes on from when the run resumes."""
+        return contextlib.nullcontext()
+
+    def check_checkpoint(self, checkpoint: Path) -> None:
+        """Raise InputError for a checkpoint of this method that cannot be resumed (before anything is written)."""
+
     def log_scalars(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Scalars added to every training log line (TensorBoard and history.jsonl)."""
         return {}

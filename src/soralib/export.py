@@ -27,8 +27,8 @@ from torch import nn
 from .errors import InputError
 from .io import atomic_dir, foreign_entries, name_list
 from .layer import SoraLayer
-from .optim import DTensor, sora_layers
-from .prune import adapter_of, _strip
+from .optim import DTensor, adapter_of, sora_layers
+from .prune import _strip
 from .ranks import exact_key, exact_targets
 
 LAYOUTS = ("exact", "uniform")

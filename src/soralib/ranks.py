@@ -16,8 +16,8 @@ from peft import LoraConfig
 from torch import nn
 
 from .config import SoraConfig
-from .optim import sora_layers
-from .prune import adapter_of, _strip
+from .optim import adapter_of, sora_layers
+from .prune import _strip
 
 
 def exact_key(path: str) -> str:

@@ -153,3 +153,13 @@ def test_exact_export_of_nested_paths_that_end_alike_loads_with_the_right_ranks(
     soralib.export_lora(model, tmp_path / "a")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
     torch.testing.assert_close(output(loaded, {"input": x}), expected, atol=1e-5, rtol=0)
+
+
+def test_exporting_the_same_adapter_twice_gives_the_same_bytes(tmp_path):
+    # safetensors orders the metadata keys at random on each save: one of 16 repeats would differ
+    model = sora_model("mlp")
+    scramble(model)
+    files = set()
+    for i in range(16):
+        files.add((soralib.export_lora(model, tmp_path / str(i)) / "adapter_model.safetensors").read_bytes())
+    assert len(files) == 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from .errors import InputError
@@ -117,10 +117,25 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
         bias="none",
     )
     with atomic_dir(out_dir) as tmp:
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"), metadata=MARK)
+        (tmp / FILES[1]).write_bytes(same_bytes(save({k: v.cpu() for k, v in tensors.items()}, metadata=MARK)))
         lora_config.save_pretrained(str(tmp))
         json.loads((tmp / "adapter_config.json").read_text())  # fail here, not at load time, on a bad config
     return Path(out_dir)
+
+
+def same_bytes(data: bytes) -> bytes:
+    """`data` (a safetensors file) with its metadata keys in sorted order.
+
+    safetensors writes the metadata from a Rust HashMap, whose order changes from one call to the next: the
+    same adapter exported twice would differ in bytes, and a same-seed rerun would not be bitwise identical.
+    Both orders serialise to the same length, so the data offsets and header padding stay as they are.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = data[8:8 + size]
+    written = json.loads(header).get("__metadata__") or {}
+    as_written, ordered = (json.dumps(m, separators=(",", ":"), ensure_ascii=False).encode()
+                           for m in (written, dict(sorted(written.items()))))
+    return data[:8] + header.replace(as_written, ordered, 1) + data[8 + size:]
 
 
 def written_by_export(directory: str | os.PathLike) -> bool:

@@ -56,6 +56,8 @@ BAD_FLAGS += [  # rejected up front since docs/errors.md listed them as gaps
     ("max-train-samples-negative", ["--max-train-samples", "-5"], "max_train_samples must be an integer >= 1 (or unset), got -5"),
     ("max-eval-samples-0", ["--max-eval-samples", "0"], "max_eval_samples must be an integer >= 1 (or unset), got 0"),
     ("save-steps-negative", ["--save-steps", "-1"], "save_steps must be an integer >= 0, got -1"),
+    ("max-steps-negative", ["--max-steps", "-5"], "max_steps must be an integer >= 1 (or -1: unset, epochs decide), got -5"),
+    ("max-steps-0", ["--max-steps", "0"], "max_steps must be an integer >= 1 (or -1: unset, epochs decide), got 0"),
     ("warmup-ratio-5", ["--warmup-ratio", "5"], "warmup_ratio must be in [0, 1), got 5.0"),
     ("gate-lr-negative", ["--gate-lr", "-1"], "gate_lr must be a finite number > 0 (or unset: lr), got -1.0"),
     ("gate-eps-negative", ["--gate-eps", "-1"], "gate_eps must be a finite number > 0, got -1.0"),

@@ -414,3 +414,22 @@ def test_the_readme_trl_snippet_trains_prunes_and_exports_a_plain_lora(tiny_llam
     soralib.export_lora(trainer.model, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+
+
+def test_generation_stops_at_an_end_token_the_generation_config_names_besides_eos(tiny_llama):
+    # chat models end a turn with a token that is not EOS (Gemma's <end_of_turn>), named in generation_config.json
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from soralib.train.tasks.generate import generate
+    from soralib.train.tasks.sft_data import prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    ids = torch.tensor([prompt_ids(tokenizer, "Tom has 3 apples.", chat=True)])
+    with torch.no_grad():
+        free = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=None)[0, ids.shape[1]:]
+    free = free.tolist()
+    end = next(i for i in range(1, len(free)) if free[i] not in free[:i] and free[i] != tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, free[end]]
+    text, = generate(model, tokenizer, [{"prompt": "Tom has 3 apples."}], chat=True, max_new_tokens=8, batch_size=1)
+    assert text == tokenizer.decode(free[:end + 1], skip_special_tokens=True)

@@ -81,7 +81,7 @@ class TrainConfig:
     epochs: float = 20.0
     """Training epochs (per stage when the sparsifying scheduler runs)."""
     max_steps: int = -1
-    """If > 0, stop after this many optimizer steps (per stage), whatever `epochs` says."""
+    """Stop after this many optimizer steps (per stage), whatever `epochs` says; -1: epochs decide."""
     batch_size: int = 8
     """Training batch size per device."""
     eval_batch_size: int = 64

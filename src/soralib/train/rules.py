@@ -53,6 +53,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                     (lambda v: v >= 0, "an integer >= 0")),
     "min_rank": (_unset_or(lambda v: v >= 0), ">= 0"),
     "eval_fraction": (_unset_or(lambda v: 0 < v < 1), "in (0, 1) (or unset)"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "an integer >= 1 (or -1: unset, epochs decide)"),
 }
 
 

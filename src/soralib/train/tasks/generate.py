@@ -21,6 +21,18 @@ def final_answer(text: str) -> str | None:
     return found[-1].replace(",", "").lstrip("+") if found else None
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a greedy answer: the tokenizer's EOS and the model's generation config's end tokens.
+
+    Chat models often end a turn with a token that is not EOS (Gemma's <end_of_turn>, Llama 3's <|eot_id|>),
+    listed in generation_config.json: stopping at EOS alone would run on to max_new_tokens past the answer.
+    """
+    config = getattr(model, "generation_config", None)
+    named = getattr(config, "eos_token_id", None)
+    named = named if isinstance(named, (list, tuple)) else [named]
+    return list(dict.fromkeys(i for i in (tokenizer.eos_token_id, *named) if isinstance(i, int)))
+
+
 def generate(model, tokenizer, rows: list[dict[str, Any]], chat: bool, max_new_tokens: int,
              batch_size: int) -> list[str]:
     """The greedy continuation of each row's prompt (special tokens dropped), in row order."""
@@ -28,6 +40,7 @@ def generate(model, tokenizer, rows: list[dict[str, Any]], chat: bool, max_new_t
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
+    stops = stop_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     texts = []
@@ -40,7 +53,7 @@ def generate(model, tokenizer, rows: list[dict[str, Any]], chat: bool, max_new_t
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                     do_sample=False, pad_token_id=pad, eos_token_id=stops,
                                      use_cache=True)  # training may have switched the cache off
             texts += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     finally:

@@ -113,6 +113,18 @@ def test_scheduled_run_gets_stages_plot_and_table(tmp_path):
     assert "## Metrics" not in text and "kept_rank_heatmap" not in text
 
 
+def test_an_interrupted_run_gets_its_curves_and_says_it_is_unfinished(tmp_path):
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "config.yaml").write_text("task: mrpc\nmethod: sora\nmodel: minilm\nseed: 3\n")  # as sora train writes it
+    write_jsonl(run / "history.jsonl", history(), torn_tail=True)  # killed mid-line, before metrics.json
+    path = write_report(run)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["kept_rank_over_steps.png", "report.md"]
+    assert_png(path.parent / "kept_rank_over_steps.png")
+    text = path.read_text()
+    assert "Unfinished run: no metrics.json yet" in text and "## Metrics" not in text
+
+
 def test_lora_run_with_only_metrics_gets_markdown_without_plots(tmp_path):
     run = tmp_path / "lora"
     run.mkdir()

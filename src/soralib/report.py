@@ -197,6 +197,9 @@ def _markdown(run_dir: Path, metrics: dict, sparsity: dict, stages: list[dict], 
     else:
         title = run_dir.name
     md = [f"# Run report: {title}", ""]
+    if not metrics:
+        md += ["Unfinished run: no metrics.json yet (interrupted, or still training). What follows is what it "
+               "logged so far; `sora train --resume` continues it.", ""]
 
     splits = [s for s in (EVAL, TEST) if isinstance(metrics.get(s), dict) and metrics[s]]
     if splits:

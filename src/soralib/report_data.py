@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .train.rundir import HISTORY, METRICS, SPARSITY, STAGES
+from .train.rundir import CONFIG, HISTORY, METRICS, SPARSITY, STAGES, written_by_sora
 
 # The warnings are `sora report`'s, under the logger name they had before this module was split off.
 log = logging.getLogger("soralib.report")
@@ -25,8 +25,10 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[s
     if not run_dir.is_dir():
         reason = "not a directory" if run_dir.exists() else "does not exist"
         raise InputError(f"not a soralib run directory: {run_dir} ({reason})")
-    if not ((run_dir / METRICS).is_file() or (run_dir / STAGES).is_file()):
-        raise InputError(f"not a soralib run directory: {run_dir} (no metrics.json or stages.jsonl)")
+    # an interrupted run has no metrics.json yet, but its config.yaml says it is one: its curves are worth a report
+    if not ((run_dir / METRICS).is_file() or (run_dir / STAGES).is_file() or written_by_sora(run_dir / CONFIG)):
+        raise InputError(f"not a soralib run directory: {run_dir} (no metrics.json, stages.jsonl or config.yaml "
+                         "written by sora train)")
     metrics = _read_json(run_dir / METRICS) or {}
     sparsity = _read_json(run_dir / SPARSITY) or {}
     history = [row for row in read_jsonl(run_dir / HISTORY) if is_number(row.get("step"))]

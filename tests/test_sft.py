@@ -433,3 +433,12 @@ def test_generation_stops_at_an_end_token_the_generation_config_names_besides_eo
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, free[end]]
     text, = generate(model, tokenizer, [{"prompt": "Tom has 3 apples."}], chat=True, max_new_tokens=8, batch_size=1)
     assert text == tokenizer.decode(free[:end + 1], skip_special_tokens=True)
+
+
+def test_split_seed_on_sft_says_the_task_does_not_split_not_to_add_protocol_paper(tiny_llama, gsm_files, tmp_path,
+                                                                                  capsys):
+    # the hint was "with --protocol paper", which sft then refuses in turn
+    out = tmp_path / "run"
+    err = fails_cleanly(capsys, sft_args(tiny_llama, gsm_files, out, "--split-seed", "3"),
+                        "--split-seed is used only with ", out)
+    assert "got task 'sft'" in err and "--protocol paper" not in err

@@ -103,7 +103,7 @@ USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
                      "target_rank", "layout"), [_GATED]),
     "gate_eps": [_GATED, ("gate_update", "with --gate-update optimizer (plain SGD gates have no eps)",
                           lambda c: c.gate_update == "optimizer")],
-    "split_seed": [("protocol", "with --protocol paper (the default protocol does not split)",
+    "split_seed": [_task_reads("protocol"), ("protocol", "with --protocol paper (the default protocol does not split)",
                     lambda c: c.protocol == "paper")],
     "thresholds": [_with("supports_schedule")],
     "lora_config": [_with("reads_lora_config")],

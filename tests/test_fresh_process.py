@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -26,32 +27,16 @@ def run_dir(glue_dir, tiny_model, tmp_path_factory):
     return out
 
 
-def sora(*argv) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "soralib.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=300, env=env)
-
-
-@pytest.mark.parametrize("layout", ["exact", "uniform"])
-def test_export_in_a_fresh_process_writes_the_lora_adapter(run_dir, tmp_path, layout):
-    result = sora("export", run_dir, "--layout", layout, "--out", tmp_path / "lora")
-    assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-
-
-def test_ranks_report_and_eval_in_a_fresh_process_succeed(run_dir, tmp_path):
-    ranks = sora("ranks", run_dir, "--out", tmp_path / "lora_config.json")
-    assert ranks.returncode == 0, ranks.stderr
-    assert json.loads((tmp_path / "lora_config.json").read_text())["rank_pattern"]
-    for command in ("report", "eval"):
-        result = sora(command, run_dir)
-        assert result.returncode == 0, f"sora {command}: {result.stderr}"
+def sora_argv(*argv) -> list[str]:
+    return [sys.executable, "-m", "soralib.cli", *map(str, argv)]
 
 
 def python(code: str, *argv) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True,
-                          timeout=300, env=env)
+    return run([sys.executable, "-c", code, *map(str, argv)])
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +54,7 @@ def sora_adapter(tmp_path_factory):
 
 
 # Each imports only the submodule it names, and peft after it (with peft first, `import soralib` loads everything).
+SETUP = "import pathlib, sys\nfrom torch import nn\nBASE, ADAPTER = nn.Sequential(nn.Linear(4, 4)), sys.argv[1]\n"
 ENTRIES = {
     "verify.load_adapter_safely": "from soralib.verify import load_adapter_safely\n"
                                   "print(type(load_adapter_safely(BASE, ADAPTER).base_model).__name__)",
@@ -82,26 +68,55 @@ ENTRIES = {
                                        "print(type(peft.PeftModel.from_pretrained(BASE, ADAPTER).base_model).__name__)",
 }
 EXPECTED = {"verify.verify_adapter": "SORA", "adapter_dir": "SORA"}
+# the README's "import soralib  # registers the SORA type with PEFT", with no soralib name used after it
+IMPORTS = {"soralib-then-peft": "import soralib, peft", "soralib-then-from-peft": "import soralib\nfrom peft import PeftConfig",
+           "peft-then-soralib": "import peft, soralib"}
+LOAD = ("\nimport sys, peft\nfrom torch import nn\nconfig = peft.PeftConfig.from_pretrained(sys.argv[1])\n"
+        "model = peft.PeftModel.from_pretrained(nn.Sequential(nn.Linear(4, 4)), sys.argv[1])\n"
+        "print(config.peft_type.value, type(model.base_model).__name__)")
+
+
+@pytest.fixture(scope="module")
+def fresh(run_dir, sora_adapter, tmp_path_factory):
+    """Each fresh interpreter's result (a future), by case. Each spends seconds importing torch on one core, so
+    they all start here, two at a time, and each test waits for its own: the same checks in half the time."""
+    out = tmp_path_factory.mktemp("fresh-out")
+    cases = {f"export-{layout}": sora_argv("export", run_dir, "--layout", layout, "--out", out / layout)
+             for layout in ("exact", "uniform")}
+    cases["ranks"] = sora_argv("ranks", run_dir, "--out", out / "lora_config.json")
+    cases |= {command: sora_argv(command, run_dir) for command in ("report", "eval")}
+    cases |= {entry: [sys.executable, "-c", SETUP + code, str(sora_adapter)] for entry, code in ENTRIES.items()}
+    cases |= {order: [sys.executable, "-c", imports + LOAD, str(sora_adapter)] for order, imports in IMPORTS.items()}
+    with ThreadPoolExecutor(2) as pool:  # threads only wait on their subprocess
+        yield out, {case: pool.submit(run, argv) for case, argv in cases.items()}
+
+
+@pytest.mark.parametrize("layout", ["exact", "uniform"])
+def test_export_in_a_fresh_process_writes_the_lora_adapter(fresh, layout):
+    out, results = fresh
+    result = results[f"export-{layout}"].result()
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / layout / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_ranks_report_and_eval_in_a_fresh_process_succeed(fresh):
+    out, results = fresh
+    for command in ("ranks", "report", "eval"):
+        result = results[command].result()
+        assert result.returncode == 0, f"sora {command}: {result.stderr}"
+    assert json.loads((out / "lora_config.json").read_text())["rank_pattern"]
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_a_submodule_imported_alone_hands_sora_to_peft_as_the_top_level_names_do(sora_adapter, entry):
-    setup = "import pathlib, sys\nfrom torch import nn\nBASE, ADAPTER = nn.Sequential(nn.Linear(4, 4)), sys.argv[1]\n"
-    result = python(setup + ENTRIES[entry], sora_adapter)
+def test_a_submodule_imported_alone_hands_sora_to_peft_as_the_top_level_names_do(fresh, entry):
+    result = fresh[1][entry].result()
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [EXPECTED.get(entry, "SoraModel")], result.stderr
 
 
-@pytest.mark.parametrize("imports", ["import soralib, peft", "import soralib\nfrom peft import PeftConfig",
-                                     "import peft, soralib"], ids=["soralib-then-peft", "soralib-then-from-peft",
-                                                                   "peft-then-soralib"])
-def test_a_saved_sora_adapter_loads_through_peft_alone_after_import_soralib_in_either_order(sora_adapter, imports):
-    # the README's "import soralib  # registers the SORA type with PEFT", with no soralib name used after it
-    code = (imports + "\nimport sys, peft\nfrom torch import nn\n"
-            "config = peft.PeftConfig.from_pretrained(sys.argv[1])\n"
-            "model = peft.PeftModel.from_pretrained(nn.Sequential(nn.Linear(4, 4)), sys.argv[1])\n"
-            "print(config.peft_type.value, type(model.base_model).__name__)")
-    result = python(code, sora_adapter)
+@pytest.mark.parametrize("imports", IMPORTS)
+def test_a_saved_sora_adapter_loads_through_peft_alone_after_import_soralib_in_either_order(fresh, imports):
+    result = fresh[1][imports].result()
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["SORA", "SoraModel"], result.stderr
 

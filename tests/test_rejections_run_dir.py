@@ -1,6 +1,8 @@
 """The rows of docs/errors.md for `sora report`, `eval`, `export` and `ranks` of a run directory: what is not a
 readable or finished run is refused before anything is loaded or written, and eval never scores a broken result."""
 
+import os
+
 import pytest
 import torch
 
@@ -80,7 +82,7 @@ def test_ranks_refuses_an_out_path_that_is_not_a_file_before_loading_anything(gl
     out = tmp_path if where == "directory" else tmp_path / "nowhere" / "lora.json"
     what = "is a directory" if where == "directory" else "is in a directory that does not exist"
     fails_cleanly(capsys, ["ranks", run, "--out", out], f"--out {out} {what}; give a JSON file path such as "
-                                                         f"{run.name}-ranks.json (outside the run")
+                                                         f"{os.path.relpath(tmp_path / 'run-ranks.json')} (outside the run")
 
 
 def test_ranks_refuses_a_run_that_is_not_a_finished_sora_run(glue_dir, tiny_model, tmp_path, capsys):
@@ -147,10 +149,19 @@ def test_ranks_out_is_a_new_file_outside_every_run(glue_dir, tiny_model, tmp_pat
     out = tmp_path / where
     holder = out.parent if where.startswith("run/") else tmp_path / "other"
     expected = (f"--out {out} exists; sora ranks writes a new file and replaces none" if where == "mydata.jsonl" else
-                f"--out {out} is inside the run {holder}; give a JSON file path such as run-ranks.json outside every "
-                "run")
+                f"--out {out} is inside the run {holder}; give a JSON file path such as "
+                f"{os.path.relpath(tmp_path / 'run-ranks.json')} outside every run")
     fails_cleanly(capsys, ["ranks", run, "--out", out], expected)
     assert _contents(tmp_path) == before
+
+
+def test_ranks_of_the_current_directory_suggests_an_out_path_beside_the_run(glue_dir, tiny_model, tmp_path, capsys,
+                                                                             monkeypatch):
+    # `cd runs/mrpc && sora ranks . --out ranks.json` suggested "-ranks.json", inside the run: refused in turn
+    run = _finished_sora_run(tmp_path / "mrpc", glue_dir, tiny_model)
+    monkeypatch.chdir(run)
+    fails_cleanly(capsys, ["ranks", ".", "--out", "ranks.json"], f"--out ranks.json is inside the run {run}; give a JSON "
+                  "file path such as ../mrpc-ranks.json outside every run")
 
 
 def test_eval_with_a_missing_data_dir_is_refused(glue_dir, tiny_model, tmp_path, capsys):

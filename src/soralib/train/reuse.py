@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -148,7 +149,8 @@ def ranks_run(run_dir: str | Path, out: str | None = None) -> str:
 
 def _check_ranks_out(out: Path, run: Path) -> None:
     """A new file outside every run: `sora ranks` replaces nothing (a data file of yours, a run's config.yaml)."""
-    hint = f"give a JSON file path such as {run.name}-ranks.json"
+    beside = run.resolve().parent / f"{run.resolve().name}-ranks.json"  # `sora ranks .` has no name of its own
+    hint = f"give a JSON file path such as {os.path.relpath(beside)}"
     if out.is_dir() or not out.resolve().parent.is_dir():
         what = "is a directory" if out.is_dir() else "is in a directory that does not exist"
         raise InputError(f"--out {out} {what}; {hint} (outside the run, which --overwrite would refuse)")

@@ -15,7 +15,10 @@ pytestmark = pytest.mark.usefixtures("_cache")
 @pytest.mark.parametrize("columns, expected", [
     ([], "text_columns must name 1 or 2 columns, got 0"),
     (["t", "l", "x"], "text_columns must name 1 or 2 columns, got 3"),
-], ids=["none", "three"])
+    (["t", "t"], "text_columns must name different columns, got t, t"),
+    (["t", "l"], "text_columns (t, l) holds the label column 'l'; the model would read the answer: name only text "
+                 "columns (or set label_column)"),
+], ids=["none", "three", "twice", "the-label"])
 def test_custom_text_columns_must_name_one_or_two_columns(tmp_path, columns, expected):
     train = _write(tmp_path / "train.csv", "t,l,x\na,x,y\nb,y,z\n")
     with pytest.raises(InputError) as excinfo:

@@ -50,6 +50,11 @@ def load_custom(
     text_columns = tuple(text_columns)
     if not 1 <= len(text_columns) <= 2:
         raise InputError(f"text_columns must name 1 or 2 columns, got {len(text_columns)}")
+    if len(set(text_columns)) < len(text_columns):
+        raise InputError(f"text_columns must name different columns, got {', '.join(text_columns)}")
+    if label_column in text_columns:  # the model would read its answer: ~100 % accuracy that means nothing
+        raise InputError(f"text_columns ({', '.join(text_columns)}) holds the label column {label_column!r}; the "
+                         "model would read the answer: name only text columns (or set label_column)")
     if task_type is not None and task_type not in TASK_TYPES:
         raise InputError(f"task_type must be one of {', '.join(TASK_TYPES)} (or unset: inferred), got {task_type!r}")
     records = {

@@ -269,3 +269,20 @@ def test_eval_refuses_non_finite_outputs_instead_of_reporting_a_score(glue_dir, 
            _full_run(tmp_path / "run", glue_dir, tiny_model, "bert.embeddings.word_embeddings.weight", 3e38))
     fails_cleanly(capsys, ["eval", run], f"{run}: the model's outputs on validation hold NaN or Inf; the saved result "
                                          "is broken, so no score is reported")
+
+
+@pytest.mark.parametrize("command", ["export", "ranks"])
+def test_export_or_ranks_of_a_custom_run_killed_before_its_metrics_says_it_did_not_finish(tiny_model, tmp_path,
+                                                                                          capsys, command):
+    # sora_adapter/ is written before the final evaluation, metrics.json after: it was a FileNotFoundError traceback
+    from soralib.train.config import build_config, save_yaml
+
+    run = tmp_path / "run"
+    config = build_config("sora", None, {"task": "custom", "train_file": str(tmp_path / "a.csv"), "text_columns": "t",
+                                         "validation_file": str(tmp_path / "a.csv"), "model": str(tiny_model),
+                                         "output_dir": str(run)})
+    (run / "sora_adapter").mkdir(parents=True)
+    (run / "sora_adapter" / "adapter_config.json").write_text("{}")
+    save_yaml(config, run / "config.yaml")
+    fails_cleanly(capsys, [command, run], f"{run} did not finish (no metrics.json, which holds the custom task's "
+                                          "number of labels); finish it with sora train --resume")

@@ -128,6 +128,11 @@ class CustomTask(ClassificationTask):
     def saved_spec(self, config: TrainConfig, run: Path) -> TaskSpec:
         import json
 
+        from ...errors import InputError
+
+        if not (run / METRICS).is_file():  # sora_adapter/ is written before the final evaluation, metrics.json after
+            raise InputError(f"{run} did not finish (no metrics.json, which holds the custom task's number of "
+                             "labels); finish it with sora train --resume")
         num_labels = int(json.loads((run / METRICS).read_text()).get(NUM_LABELS, 2))
         return TaskSpec("custom", tuple(config.text_columns or ()), num_labels, (), "", False)
 

@@ -64,6 +64,11 @@ def test_custom_validation_label_unseen_in_train_is_rejected(tmp_path):
         ("train.jsonl", ['{"t": "a"}'], r"train\.jsonl line 1: missing field 'l'"),
         ("train.jsonl", ['{"t": "a", "l": 1}', '{"t": "b", "l": 1}'], r"single label value"),
         ("train.csv", ["t,l"], r"train\.csv: no data rows"),
+        # a stray quote merged the rows after it into one field (and made a new class of the rest)
+        ("train.csv", ["t,l", '"great movie,x', "bad film,y", '"quoted" ok,x', "fine,y"],
+         r"train\.csv line 4: not valid CSV \(',' expected after '\"'\)"),
+        ("train.csv", ["t,l", 'great movie,"x', "bad film,y", '"', "fine,y"],
+         r"train\.csv line 4: label 'x\\nbad film,y' in column 'l' spans lines; is a quote opened"),
     ],
 )
 def test_bad_custom_files_are_rejected_with_file_and_line(tmp_path, name, lines, message):

@@ -165,15 +165,20 @@ def _read_records(path: Path, text_columns: tuple[str, ...], label_column: str) 
     with open(path, encoding="utf-8-sig", newline="") as f:
         if suffix == ".csv":
             with csv_field_limit(path):
-                reader = csv.DictReader(f)
-                header = reader.fieldnames or []
-                _check_csv_header(path, header, wanted)
-                for rec in reader:
-                    if None in rec or None in rec.values():
-                        raise InputError(f"{path} line {reader.line_num}: wrong number of columns, "
-                                         f"expected {len(header)}")
-                    texts = {c: rec[c] for c in text_columns}
-                    out.append(_record(path, reader.line_num, texts, rec[label_column], label_column))
+                # strict: a stray quote is an error, not rows silently merged into one field up to the next quote
+                reader = csv.DictReader(f, strict=True)
+                try:
+                    header = reader.fieldnames or []
+                    _check_csv_header(path, header, wanted)
+                    for rec in reader:
+                        if None in rec or None in rec.values():
+                            raise InputError(f"{path} line {reader.line_num}: wrong number of columns, "
+                                             f"expected {len(header)}")
+                        texts = {c: rec[c] for c in text_columns}
+                        out.append(_record(path, reader.line_num, texts, rec[label_column], label_column))
+                except csv.Error as err:
+                    raise InputError(f"{path} line {reader.reader.line_num}: not valid CSV ({err}); a field that opens "
+                                     'a quote must close it, and a quote inside a quoted field is written ""') from None
         else:
             for line, text in enumerate(f, start=1):
                 if text.strip():
@@ -240,6 +245,9 @@ def _label_value(path: Path, line: int, raw: Any, column: str) -> str | float:
     except ValueError:
         if not raw.strip():
             raise InputError(f"{path} line {line}: label in column {column!r} is empty") from None
+        if "\n" in raw.strip() or "\r" in raw.strip():  # no class name spans lines: rows swallowed by a quote
+            raise InputError(f"{path} line {line}: label {_show(raw)[:60]} in column {column!r} spans lines; "
+                             "is a quote opened on an earlier line and never closed?") from None
         return raw.strip()
     if not math.isfinite(value):
         raise InputError(f"{path} line {line}: label {_show(raw)} in column {column!r} is not a finite number")

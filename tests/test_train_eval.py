@@ -104,9 +104,26 @@ def test_custom_csv_task_trains_and_a_report_is_written(tiny_model, tmp_path, ca
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "custom" and "accuracy" in metrics["eval"] and metrics["num_labels"] == 3
+    assert metrics["label_names"] == ["maybe", "no", "yes"]  # the head's outputs, in order
     assert main(["report", str(out)]) == 0
     report = (out / "report" / "report.md").read_text()
     assert "custom" in report and (out / "report" / "kept_rank_heatmap.png").is_file()
+
+
+def test_eval_of_a_custom_run_whose_training_file_changed_classes_is_refused(tiny_model, tmp_path, capsys):
+    # the classes are re-read from the file: a class added since training shifted the ids under the trained head
+    for name, labels in (("train.csv", ["no", "yes"] * 8), ("dev.csv", ["no", "yes"] * 2)):
+        (tmp_path / name).write_text("q,y\n" + "".join(f"w{i} x,{y}\n" for i, y in enumerate(labels)))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "custom", "--train-file", str(tmp_path / "train.csv"), "--validation-file",
+                 str(tmp_path / "dev.csv"), "--text-columns", "q", "--label-column", "y", "--model", str(tiny_model),
+                 "--output-dir", str(out), "--max-steps", "1"]) == 0
+    with open(tmp_path / "train.csv", "a") as f:
+        f.write("w99 x,maybe\n")
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 2
+    assert f"sora eval: error: {out}: the classes changed since training: trained on no, yes; the data now gives " \
+           "maybe, no, yes; restore the training file the run was trained on" in capsys.readouterr().err
 
 
 def test_split_seed_gives_every_seed_the_same_validation_and_test_halves(glue_dir):

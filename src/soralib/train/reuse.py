@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .config import TrainConfig
-from .rundir import CONFIG, SORA_ADAPTER, run_holding
+from .rundir import CONFIG, LABEL_NAMES, METRICS, SORA_ADAPTER, run_holding
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
             raise InputError(f"{run_dir}: --data-dir {unused}; the run re-reads its own train_file and validation_file")
         config = replace(config, data_dir=data_dir)
     spec, splits = load_splits(config)
+    _check_same_classes(Path(run_dir), spec)
     model, tokenizer = load_trained_model(run_dir, config, spec)
     with tempfile.TemporaryDirectory(prefix="sora-eval-") as scratch:  # Trainer wants an output_dir
         args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=config.eval_batch_size,
@@ -75,6 +76,18 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
                                                                          config.max_length, cache_dir()), name,
                                          task_of(config.task))
         return results
+
+
+def _check_same_classes(run: Path, spec) -> None:
+    """A custom run's classes come from its training file as it is now: a class added or removed since training
+    would shift the label ids under the trained head, so it is refused, naming both lists."""
+    import json
+
+    saved = json.loads((run / METRICS).read_text()).get(LABEL_NAMES) if (run / METRICS).is_file() else None
+    if saved is not None and list(saved) != list(spec.label_names):
+        raise InputError(f"{run}: the classes changed since training: trained on {', '.join(map(str, saved))}; the "
+                         f"data now gives {', '.join(spec.label_names) or 'none (regression)'}; restore the training "
+                         "file the run was trained on")
 
 
 def _finite_only(compute, run_dir, split: str):

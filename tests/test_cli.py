@@ -171,3 +171,15 @@ def test_under_torchrun_only_rank_0_prints_the_result_lines(monkeypatch, capsys,
     assert main(["train", "--method", "lora", *REQUIRED]) == 0
     out = capsys.readouterr().out
     assert ("metrics.json" in out) == speaks, out
+
+
+def test_a_path_the_user_may_not_write_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    # as root in CI no chmod refuses a write: the library call raises what a user's read-only directory would
+    import soralib.report
+
+    def refused(run_dir):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "report"))
+
+    monkeypatch.setattr(soralib.report, "write_report", refused)
+    assert main(["report", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err == f"sora report: error: Permission denied: {tmp_path / 'run' / 'report'}\n"

@@ -277,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as err:
         print(f"sora {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except PermissionError as err:  # a directory the user may not write (--out, the cache): theirs to fix, no bug
+        print(f"sora {args.command}: error: {err.strerror}: {err.filename}", file=sys.stderr)
+        return 1
     except ValueError as err:  # a bad value caught by the library (config, export layout, ...)
         print(f"sora {args.command}: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2

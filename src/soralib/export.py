@@ -117,13 +117,13 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
         bias="none",
     )
     with atomic_dir(out_dir) as tmp:
-        (tmp / FILES[1]).write_bytes(same_bytes(save({k: v.cpu() for k, v in tensors.items()}, metadata=MARK)))
+        (tmp / FILES[1]).write_bytes(sorted_metadata(save({k: v.cpu() for k, v in tensors.items()}, metadata=MARK)))
         lora_config.save_pretrained(str(tmp))
         json.loads((tmp / "adapter_config.json").read_text())  # fail here, not at load time, on a bad config
     return Path(out_dir)
 
 
-def same_bytes(data: bytes) -> bytes:
+def sorted_metadata(data: bytes) -> bytes:
     """`data` (a safetensors file) with its metadata keys in sorted order.
 
     safetensors writes the metadata from a Rust HashMap, whose order changes from one call to the next: the

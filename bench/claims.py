@@ -16,7 +16,7 @@ from typing import Any
 
 from soralib.train.rundir import KEPT_PARAMS, MAIN_METRIC
 
-from . import lr
+from . import lr, patterns
 from .matrix import TASKS, VARIANTS
 from .quality_tables import main_score, setting
 
@@ -101,7 +101,12 @@ def per_task_groups(records: list[dict[str, Any]]) -> dict[tuple[str, str, str],
             continue
         cells = [c for c in records if c.get("kind") == "quality" and setting(c) == where[0] and c["task"] == r["task"]
                  and c["variant"] == r["variant"] and lr.cell_lr(c, method) == choice]
-        groups[where] = (choice, list({c["seed"]: c for c in cells}.values()))  # a seed run twice: its newest
+        groups[where] = (choice, cells)
+    for (name, task, variant), (choice, cells) in groups.items():
+        if variant in patterns.SHUFFLED:  # built on a sora-budget cell's ranks: only those of the cells shown count
+            shown = {c["key"] for c in groups.get((name, task, "sora-budget"), (None, []))[1]}
+            cells = [c for c in cells if (c.get("pattern") or {}).get("source") in shown]
+        groups[(name, task, variant)] = (choice, list({c["seed"]: c for c in cells}.values()))  # run twice: newest
     return groups
 
 
@@ -124,9 +129,9 @@ def claims_section(records: list[dict[str, Any]]) -> list[str]:
     lines = ["## Equal-size claims: every variant at its own per-task lr", "",
              f"Each variant's lr is the best of {', '.join(lr.GRID)} on seed 0's validation half, per task (its "
              "seed-0 cells are the search's own). Δ is paired by seed on the test half, ×100, with a 95 % t "
-             "interval. Over tasks: the mean of the per-task means over these four tasks taken as fixed "
+             "interval. Over tasks: the mean of the per-task means over the tasks with results, taken as fixed "
              "(metrics of different scales, averaged as GLUE does), with the seeds' noise of each task "
-             "(Welch–Satterthwaite df), judged only when all four have results. A claim is **shown** when its "
+             "(Welch–Satterthwaite df), judged only when all four tasks have results. A claim is **shown** when its "
              f"interval excludes 0 and both sides have ≥ {MIN_SEEDS} seeds. The first claim is the primary one; "
              "the others are exploratory (of ~40 intervals at 95 %, about two exclude 0 by chance).", ""]
     for name in sorted({s for s, _, _ in groups}):

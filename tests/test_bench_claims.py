@@ -78,3 +78,29 @@ def test_claims_pair_each_variant_at_its_own_per_task_lr_and_show_only_intervals
     assert old == ""  # cells whose dev split moved with the seed are not in the per-task protocol's tables
     assert claims.verdict((0.01, 0.005, 0.02), 2).startswith("not judged")
     assert claims.verdict((-0.01, -0.02, -0.005), 3) == "shown worse"
+
+
+def test_a_pattern_control_counts_only_when_built_on_the_ranks_of_a_sora_budget_cell_the_table_shows(tmp_path):
+    # were sora-budget's chosen lr to move, pattern cells built on its old cells' ranks must not be mixed in
+    from bench import claims
+
+    def cell(variant, seed, lr_, val, test, source=None):
+        method = quality.VARIANTS[variant][0]
+        extra = tuple(sorted({"split_seed": "0", **lr.grid_extra(method, lr_)}.items()))
+        record = _quality_record("mrpc", variant, seed, test=test, kept=1000, val=val)
+        record.update(key=quality.Cell("mrpc", variant, seed, 20.0, extra=extra).key + (source or ""),
+                      extra=dict(extra))
+        if source:
+            record["pattern"] = {"source": source, "shuffled": False}
+        return record
+
+    budget = [cell("sora-budget", s, g, 0.9 if g == "8e-4" else 0.5, 0.8) for s in range(3) for g in lr.GRID]
+    shown = {r["seed"]: r["key"] for r in budget if lr.cell_lr(r, "sora") == "8e-4"}
+    stale = {r["seed"]: r["key"] for r in budget if lr.cell_lr(r, "sora") == "2e-3"}
+    pattern = [cell("lora-pattern", 0, g, 0.9 if g == "2e-4" else 0.5, 0.7, shown[0]) for g in lr.GRID]
+    pattern += [cell("lora-pattern", s, "2e-4", 0.9, 0.7, shown[s]) for s in (1, 2)]
+    pattern += [cell("lora-pattern", 1, "2e-4", 0.9, 0.1, stale[1])]  # newer, on the ranks of a cell not shown
+    choice, cells = claims.per_task_groups(budget + pattern)[("minilm, 20 epochs, protocol paper, split_seed=0", "mrpc",
+                                                               "lora-pattern")]
+    assert choice == "2e-4" and sorted(c["seed"] for c in cells) == [0, 1, 2]
+    assert {c["pattern"]["source"] for c in cells} == set(shown.values())

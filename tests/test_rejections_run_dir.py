@@ -286,3 +286,14 @@ def test_export_or_ranks_of_a_custom_run_killed_before_its_metrics_says_it_did_n
     save_yaml(config, run / "config.yaml")
     fails_cleanly(capsys, [command, run], f"{run} did not finish (no metrics.json, which holds the custom task's "
                                           "number of labels); finish it with sora train --resume")
+
+
+def test_resume_of_a_run_whose_saved_config_was_hand_edited_to_a_bad_value_is_refused_before_loading(
+        glue_dir, tiny_model, tmp_path, capsys):
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("threshold_mode: fixed", "threshold_mode: bogus"))
+    before = sorted(p.name for p in run.iterdir())
+    err = fails_cleanly(capsys, ["train", "--output-dir", run, "--resume"],
+                        "threshold_mode must be one of fixed, lr_scaled, got 'bogus'")
+    assert "Loading weights" not in err and sorted(p.name for p in run.iterdir()) == before

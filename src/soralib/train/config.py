@@ -236,8 +236,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_saved(path: str | Path) -> TrainConfig:
-    """A run's config.yaml, not validated again (docs/errors.md). Its paths were saved absolute; those of a run
-    saved before soralib did so are read from the current directory, as they always were."""
+    """A run's config.yaml as saved, not validated here (a resume validates it after merging its flags). Its paths
+    were saved absolute; those of a run saved before soralib did so are read from the current directory."""
     return absolute_paths(TrainConfig(**{k: coerce(k, v) for k, v in load_yaml(path).items()}))
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import sora_model
+from conftest import TARGETS, make_model, sora_model
 
 import soralib
 from soralib.budget import trim_model_
@@ -146,6 +146,33 @@ def test_budget_schedule_makes_the_prox_step_spare_min_rank_gates_per_module(opt
         g.grad = torch.zeros_like(g)
     optimizer.step()
     assert all(m["kept_rank"] == expected for m in soralib.sparsity_report(model)["modules"])
+
+
+@pytest.mark.parametrize("other", [None, "default"], ids=["one-adapter-named-sft", "default-adapter-left-frozen"])
+def test_budget_schedule_trims_the_active_adapter_whatever_its_name_and_leaves_the_others_alone(other):
+    import peft
+
+    model = make_model("bert")
+    config = lambda: soralib.SoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["bert"][0])  # noqa: E731
+    if other is None:
+        model = peft.get_peft_model(model, config(), adapter_name="sft")
+    else:  # a second adapter trained on a model that has one already
+        model = peft.get_peft_model(model, config(), adapter_name=other)
+        model.add_adapter("sft", config())
+        model.set_adapter("sft")
+    untouched = {name: p.detach().clone() for name, p in model.named_parameters() if "sora_gate.sft" not in name}
+    schedule = soralib.BudgetSchedule(model, soralib.create_sora_optimizer(model, lr=1e-3), target_rank=2,
+                                      total_steps=10)
+    schedule.step(10)  # the hold: trimmed to the budget
+    assert soralib.sparsity_report(model, adapter="sft")["kept_rank"] == 2 * 12
+    schedule.finish()
+    assert soralib.sparsity_report(model, adapter="sft")["kept_rank"] == 2 * 12
+    assert all(torch.equal(p, untouched[name]) for name, p in model.named_parameters() if name in untouched)
+
+
+def test_trim_of_an_adapter_the_model_lacks_is_refused():
+    with pytest.raises(ValueError, match=r"^the model has no SoRA layers for adapter 'sft'$"):
+        trim_model_(sora_model("bert"), 100, adapter="sft")
 
 
 def _plain_optimizer(model):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .optim import get_threshold, set_threshold, shard_like, sora_layers, whole
+from .optim import adapter_of, get_threshold, set_threshold, shard_like, sora_layers, whole
 from .prune import sparsity_report
 from .schedule import budget_threshold
 
@@ -107,15 +107,19 @@ def apply_masks_(gates: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
 
 
 def trim_model_(model: nn.Module, budget: float, measure: str = "kept_params", min_rank: int = 0,
-                adapter: str = "default") -> None:
-    """Zero, in place, the gates of ``model`` that :func:`trim_to_budget` drops.
+                adapter: str | None = None) -> None:
+    """Zero, in place, the gates of ``model``'s `adapter` (default: the active one, which is the one trained and
+    the one `sparsity_report` measures) that :func:`trim_to_budget` drops.
 
     ``measure`` is what ``budget`` counts, as in ``sparsity_report``: "kept_params" (a rank costs
     ``in_features + out_features``) or "kept_rank" (a rank costs 1).
     """
     if measure not in ("kept_params", "kept_rank"):
         raise ValueError(f"measure must be 'kept_params' or 'kept_rank', got {measure!r}")
+    adapter = adapter_of(model, adapter)
     layers = [layer for _, layer in sora_layers(model) if adapter in layer.sora_gate]
+    if not layers:  # else nothing is trimmed and the budget silently not kept
+        raise ValueError(f"the model has no SoRA layers for adapter {adapter!r}")
     gates = [layer.sora_gate[adapter] for layer in layers]
     costs = [layer.in_features + layer.out_features if measure == "kept_params" else 1 for layer in layers]
     # The trim ranks all modules' gates at once: gather sharded (FSDP2) gates whole; every rank computes the
@@ -174,7 +178,7 @@ class BudgetSchedule:
         budget.finish()   # the guarantee: at most target_params, within one rank
 
     `target_params` counts adapter parameters (``kept_params`` of `sparsity_report`), `target_rank` the mean
-    kept rank per adapted module. Every module keeps at least `min_rank` ranks: the trims spare them, and so
+    kept rank per adapted module, of the model's active adapter (the one trained; other adapters are left alone). Every module keeps at least `min_rank` ranks: the trims spare them, and so
     does the prox step of the ramp (the gate group's ``sora_min_rank`` is raised to `min_rank` if lower).
 
     Ramp (progress p = step / total_steps < f = final_fraction): τ from the integral controller

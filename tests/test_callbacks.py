@@ -20,13 +20,13 @@ def dataset(n=16, seed=0):
 
 
 def train(tmp_path, model, callbacks=(), optimizers=(None, None), weight_decay=0.1, max_steps=4, save_steps=None,
-          resume=None):
+          resume=None, warmup_steps=0):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, report_to=[], use_cpu=True,
                              learning_rate=1e-2, weight_decay=weight_decay, per_device_train_batch_size=4,
                              save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-                             logging_strategy="no")
+                             logging_strategy="no", warmup_steps=warmup_steps)
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=list(callbacks),
                       optimizers=optimizers)
     trainer.train(resume_from_checkpoint=resume)
@@ -57,6 +57,18 @@ def test_callback_gives_a_plain_trainer_the_prox_step_without_weight_decay_on_th
     # the gate group follows the Trainer's linear schedule down to 0 with the others
     assert group["initial_lr"] == 1e-2 and group["lr"] == others[0]["lr"] == 0.0
     assert not warnings_in(caplog)
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["warm-up", "resumed-after-the-lr-decayed-to-0"])
+def test_callback_takes_a_gate_group_whose_scheduled_lr_is_zero(tmp_path, resume):
+    # a warm-up starts the Trainer's lr at 0, and a linear decay ends it there (the last checkpoint's)
+    model = sora_model("bert")
+    trainer = train(tmp_path, model, callbacks=[soralib.SoraCallback(threshold=1e-3)], warmup_steps=2,
+                    save_steps=4)
+    if resume:  # the last checkpoint: its gate group's lr is 0
+        trainer = train(tmp_path / "again", sora_model("bert"), callbacks=[soralib.SoraCallback(threshold=1e-3)],
+                        resume=str(tmp_path / "checkpoint-4"))
+    assert gate_groups(trainer.optimizer)[0]["lr"] == 0.0  # at the end of the decay
 
 
 def test_plain_trainer_without_the_prox_step_warns_once_naming_the_fix(tmp_path, caplog):

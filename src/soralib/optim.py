@@ -144,7 +144,11 @@ def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
                          f"soralib.create_sora_optimizer")
     for i, group in enumerate(optimizer.param_groups):
         if "sora_threshold" in group:
-            check_gate_group(group, f"optimizer.param_groups[{i}]")
+            # lr 0 is a schedule's, at a warm-up's first step or a decay's end (a Trainer's when SoraCallback adds
+            # the group, or a resumed one's): allowed here, unlike an lr given as an argument
+            check_gate_group({k: v for k, v in group.items() if k != "lr"}, f"optimizer.param_groups[{i}]")
+            if "lr" in group:
+                check_number(f"optimizer.param_groups[{i}]['lr']", group["lr"])
     for group in gate_groups:  # so that training these gates does not warn they are not thresholded
         for p in group["params"]:
             PROX_GATES[p] = True

@@ -228,6 +228,43 @@ def test_trainer_run_with_soracallback_resumed_from_a_checkpoint_goes_on_bit_for
     assert_bitwise_equal(adapter_tensors(straight), adapter_tensors(resumed))
 
 
+@pytest.mark.parametrize("again", ["resume-after-an-interruption", "train-more-then-resume-in-a-new-trainer"])
+def test_the_same_trainer_trained_again_with_soracallback_resumes_bit_for_bit(tmp_path, again):
+    # A notebook keeps its Trainer, and the Trainer its optimizer, with the gate group SoraCallback added
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    def trainer(out, max_steps=8, interrupt=False):
+        args = TrainingArguments(output_dir=str(out), max_steps=max_steps, report_to=[], use_cpu=True,
+                                 learning_rate=1e-2, weight_decay=0.1, per_device_train_batch_size=4,
+                                 save_strategy="steps", save_steps=2, logging_strategy="no", warmup_steps=1)
+        callbacks = [soralib.SoraCallback(threshold=0.0), soralib.SoraBudgetCallback(target_rank=2)]
+        return Trainer(model=sora_model("bert"), args=args, train_dataset=dataset(),
+                       callbacks=callbacks + ([Interrupt()] if interrupt else []))
+
+    if again == "resume-after-an-interruption":
+        straight = trainer(tmp_path / "straight")
+        straight.train()
+        same = trainer(tmp_path / "same", interrupt=True)
+        with pytest.raises(KeyboardInterrupt):
+            same.train()
+        same.pop_callback(Interrupt)
+        same.train(resume_from_checkpoint=str(tmp_path / "same" / "checkpoint-4"))
+        assert_bitwise_equal(adapter_tensors(straight.model), adapter_tensors(same.model))
+    else:  # and the checkpoints of a second train() resume in a new Trainer
+        same = trainer(tmp_path / "same", max_steps=4)
+        same.train()
+        same.args.max_steps = 8
+        same.train(resume_from_checkpoint=str(tmp_path / "same" / "checkpoint-4"))
+        resumed = trainer(tmp_path / "new")
+        resumed.train(resume_from_checkpoint=str(tmp_path / "same" / "checkpoint-6"))
+        assert_bitwise_equal(adapter_tensors(same.model), adapter_tensors(resumed.model))
+
+
 @pytest.mark.parametrize("order", ["alone", "before-SoraCallback"])
 def test_budget_callback_without_a_gate_group_says_to_list_soracallback_first(tmp_path, order):
     callbacks = [soralib.SoraBudgetCallback(target_rank=2)] + ([soralib.SoraCallback(threshold=0.0)]

@@ -15,6 +15,8 @@ its place in the group it came from, the gate group's settings kept in the first
 ``on_train_begin`` moves the gates out again (their Adam state goes with them) and brings the gate group back
 as it was saved: its threshold (as a `soralib.BudgetSchedule` left it) and lr win over the callback's
 arguments, as they do when soralib's optimizer is resumed. The run goes on bit for bit.
+The same Trainer trained again (a notebook's ``train(resume_from_checkpoint=...)`` after an interruption) keeps
+its optimizer, gate group and all: a load hook on it takes the checkpoint's gates back into the gate group.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ FIX = ("pass soralib's optimizer instead: Trainer(..., optimizers=(soralib.creat
 OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"
 # In a checkpoint's optimizer state: the gate group's settings, kept in a group the gates came from
 SAVED_GATE_GROUP = "sora_callback_gate_group"
+# On an optimizer whose gates SoraCallback moved: where they came from (its `origins`)
+MOVED = "_sora_callback_origins"
 
 
 class SoraCallback(TrainerCallback):
@@ -115,8 +119,9 @@ def add_gate_group(model: torch.nn.Module, optimizer: Any, scheduler: Any, gate_
                    gate_lr: float | None) -> list[tuple[int, int]] | None:
     """Move the gates of `model` out of `optimizer`'s groups into a gate group, extend `scheduler` to it and
     add the prox step; return where each gate was: (group, position), in the gate group's order (None: the
-    optimizer had a gate group and was left alone). A group holding a `SAVED_GATE_GROUP` (a checkpoint saved
-    by SoraCallback was loaded) gives the gate group's settings instead of `gate_group` and `gate_lr`.
+    optimizer had a gate group of its own and was left alone; one whose gates were moved here before gives
+    their places again). A group holding a `SAVED_GATE_GROUP` (a checkpoint saved by SoraCallback was loaded)
+    gives the gate group's settings instead of `gate_group` and `gate_lr`.
     Everything is checked before anything changes. The optimizer state of each gate stays (torch keys it by
     parameter, not by group)."""
     gates = gate_parameters(model)
@@ -124,8 +129,12 @@ def add_gate_group(model: torch.nn.Module, optimizer: Any, scheduler: Any, gate_
         raise ValueError(_why_no_gates(model))
     opt = torch_optimizer(optimizer)
     if any("sora_threshold" in group for group in opt.param_groups):
+        moved = getattr(opt, MOVED, None)  # the same Trainer trains again and kept its optimizer
+        if moved is not None and scheduler is not None and len(scheduler.base_lrs) < len(opt.param_groups):
+            # it resumed: the checkpoint's schedule, in the Trainer's layout, left the gate group no entry
+            scheduler.base_lrs.append(opt.param_groups[-1]["initial_lr"])
         add_prox_step(opt)  # soralib's optimizer (or its groups): keep its threshold; the hook is idempotent
-        return None
+        return moved
     gate_ids = {id(g) for g in gates}
     sources = [i for i, group in enumerate(opt.param_groups) if any(id(p) in gate_ids for p in group["params"])]
     found = sum(id(p) in gate_ids for group in opt.param_groups for p in group["params"])
@@ -155,6 +164,9 @@ def add_gate_group(model: torch.nn.Module, optimizer: Any, scheduler: Any, gate_
         scheduler.lr_lambdas.append(scheduler.lr_lambdas[sources[0]])
         scheduler.base_lrs.append(new_group["initial_lr"])
     add_prox_step(opt)
+    # A Trainer keeps its optimizer for its next train(): one resumed from a checkpoint loads it into this layout
+    setattr(opt, MOVED, origins)
+    opt.register_load_state_dict_pre_hook(lambda _, state: from_trainer_layout(state, origins))
     logger.info("SoraCallback: %d gates moved into a gate group (threshold %g, %s%s)", len(gates),
                 new_group["sora_threshold"], new_group["sora_threshold_mode"],
                 ", as saved in the checkpoint" if saved is not None else "")
@@ -192,6 +204,22 @@ def to_trainer_layout(folder: str, origins: list[tuple[int, int]]) -> None:
             if len(schedule.get(key, ())) == len(groups) + 1:
                 schedule[key] = schedule[key][:len(groups)]
         _save_atomically(schedule, path)
+
+
+def from_trainer_layout(state: dict[str, Any], origins: list[tuple[int, int]]) -> dict[str, Any] | None:
+    """The inverse of `to_trainer_layout` for an optimizer state about to be loaded into an optimizer whose gates
+    were moved (a Trainer's second train() keeps its optimizer): the gates taken from their `origins` places into
+    the gate group, appended last with the saved settings. None (load as it is) for a state without them."""
+    groups = state["param_groups"]
+    saved = next((group[SAVED_GATE_GROUP] for group in groups if SAVED_GATE_GROUP in group), None)
+    if saved is None:
+        return None
+    moved = set(origins)  # torch matches saved ids to parameters by their order, so no renumbering is needed
+    kept = [{**{k: v for k, v in group.items() if k != SAVED_GATE_GROUP},
+             "params": [index for at, index in enumerate(group["params"]) if (i, at) not in moved]}
+            for i, group in enumerate(groups)]
+    gate_group = {**saved, "params": [groups[i]["params"][at] for i, at in origins]}
+    return {**state, "param_groups": kept + [gate_group]}
 
 
 def _save_atomically(obj: Any, path: str) -> None:

@@ -231,3 +231,22 @@ def test_sgd_gates_take_the_papers_proximal_gradient_step_while_adamw_steps_a_an
     assert all(torch.equal(g, b) for g, b in zip(gates, before))
     with pytest.raises(ValueError, match="gate_update must be one of optimizer, sgd, got 'adam'"):
         soralib.create_sora_optimizer(model, lr=lr, gate_update="adam")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gates_cast_to_half_precision_after_wrapping_are_warned_about(dtype, caplog):
+    import logging
+
+    half = sora_model("mlp", gate_init="ones").to(dtype)  # the wrapped model cast: gates too
+    with caplog.at_level(logging.WARNING, logger="soralib"):
+        soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-4, threshold=3e-4)  # float32 gates: no warning
+        assert not caplog.records
+        opt = soralib.create_sora_optimizer(half, lr=1e-4, threshold=3e-4)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"SoRA gates are {dtype}"]
+    # why it matters: τ = 3e-4 rounds away at gates of 1, so no gate ever shrinks
+    before = [g.detach().clone() for g in soralib.gate_parameters(half)]
+    for g in soralib.gate_parameters(half):
+        g.grad = torch.zeros_like(g)
+    opt.step()
+    if dtype == torch.bfloat16:
+        assert all(torch.equal(g, b) for g, b in zip(soralib.gate_parameters(half), before))

@@ -15,6 +15,7 @@ The step is a post-step hook of the optimizer itself: whenever AMP or gradient a
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterator
 
 import torch
@@ -27,6 +28,8 @@ try:  # FSDP2 shards parameters as DTensors; a torch built without torch.distrib
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # pragma: no cover
     DTensor = ()
+
+logger = logging.getLogger("soralib")
 
 _HOOKED = "_sora_prox_hooked"
 _HIDDEN = "_sora_hidden_gate_grads"
@@ -153,10 +156,22 @@ def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         for p in group["params"]:
             PROX_GATES[p] = True
     if not getattr(optimizer, _HOOKED, False):
+        warn_if_low_precision(gate_groups)
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: hide_sgd_gate_grads(opt))
         optimizer.register_step_post_hook(lambda opt, args, kwargs: (sgd_gate_step(opt), prox_step(opt)))
         setattr(optimizer, _HOOKED, True)
     return optimizer
+
+
+def warn_if_low_precision(gate_groups: list[dict[str, Any]]) -> None:
+    """bf16/fp16 gates cannot take the prox step: near 1 bf16 moves in steps of 2^-8 to 2^-7, so a threshold like
+    3e-4 rounds away and no rank is ever pruned, silently. Warned, not refused: a large τ still moves them."""
+    low = {p.dtype for group in gate_groups for p in group["params"] if p.dtype in (torch.bfloat16, torch.float16)}
+    for dtype in sorted(low, key=str):
+        logger.warning("SoRA gates are %s: a soft-threshold step smaller than its spacing (%g near 1) rounds away, so "
+                       "ranks are not pruned; keep the adapter in float32: cast the base model before "
+                       "peft.get_peft_model (PEFT keeps adapter weights float32), not the wrapped model",
+                       dtype, torch.finfo(dtype).eps)
 
 
 def set_threshold(optimizer: torch.optim.Optimizer, threshold: float) -> None:

@@ -164,6 +164,19 @@ def test_exclude_modules_that_leave_no_target_are_rejected_with_the_closest_name
     assert one_line(excinfo) == "No modules were targeted for adaptation; closest linear modules: fc1, fc2"
 
 
+@pytest.mark.parametrize("layers, pattern, expected", [
+    ([4], None, "in layers_to_transform=[4]; the targets are in layers 0, 1"),
+    ([0], "layers", "in layers_to_transform=[0] with layers_pattern='layers', which names no layer list holding them; "
+                    "without layers_pattern the targets are in layers 0, 1"),
+], ids=["layer-out-of-range", "wrong-layers-pattern"])
+def test_layers_to_transform_that_leave_no_target_name_the_layers_the_targets_are_in(layers, pattern, expected):
+    # before: the closest names, "query" itself, which hid the cause (BERT's 2 layers are in "bert.encoder.layer")
+    config = soralib.SoraConfig(target_modules=["query"], layers_to_transform=layers, layers_pattern=pattern)
+    with pytest.raises(ValueError) as excinfo:
+        peft.get_peft_model(make_model("bert"), config)
+    assert one_line(excinfo) == f"Target modules {{'query'}} not found in the base model {expected}"
+
+
 def test_no_target_modules_on_an_architecture_peft_does_not_know_is_rejected():
     with pytest.raises(ValueError) as excinfo:
         peft.get_peft_model(make_model("mlp"), soralib.SoraConfig())

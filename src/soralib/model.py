@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
@@ -50,8 +51,9 @@ class SoraModel(BaseTuner):
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except NoMatchingPeftModuleError as err:
-            targets = self.peft_config[adapter_name].target_modules
-            raise ValueError(f"{err.args[0].split('. ')[0]}; {_closest_names(model, targets)}") from None
+            config = self.peft_config[adapter_name]
+            hint = _layers_hint(model, config) or f"; {_closest_names(model, config.target_modules)}"
+            raise ValueError(f"{err.args[0].split('. ')[0]}{hint}") from None
 
 
 # The head names PEFT itself appends to modules_to_save, per task type, whether or not the model has them
@@ -68,6 +70,35 @@ def _check_modules_to_save(model: nn.Module, config: SoraConfig) -> None:
         if wanted not in own and not any(name.endswith(wanted) for name in names):  # PEFT's rule: a plain suffix
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model; "
                              f"{_closest_names(model, [wanted], linear_only=False)}")
+
+
+def _layers_hint(model: nn.Module, config: SoraConfig) -> str:
+    """With layers_to_transform, the layer indexes the targets are in (by PEFT's own rule): the closest names would be
+    the targets themselves, and PEFT's note naming the layers is cut off with the rest of its message."""
+    layers, pattern = config.layers_to_transform, config.layers_pattern
+    if layers is None:
+        return ""
+    found = _target_layers(model, config, pattern)
+    if found:
+        return f" in layers_to_transform={layers!r}; the targets are in layers {found}"
+    found = _target_layers(model, config, None) if pattern else ""
+    if found:
+        return (f" in layers_to_transform={layers!r} with layers_pattern={pattern!r}, which names no layer list holding "
+                f"them; without layers_pattern the targets are in layers {found}")
+    return ""
+
+
+def _target_layers(model: nn.Module, config: SoraConfig, pattern) -> str:
+    """The layer indexes holding a target module, as PEFT finds them with `pattern` as layers_pattern."""
+    keys = [name for name, _ in model.named_modules()]
+    probe = copy.copy(config)
+    probe.layers_pattern = pattern
+    found = []
+    for i in sorted({int(part) for key in keys for part in key.split(".") if part.isdigit()}):
+        probe.layers_to_transform = i
+        if any(check_target_module_exists(probe, key) for key in keys):
+            found.append(str(i))
+    return ", ".join(found)
 
 
 def _closest_names(model: nn.Module, targets, linear_only: bool = True) -> str:

@@ -163,3 +163,16 @@ def test_exporting_the_same_adapter_twice_gives_the_same_bytes(tmp_path):
     for i in range(16):
         files.add((soralib.export_lora(model, tmp_path / str(i)) / "adapter_model.safetensors").read_bytes())
     assert len(files) == 1
+
+
+def test_an_adapter_holding_nan_is_refused_and_nothing_is_written(tmp_path):
+    # a diverged fp16 run exported NaN weights that plain peft loaded, and soralib's own verify_adapter refused
+    model = sora_model("mlp")
+    scramble(model)
+    layer = next(m for m in model.modules() if isinstance(m, soralib.SoraLayer) and m.sora_gate["default"].any())
+    with torch.no_grad():
+        layer.sora_B["default"].weight[0, :] = float("nan")  # in every rank, the kept ones among them
+    with pytest.raises(ValueError, match=r"the adapter holds NaN or Inf in base_model\.model\..*lora_B\.weight; "
+                                         r"nothing exported \(the training diverged\)"):
+        soralib.export_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()

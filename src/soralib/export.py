@@ -99,6 +99,10 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
         if "sora_" not in key:
             tensors[key] = value.detach().contiguous()
 
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # a diverged run: verify_adapter and any loader's outputs would reject it anyway
+        raise ValueError(f"the adapter holds NaN or Inf in {bad}; nothing exported (the training diverged)")
+
     is_conv1d = {n for n, layer in sora_layers(model) if adapter in layer.sora_gate and layer.fan_in_fan_out}
     # Each module's own scale (its lora_alpha and r_max, rsLoRA or not) is folded into B', so alpha' = r' = k.
     names = sorted(factors)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import replace
@@ -81,8 +82,6 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
 def _check_same_classes(run: Path, spec) -> None:
     """A custom run's classes come from its training file as it is now: a class added or removed since training
     would shift the label ids under the trained head, so it is refused, naming both lists."""
-    import json
-
     saved = json.loads((run / METRICS).read_text()).get(LABEL_NAMES) if (run / METRICS).is_file() else None
     if saved is not None and list(saved) != list(spec.label_names):
         raise InputError(f"{run}: the classes changed since training: trained on {', '.join(map(str, saved))}; the "
@@ -142,8 +141,6 @@ def ranks_run(run_dir: str | Path, out: str | None = None) -> str:
     written atomically to `out`, a new file outside every run, when given. It is what `LoraConfig.save_pretrained`
     writes: `LoraConfig(**json.load(f))` rebuilds it, and saved as DIR/adapter_config.json,
     `LoraConfig.from_pretrained(DIR)` reads it."""
-    import json
-
     import soralib
 
     from ..io import atomic_write_text
@@ -162,7 +159,8 @@ def ranks_run(run_dir: str | Path, out: str | None = None) -> str:
 
 def _check_ranks_out(out: Path, run: Path) -> None:
     """A new file outside every run: `sora ranks` replaces nothing (a data file of yours, a run's config.yaml)."""
-    beside = run.resolve().parent / f"{run.resolve().name}-ranks.json"  # `sora ranks .` has no name of its own
+    whole = run.resolve()  # `sora ranks .` has no name of its own
+    beside = whole.parent / f"{whole.name}-ranks.json"
     hint = f"give a JSON file path such as {os.path.relpath(beside)}"
     if out.is_dir() or not out.resolve().parent.is_dir():
         what = "is a directory" if out.is_dir() else "is in a directory that does not exist"

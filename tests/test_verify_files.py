@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_model
+from conftest import make_model, sora_model
 from soralib.errors import InputError
 from soralib.verify import load_adapter_safely, verify_adapter
 from verify_helpers import CONFIG, WEIGHTS, refused, tampered
@@ -74,6 +74,16 @@ def test_a_missing_file_is_named(tmp_path, mlp_adapter, name):
     adapter = tampered(mlp_adapter, tmp_path / "missing")
     (adapter / name).unlink()
     refused(make_model("mlp"), adapter, f"{name}: missing; expected an adapter directory with")
+
+
+def test_a_save_whose_adapter_is_in_a_subfolder_names_the_subfolder(tmp_path):
+    model = sora_model("mlp")
+    model.add_adapter("mine", model.peft_config["default"])
+    model.delete_adapter("default")
+    model.save_pretrained(str(tmp_path / "save"))  # PEFT writes an adapter not named "default" to save/mine/
+    refused(make_model("mlp"), tmp_path / "save",
+            f"{CONFIG}: missing; expected an adapter directory with {CONFIG} and {WEIGHTS} "
+            f"(found in subfolder mine: pass {tmp_path / 'save' / 'mine'})")
 
 
 def test_a_directory_that_does_not_exist_is_refused(tmp_path):

@@ -2,6 +2,8 @@
 load to the outputs they were saved with; a task_type must fit the model; a load that fails, in the check or
 inside PEFT, leaves the model as it was."""
 
+import re
+
 import peft
 import pytest
 import torch
@@ -9,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 import soralib
-from conftest import make_input, make_model, output, saved_sora, sora_model, trained_sora
+from conftest import make_input, make_model, output, saved_sora, scramble, sora_model, trained_sora
 from soralib.errors import InputError
 from soralib.verify import load_adapter_safely, verify_adapter
 from verify_helpers import CONFIG, WEIGHTS, refused, tampered
@@ -137,3 +139,71 @@ def test_a_load_that_fails_inside_peft_leaves_the_model_as_it_was(tmp_path, monk
     monkeypatch.undo()  # the same model then loads the adapter as a fresh one would
     loaded = load_adapter_safely(model, adapter)
     torch.testing.assert_close(output(loaded, make_input(arch)), expected, atol=1e-5, rtol=0)
+
+
+# ---- a second adapter into the same PeftModel ------------------------------------------------------------------------
+
+def second_adapter(path, arch, kind):
+    """(adapter directory, outputs of the model it was saved from): another pruned SoRA or its exported LoRA."""
+    model = trained_sora(arch)
+    scramble(model, seed=5)
+    soralib.prune(model)
+    if kind == "lora":
+        soralib.export_lora(model, path)
+    else:
+        model.save_pretrained(str(path))
+    return path, output(model, make_input(arch))
+
+
+def first_adapter(path, arch, kind):
+    if kind == "sora":
+        return saved_sora(path, arch)
+    model = trained_sora(arch)
+    soralib.export_lora(model, path)
+    return path, output(model, make_input(arch))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "bert", "gpt2"])
+@pytest.mark.parametrize("kind", ["sora", "lora"])
+def test_a_second_adapter_loads_beside_the_first_and_gives_its_own_outputs(tmp_path, arch, kind):
+    (a, expected_a), (b, expected_b) = first_adapter(tmp_path / "a", arch, kind), second_adapter(tmp_path / "b", arch, kind)
+    model = load_adapter_safely(make_model(arch), a)
+    assert verify_adapter(model, b).peft_type == ("SORA" if kind == "sora" else "LORA")
+    assert load_adapter_safely(model, b, adapter_name="other") is model
+    torch.testing.assert_close(output(model, make_input(arch)), expected_a, atol=1e-5, rtol=0)  # not made active
+    model.set_adapter("other")
+    torch.testing.assert_close(output(model, make_input(arch)), expected_b, atol=1e-5, rtol=0)
+
+
+def test_load_adapter_safely_names_the_first_adapter(tmp_path, mlp_adapter):
+    assert set(load_adapter_safely(make_model("mlp"), mlp_adapter, adapter_name="mine").peft_config) == {"mine"}
+
+
+@pytest.mark.parametrize("case", ["taken", "dotted", "other type"])
+def test_a_second_adapter_that_cannot_join_is_refused_and_the_model_untouched(tmp_path, mlp_adapter, case):
+    model = load_adapter_safely(make_model("mlp"), mlp_adapter)
+    adapter, name = (second_adapter(tmp_path / "b", "mlp", "lora" if case == "other type" else "sora")[0],
+                     {"taken": "default", "dotted": "a.b", "other type": "other"}[case])
+    before = model_state(model)
+    message = {"taken": "adapter_name 'default' is already loaded in this model; expected a new name (loaded: default)",
+               "dotted": "adapter_name is 'a.b'; expected a non-empty name without dots",
+               "other type": "peft_type is 'LORA' and the model's adapters are 'SORA'; expected 'SORA'"}[case]
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_adapter_safely(model, adapter, adapter_name=name)
+    assert_same_state(before, model_state(model))
+
+
+def test_a_second_adapter_that_fails_inside_peft_leaves_the_model_as_it_was(tmp_path, monkeypatch, mlp_adapter):
+    model = load_adapter_safely(make_model("mlp"), mlp_adapter)
+    adapter, expected = second_adapter(tmp_path / "b", "mlp", "sora")
+    before = model_state(model)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("failed while loading the weights")
+    monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", boom)
+    with pytest.raises(RuntimeError, match="failed while loading the weights"):
+        load_adapter_safely(model, adapter, adapter_name="other")
+    assert_same_state(before, model_state(model))
+    monkeypatch.undo()
+    load_adapter_safely(model, adapter, adapter_name="other").set_adapter("other")
+    torch.testing.assert_close(output(model, make_input("mlp")), expected, atol=1e-5, rtol=0)

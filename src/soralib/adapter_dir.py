@@ -94,7 +94,16 @@ def _check_files(adapter_dir: Path, config_path: Path, weights_path: Path) -> No
         logger.warning("%s: ignoring pickle file(s) %s; only %s is read", adapter_dir, ", ".join(pickles), WEIGHTS_NAME)
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise InputError(f"{path}: missing; expected an adapter directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise InputError(f"{path}: missing; expected an adapter directory with {CONFIG_NAME} and {WEIGHTS_NAME}"
+                             f"{_subfolder_hint(adapter_dir)}")
+
+
+def _subfolder_hint(adapter_dir: Path) -> str:
+    """PEFT saves an adapter not named "default" to a subfolder of its name: point there."""
+    found = sorted(p.parent.name for p in adapter_dir.glob(f"*/{CONFIG_NAME}"))
+    if not found:
+        return ""
+    return f" (found in subfolder{'s' * (len(found) > 1)} {', '.join(found)}: pass {adapter_dir / found[0]})"
 
 
 def _reject_constant(name: str) -> None:

@@ -2,6 +2,7 @@
 
     config = soralib.verify_adapter(base_model, "adapter/", expected_base="bert-base-uncased")
     model = soralib.load_adapter_safely(base_model, "adapter/")
+    soralib.load_adapter_safely(model, "other/", adapter_name="other")   # a second adapter into the same PeftModel
 
 Everything is read as data: the config with `json`, the weights with `safetensors` (the header first, for
 keys, shapes and dtypes; then tensor by tensor, for NaN and Inf). A pickle is never opened. The expected
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import peft
 import torch
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.utils.other import AuxiliaryTrainingWrapper
 from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -63,6 +65,9 @@ def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, expect
     module), and the weights (a parseable safetensors file with exactly the expected keys and shapes, float
     dtypes, finite values).
 
+    `base_model` may already be a PeftModel (to add a second adapter): the adapter is checked against its base
+    model, the modules that earlier adapters wrap counted as the layers they wrap.
+
     Pickle files (*.bin, *.pt, *.pth, *.pkl, *.ckpt) are refused when there is no adapter_model.safetensors:
     unpickling can run arbitrary code. When the safetensors file is there too, the pickles are ignored with a
     logged warning: PEFT loads adapter_model.safetensors first and never opens them.
@@ -70,6 +75,12 @@ def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, expect
     adapter_dir = Path(adapter_dir)
     config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     config = read_adapter_config(adapter_dir, expected_base)
+    if isinstance(base_model, peft.PeftModel):
+        held, new = (getattr(t, "value", t) for t in (base_model.peft_type, config.peft_type))
+        if new != held:  # PEFT refuses to mix types in one model, after it has started to change it
+            raise InputError(f"{config_path}: peft_type is {new!r} and the model's adapters are "
+                             f"{held!r}; expected {held!r}, or load it into a base model without adapters")
+        base_model = base_model.get_base_model()
     _check_task(base_model, config, config_path)
     try:
         expected = _expected_tensors(base_model, config, config_path)
@@ -80,9 +91,10 @@ def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, expect
 
 
 def load_adapter_safely(base_model: nn.Module, adapter_dir: str | os.PathLike, expected_base: str | None = None,
-                        is_trainable: bool = False) -> peft.PeftModel:
-    """`verify_adapter`, then `peft.PeftModel.from_pretrained`. The directory must not change in between:
-    verify a local copy that only you can write.
+                        is_trainable: bool = False, adapter_name: str = "default") -> peft.PeftModel:
+    """`verify_adapter`, then `peft.PeftModel.from_pretrained`, or `PeftModel.load_adapter` when `base_model` is
+    already a PeftModel (the new adapter is loaded beside the others, not made active, as PEFT does). The directory
+    must not change in between: verify a local copy that only you can write.
 
     On success `base_model` is changed in place, as PEFT does. On any failure, in verification or later inside
     PEFT (which injects the adapter layers before it builds the task's PeftModel and loads the weights), the
@@ -90,10 +102,20 @@ def load_adapter_safely(base_model: nn.Module, adapter_dir: str | os.PathLike, e
     tensors) and their requires_grad, and its config. This is undone from a snapshot of each module's attribute
     dicts, not by copying the model: O(modules) in time and memory, whatever the size of the weights.
     """
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise InputError(f"adapter_name is {adapter_name!r}; expected a non-empty name without dots")
+    loaded = set(getattr(base_model, "peft_config", {})) if isinstance(base_model, peft.PeftModel) else set()
+    if adapter_name in loaded:  # PEFT would pour the new weights into the loaded adapter, its config unchecked
+        raise InputError(f"adapter_name {adapter_name!r} is already loaded in this model; expected a new name "
+                         f"(loaded: {', '.join(sorted(loaded))})")
     verify_adapter(base_model, adapter_dir, expected_base)
     undo = snapshot(base_model)
     try:
-        return peft.PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+        if isinstance(base_model, peft.PeftModel):
+            base_model.load_adapter(str(adapter_dir), adapter_name, is_trainable=is_trainable)
+            return base_model
+        return peft.PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name,
+                                              is_trainable=is_trainable)
     except BaseException:
         undo()
         raise
@@ -143,7 +165,7 @@ def _targets(model: nn.Module, config: peft.PeftConfig, path: Path) -> list[str]
     targets = config.target_modules
     if not targets:
         raise InputError(f"{path}: target_modules is empty; expected the module names the adapter was saved with")
-    names = [name for name, _ in model.named_modules() if name]
+    names = [name for name in _base_modules(model) if name]
     for entry in [targets] if isinstance(targets, str) else sorted(targets):
         probe = copy.copy(config)
         probe.target_modules = entry if isinstance(targets, str) else {entry}
@@ -172,7 +194,7 @@ def _in_out(module: nn.Module, name: str, path: Path) -> tuple[int, int]:
 
 def _expected_tensors(model: nn.Module, config: peft.PeftConfig, path: Path) -> dict[str, tuple[tuple, bool]]:
     """Saved key -> (shape, is float) of every tensor the adapter must hold, and no other."""
-    modules = dict(model.named_modules())
+    modules = _base_modules(model)
     kind = "sora" if config.peft_type == "SORA" else "lora"
     expected, targets = {}, _targets(model, config, path)
     for name in targets:
@@ -190,6 +212,21 @@ def _expected_tensors(model: nn.Module, config: peft.PeftConfig, path: Path) -> 
             for key, tensor in module.state_dict().items():
                 expected[f"{PREFIX}{name}.{key}"] = (tuple(tensor.shape), tensor.is_floating_point())
     return expected
+
+
+def _base_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module of the model without its adapters: a module an adapter wraps counts as the layer it wraps
+    (`get_base_layer`, or a modules_to_save wrapper's original module), and the adapters' own modules are left out."""
+    modules, wrapped = {}, ()
+    for name, module in model.named_modules():
+        if wrapped and name.startswith(wrapped):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            module, wrapped = module.get_base_layer(), wrapped + (f"{name}.",)
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            module, wrapped = module.original_module, wrapped + (f"{name}.",)
+        modules[name] = module
+    return modules
 
 
 def _check_weights(path: Path, expected: dict[str, tuple[tuple, bool]]) -> None:

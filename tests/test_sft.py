@@ -1,6 +1,7 @@
 """`sora train --task sft`: causal-LM instruction tuning through TRL's SFTTrainer, on a tiny Llama."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -288,6 +289,21 @@ def test_a_prompt_longer_than_max_length_is_refused_before_anything_is_written(t
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own loading bar
     assert err.startswith("sora train: error: ") and "train.jsonl line 1: the prompt is" in err and "--max-length 20" in err
     assert not out.exists()
+
+
+def test_generations_past_the_models_positions_are_refused_before_anything_is_written(tiny_llama, gsm_files,
+                                                                                        tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(sft_args(tiny_llama, gsm_files, out, "--max-new-tokens", "1000")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"sora train: error: max_new_tokens 1000: the longest of the \d+ prompts to generate from is "
+                        r"(\d+) tokens, and \1 \+ 1000 is more than the model's 1024 positions "
+                        r"\(max_position_embeddings\); pass --max-new-tokens \d+ or less, or fewer "
+                        r"--max-generate-samples", err), err
+    assert not out.exists()
+    room = 1024 - int(re.search(r"is (\d+) tokens", err).group(1))  # the suggested value runs
+    assert main(sft_args(tiny_llama, gsm_files, out, "--max-new-tokens", str(room), "--max-generate-samples", "1",
+                         "--max-steps", "1")) == 0
 
 
 def test_a_chat_template_asked_of_a_tokenizer_without_one_is_refused(gsm_files, tmp_path, capsys):

@@ -134,7 +134,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
     spec, splits = task.load_data(config)
     seed_everything(config.seed)
     model, tokenizer, fresh = task.load_model(config, spec)
-    data_mod.check_max_length(config.max_length, model)
+    task.check_lengths(config, model, tokenizer, splits)
     fresh = [m for m in fresh if not within(m, config.modules_to_save or ())]  # listed already: no nested wrapper
     # Full fine-tuning saves every parameter anyway; a resumed run keeps its saved config and optimizer groups.
     method = get_method(config.method)

@@ -61,6 +61,27 @@ class SftTask(Task):
 
         return load_causal_lm(config)
 
+    def check_lengths(self, config: TrainConfig, model, tokenizer, splits: dict) -> None:
+        """Also the final generations: a prompt and its --max-new-tokens past the model's positions crash a model
+        with learned positions (GPT-2) at the very end of training, and leave the rest unseen in training."""
+        from ...errors import InputError
+        from .sft_data import prompt_ids, uses_chat_template
+
+        super().check_lengths(config, model, tokenizer, splits)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        rows = splits["validation"][: config.max_generate_samples]
+        if not isinstance(positions, int) or not rows:
+            return
+        chat = uses_chat_template(config.chat_template, tokenizer)
+        longest = max(len(prompt_ids(tokenizer, row["prompt"], chat)) for row in rows)
+        room = positions - longest
+        if config.max_new_tokens > room:
+            fix = f"--max-new-tokens {room} or less" if room >= 1 else "shorter prompts"
+            raise InputError(f"max_new_tokens {config.max_new_tokens}: the longest of the {len(rows)} prompts to "
+                             f"generate from is {longest} tokens, and {longest} + {config.max_new_tokens} is more "
+                             f"than the model's {positions} positions (max_position_embeddings); pass {fix}, "
+                             "or fewer --max-generate-samples")
+
     def features(self, config: TrainConfig, spec: TaskSpec, splits: dict, tokenizer) -> dict[str, Any]:
         from datasets import Dataset
 

@@ -66,6 +66,12 @@ class Task:
 
         return load_base(config, spec.num_labels)
 
+    def check_lengths(self, config: TrainConfig, model, tokenizer, splits: dict) -> None:
+        """Refuse, before anything is written, what would run past the model's position table mid-run."""
+        from .. import data as data_mod
+
+        data_mod.check_max_length(config.max_length, model)
+
     def features(self, config: TrainConfig, spec: TaskSpec, splits: dict, tokenizer) -> dict[str, Any]:
         """Each non-empty split's rows as model inputs with labels (checked against max_length)."""
         from .. import data as data_mod

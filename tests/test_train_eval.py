@@ -126,6 +126,29 @@ def test_eval_of_a_custom_run_whose_training_file_changed_classes_is_refused(tin
            "maybe, no, yes; restore the training file the run was trained on" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("protocol", ["paper", "default"])
+def test_eval_of_a_run_whose_evaluation_rows_changed_is_refused(tiny_model, tmp_path, capsys, protocol):
+    # the paper protocol cuts the validation file into halves by a seeded shuffle: a row added moves both halves
+    for name, n in (("train.csv", 16), ("dev.csv", 8)):
+        (tmp_path / name).write_text("q,y\n" + "".join(f"w{i} x,{'no yes'.split()[i % 2]}\n" for i in range(n)))
+    out = tmp_path / "run"
+    assert main(["train", "--task", "custom", "--train-file", str(tmp_path / "train.csv"), "--validation-file",
+                 str(tmp_path / "dev.csv"), "--text-columns", "q", "--label-column", "y", "--model", str(tiny_model),
+                 "--output-dir", str(out), "--max-steps", "1", "--protocol", protocol]) == 0
+    assert set(json.loads((out / "metrics.json").read_text())["eval_rows"]) == \
+        ({"validation", "test"} if protocol == "paper" else {"validation"})
+    with open(tmp_path / "train.csv", "a") as f:  # the training file is not scored on: adding to it changes nothing
+        f.write("w99 x,no\n")
+    assert main(["eval", str(out)]) == 0
+    with open(tmp_path / "dev.csv", "a") as f:
+        f.write("w98 x,yes\n")
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sora eval: error: {out}: the validation rows differ from the ones the run was scored on (the data "
+        "changed since training); restore the data the run was trained on")
+
+
 def test_split_seed_gives_every_seed_the_same_validation_and_test_halves(glue_dir):
     from soralib.train.run import load_splits
 

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "load_glue_dir", "load_hub", "load_custom", "paper_split", "make_splits",
-    "tokenize_rows", "tokenizer_fingerprint", "check_max_length",
+    "tokenize_rows", "tokenizer_fingerprint", "check_max_length", "rows_fingerprint",
 ]
 
 PAPER_LARGE_VALIDATION_ROWS = 1000  # training rows held out for model selection on large tasks
@@ -174,6 +174,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
             digest.update(f"\n{name} {len(content)}\n".encode() + content)
     attributes = {name: getattr(tokenizer, name, None) for name in _CALL_ATTRIBUTES}
     digest.update(json.dumps(attributes, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def rows_fingerprint(rows: Rows) -> str:
+    """sha256 of a split's rows (texts and labels, in order): what a score was measured on."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(b"\n" + json.dumps(row, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .config import TrainConfig
-from .rundir import CONFIG, LABEL_NAMES, METRICS, SORA_ADAPTER, run_holding
+from .rundir import CONFIG, EVAL_ROWS, LABEL_NAMES, METRICS, SORA_ADAPTER, run_holding
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
         config = replace(config, data_dir=data_dir)
     spec, splits = load_splits(config)
     _check_same_classes(Path(run_dir), spec)
+    _check_same_rows(Path(run_dir), splits)
     model, tokenizer = load_trained_model(run_dir, config, spec)
     with tempfile.TemporaryDirectory(prefix="sora-eval-") as scratch:  # Trainer wants an output_dir
         args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=config.eval_batch_size,
@@ -87,6 +88,18 @@ def _check_same_classes(run: Path, spec) -> None:
         raise InputError(f"{run}: the classes changed since training: trained on {', '.join(map(str, saved))}; the "
                          f"data now gives {', '.join(spec.label_names) or 'none (regression)'}; restore the training "
                          "file the run was trained on")
+
+
+def _check_same_rows(run: Path, splits: dict) -> None:
+    """The rows of each split must be those the run was scored on: a training file with rows added since training
+    moves a custom run's held-out halves (--protocol paper), a changed data directory its scores, both silently."""
+    from .data import rows_fingerprint
+
+    saved = (json.loads((run / METRICS).read_text()).get(EVAL_ROWS) if (run / METRICS).is_file() else None) or {}
+    for name, rows in splits.items():
+        if name in saved and rows is not None and rows_fingerprint(rows) != saved[name]:
+            raise InputError(f"{run}: the {name} rows differ from the ones the run was scored on (the data changed "
+                             f"since training); restore the data the run was trained on")
 
 
 def _finite_only(compute, run_dir, split: str):

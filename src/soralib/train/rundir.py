@@ -51,6 +51,7 @@ STEPS = "steps"  # optimizer steps of the (last) stage: its Trainer's global_ste
 SKIPPED_STEPS = "skipped_steps"  # steps skipped for a non-finite loss or gradients, over all stages
 NUM_LABELS = "num_labels"  # the task's number of classes (1: regression)
 LABEL_NAMES = "label_names"  # classification: the class of each of the head's outputs, in order
+EVAL_ROWS = "eval_rows"  # split -> sha256 of the rows it was scored on (data.rows_fingerprint), train excluded
 RUN = {
     GENERATIONS: FILE, CONFIG: FILE, STATE: FILE, METRICS: FILE, SPARSITY: FILE, HISTORY: FILE, STAGES: FILE,
     LOCK: FILE, ADAPTER: ADAPTER_FILES, SORA_ADAPTER: ADAPTER_FILES, "model": {"trainable.safetensors": FILE},

@@ -134,7 +134,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
     spec, splits = task.load_data(config)
     seed_everything(config.seed)
     model, tokenizer, fresh = task.load_model(config, spec)
-    task.check_lengths(config, model, tokenizer, splits)
+    data_mod.check_max_length(config.max_length, model)
     fresh = [m for m in fresh if not within(m, config.modules_to_save or ())]  # listed already: no nested wrapper
     # Full fine-tuning saves every parameter anyway; a resumed run keeps its saved config and optimizer groups.
     method = get_method(config.method)
@@ -143,6 +143,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
                        ", ".join(fresh))
         config = replace(config, modules_to_save=[*(config.modules_to_save or ()), *fresh])
     features = task.features(config, spec, splits, tokenizer)
+    task.check_fits(config, model, tokenizer, splits)
     memorize = random.Random(config.seed).sample(range(len(features["train"])),
                                                  min(config.memorization_samples, len(features["train"])))
     steps = _steps_per_stage(config, len(features["train"]))  # packed SFT rows: an upper bound

@@ -61,13 +61,12 @@ class SftTask(Task):
 
         return load_causal_lm(config)
 
-    def check_lengths(self, config: TrainConfig, model, tokenizer, splits: dict) -> None:
-        """Also the final generations: a prompt and its --max-new-tokens past the model's positions crash a model
-        with learned positions (GPT-2) at the very end of training, and leave the rest unseen in training."""
+    def check_fits(self, config: TrainConfig, model, tokenizer, splits: dict) -> None:
+        """The final generations: a prompt and its --max-new-tokens past the model's positions crash a model with
+        learned positions (GPT-2) at the very end of training, and run a RoPE model where it never trained."""
         from ...errors import InputError
         from .sft_data import prompt_ids, uses_chat_template
 
-        super().check_lengths(config, model, tokenizer, splits)
         positions = getattr(model.config, "max_position_embeddings", None)
         rows = splits["validation"][: config.max_generate_samples]
         if not isinstance(positions, int) or not rows:

@@ -66,11 +66,9 @@ class Task:
 
         return load_base(config, spec.num_labels)
 
-    def check_lengths(self, config: TrainConfig, model, tokenizer, splits: dict) -> None:
-        """Refuse, before anything is written, what would run past the model's position table mid-run."""
-        from .. import data as data_mod
-
-        data_mod.check_max_length(config.max_length, model)
+    def check_fits(self, config: TrainConfig, model, tokenizer, splits: dict) -> None:
+        """Refuse, once the rows are tokenized and before anything is written, what would run past the model's
+        position table at the end of the run (max_length is checked before tokenizing)."""
 
     def features(self, config: TrainConfig, spec: TaskSpec, splits: dict, tokenizer) -> dict[str, Any]:
         """Each non-empty split's rows as model inputs with labels (checked against max_length)."""

@@ -224,6 +224,13 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
 
 
+def sft_args(model, data, out, *extra):
+    return ["train", "--task", "sft", "--model", str(model), "--train-file", str(data / "train.jsonl"),
+            "--validation-file", str(data / "test.jsonl"), "--prompt-column", "question", "--completion-column",
+            "answer", "--output-dir", str(out), "--max-steps", "4", "--batch-size", "4", "--logging-steps", "1",
+            "--max-new-tokens", "12", *extra]
+
+
 def train_args(glue_dir, tiny_model, out, *extra, task="rte"):
     return ["train", "--task", task, "--model", str(tiny_model), "--data-dir", str(glue_dir), "--output-dir", str(out),
             "--epochs", "2", "--batch-size", "8", "--logging-steps", "2", *extra]

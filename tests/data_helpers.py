@@ -1,4 +1,5 @@
-"""What the test_data_* files share: writing a data file line by line, and a GLUE RTE directory."""
+"""What the test_data_* and test_sft_* files share: writing a data file line by line (or JSONL rows), and a GLUE
+RTE directory."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ def write(path: Path, lines: list[str], *, bom: bool = False, trailing_newline: 
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + ("\n" if trailing_newline else "")
     path.write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
+    return path
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    """JSONL: each row a JSON object, or a string written as it is (a bad line)."""
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
 
 

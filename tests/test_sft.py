@@ -1,7 +1,6 @@
 """`sora train --task sft`: causal-LM instruction tuning through TRL's SFTTrainer, on a tiny Llama."""
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -9,29 +8,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import CHATML, byte_tokenizer, save_tiny_llama
-from rejection_helpers import fails_cleanly
+from conftest import byte_tokenizer, sft_args
 from safetensors.torch import load_file
 
 from soralib.cli import main
-from soralib.errors import InputError
 from soralib.train import checkpoints
-from soralib.train.tasks.generate import final_answer, generation_metrics
+from soralib.train.tasks.generate import final_answer
 from soralib.train.tasks.sft_data import read_sft_rows, tokenize_sft
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SORALIB_CACHE", str(tmp_path / "cache"))
-
-
-def sft_args(model, data, out, *extra):
-    return ["train", "--task", "sft", "--model", str(model), "--train-file", str(data / "train.jsonl"),
-            "--validation-file", str(data / "test.jsonl"), "--prompt-column", "question", "--completion-column",
-            "answer", "--output-dir", str(out), "--max-steps", "4", "--batch-size", "4", "--logging-steps", "1",
-            "--max-new-tokens", "12", *extra]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("_cache")]
 
 
 @pytest.fixture(scope="module")
@@ -227,183 +212,6 @@ def test_an_sft_run_resumes_with_only_its_output_dir(tiny_llama, gsm_files, tmp_
     assert main(["train", "--output-dir", str(out), "--resume"]) == 0 and (out / "metrics.json").is_file()
 
 
-def test_the_loss_covers_the_completion_tokens_only():
-    tokenizer = byte_tokenizer()
-    rows = [{"prompt": "2+2?", "completion": "#### 4", "where": "f line 1"}]
-    for chat in (True, False):
-        (feature,) = tokenize_sft(rows, tokenizer, 64, chat)
-        answer = [i for i, label in zip(feature["input_ids"], feature["labels"]) if label != -100]
-        assert tokenizer.decode(answer).startswith("#### 4") and answer[-1 if not chat else -2] == tokenizer.eos_token_id
-        assert [label for label in feature["labels"] if label != -100] == answer
-        prompt = tokenizer.decode([i for i, label in zip(feature["input_ids"], feature["labels"]) if label == -100])
-        assert prompt.endswith("assistant\n" if chat else "2+2?\n")
-
-
-def test_a_messages_column_trains_on_the_last_assistant_message(tiny_llama, tmp_path):
-    chat = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
-    for split in ("train", "test"):
-        with open(tmp_path / f"{split}.csv", "w") as f:
-            f.write("messages\n" + "\n".join(['"' + json.dumps(chat).replace('"', '""') + '"'] * 8) + "\n")
-    (row,) = read_sft_rows(tmp_path / "train.csv", "prompt", "completion")[:1]
-    assert row["prompt"] == chat[:1] and row["completion"] == "hi"
-    out = tmp_path / "run"
-    assert main(["train", "--task", "sft", "--model", str(tiny_llama), "--train-file", str(tmp_path / "train.csv"),
-                 "--validation-file", str(tmp_path / "test.csv"), "--output-dir", str(out), "--max-steps", "2",
-                 "--batch-size", "4", "--max-new-tokens", "4"]) == 0
-    assert "exact_match" not in json.loads((out / "metrics.json").read_text())["eval"]  # no `#### N` to check
-
-
-def test_final_answers_are_read_after_the_last_marker():
-    assert final_answer("5+5=10\n#### 1,000") == "1000"
-    assert final_answer("#### 3 then #### -2.5") == "-2.5"
-    assert final_answer("no marker") is None
-    metrics, _ = generation_metrics([{"prompt": "p", "completion": "#### 7"}] * 2, ["#### 7", "#### 8"])
-    assert metrics == {"generated": 2.0, "exact_match": 0.5}
-
-
-def _write(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-BAD_ROWS = [
-    ([{"question": "q", "answer": ""}], "line 1: empty completion"),
-    ([{"question": "q"}], "no column 'answer' (--prompt-column / --completion-column) and no 'messages' column"),
-    ([{"question": "q", "answer": "a"}, {"question": "q"}], "line 2: missing field 'answer'"),
-    ([{"question": 3, "answer": "a"}], "line 1: field 'question' must be a string, got int"),
-    ([{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}],
-     "line 1: the last message must be the assistant's (the completion), got role 'user'"),
-    (["{not json"], "line 1: invalid JSON"),
-]
-
-
-@pytest.mark.parametrize("rows, message", BAD_ROWS)
-def test_bad_sft_rows_are_refused_naming_file_and_line(tmp_path, rows, message):
-    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        read_sft_rows(_write(tmp_path / "train.jsonl", rows), "question", "answer")
-
-
-def test_a_prompt_longer_than_max_length_is_refused_before_anything_is_written(tiny_llama, gsm_files, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(sft_args(tiny_llama, gsm_files, out, "--max-length", "20")) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own loading bar
-    assert err.startswith("sora train: error: ") and "train.jsonl line 1: the prompt is" in err and "--max-length 20" in err
-    assert not out.exists()
-
-
-def test_generations_past_the_models_positions_are_refused_before_anything_is_written(tiny_llama, gsm_files,
-                                                                                        tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(sft_args(tiny_llama, gsm_files, out, "--max-new-tokens", "1000")) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(r"sora train: error: max_new_tokens 1000: the longest of the \d+ prompts to generate from is "
-                        r"(\d+) tokens, and \1 \+ 1000 is more than the model's 1024 positions "
-                        r"\(max_position_embeddings\); pass --max-new-tokens \d+ or less, or fewer "
-                        r"--max-generate-samples", err), err
-    assert not out.exists()
-    room = 1024 - int(re.search(r"is (\d+) tokens", err).group(1))  # the suggested value runs
-    assert main(sft_args(tiny_llama, gsm_files, out, "--max-new-tokens", str(room), "--max-generate-samples", "1",
-                         "--max-steps", "1")) == 0
-
-
-def test_a_chat_template_asked_of_a_tokenizer_without_one_is_refused(gsm_files, tmp_path, capsys):
-    model = save_tiny_llama(tmp_path / "plain", chat_template=False)
-    out = tmp_path / "run"
-    assert main(sft_args(model, gsm_files, out, "--chat-template", "on")) == 2
-    assert "--chat-template on: the tokenizer has no chat template" in capsys.readouterr().err
-    assert not out.exists()
-    assert main(sft_args(model, gsm_files, out, "--max-generate-samples", "1")) == 0  # auto: prompt, newline, answer
-
-
-def _llama_with(path, tokenizer_config=None, chat_template=None):
-    """The tiny Llama saved at `path` with its tokenizer_config.json edited (key -> None deletes it) or another
-    chat template."""
-    save_tiny_llama(path)
-    if tokenizer_config:
-        settings = json.loads((path / "tokenizer_config.json").read_text())
-        settings.update(tokenizer_config)
-        settings = {k: v for k, v in settings.items() if v is not None}
-        (path / "tokenizer_config.json").write_text(json.dumps(settings))
-    if chat_template is not None:
-        (path / "chat_template.jinja").write_text(chat_template)
-    return path
-
-
-@pytest.mark.parametrize("drop, flags", [({"eos_token": None}, ["--chat-template", "off"]),
-                                         ({"eos_token": None, "pad_token": None}, [])], ids=["pad-kept", "no-pad"])
-def test_a_tokenizer_without_eos_is_refused_before_anything_is_written(gsm_files, tmp_path, capsys, drop, flags):
-    # It crashed in TRL's collator ("Could not infer dtype of NoneType"), or failed on the missing pad token, with
-    # config.yaml, checkpoints/ and logs/ written, so that a second try was refused as "not empty".
-    model = _llama_with(tmp_path / "noeos", drop)
-    out = tmp_path / "run"
-    fails_cleanly(capsys, sft_args(model, gsm_files, out, *flags),
-                  f"model {str(model)!r}: its tokenizer has no EOS token, which --task sft needs to end each answer "
-                  "(and to pad with); set eos_token in its tokenizer_config.json", out)
-
-
-@pytest.mark.parametrize("which", ["tiny-bert", "minilm"])
-def test_an_encoder_is_refused_as_an_sft_model_before_anything_is_written(tiny_model, gsm_files, tmp_path, capsys,
-                                                                          which):
-    name = str(tiny_model) if which == "tiny-bert" else "minilm"
-    out = tmp_path / "run"
-    fails_cleanly(capsys, sft_args(name, gsm_files, out),
-                  f"model {name!r} is an encoder (bert), not a causal LM: --task sft needs a decoder such as Llama, "
-                  "Qwen or GPT-2", out)
-
-
-RAISES = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-          "{% endif %}" + CHATML[len("{% for m in messages %}"):])
-
-
-@pytest.mark.parametrize("template, data, expected", [
-    (RAISES, "messages", ("train.jsonl line 1: the tokenizer's chat template fails: System role not supported; "
-                          "change the messages or the template (--chat-template off cannot render a 'messages' row)")),
-    ("{% for m in messages %}{{ m['role'] }", "gsm", ("train.jsonl line 1: the tokenizer's chat template fails: syntax "
-     "error at template line 1: unexpected '}'; pass --chat-template off (prompt and completion joined by a newline) "
-     "or fix the template")),
-], ids=["raises-on-a-system-message", "syntax-error"])
-def test_a_chat_template_that_fails_is_refused_naming_the_row_before_anything_is_written(
-        gsm_files, tmp_path, capsys, template, data, expected):
-    model = _llama_with(tmp_path / "model", chat_template=template)
-    if data == "messages":
-        rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-                              {"role": "assistant", "content": "#### 4"}]}] * 4
-        data = tmp_path / "msgs"
-        data.mkdir()
-        for split in ("train", "test"):
-            _write(data / f"{split}.jsonl", rows)
-    else:
-        data = gsm_files
-    out = tmp_path / "run"
-    fails_cleanly(capsys, sft_args(model, data, out), f"{data / expected}", out)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--packing"], "--packing is used only with task sft, got task 'rte'"),
-    (["--prompt-column", "q"], "--prompt-column is used only with task sft, got task 'rte'"),
-])
-def test_sft_flags_on_a_classification_task_are_refused(flags, message, tmp_path, capsys):
-    assert main(["train", "--task", "rte", "--model", "x", "--output-dir", str(tmp_path / "o"), *flags]) == 2
-    assert message in capsys.readouterr().err
-
-
-def test_packing_with_adalora_needs_max_steps(tiny_llama, gsm_files, tmp_path, capsys):
-    args = sft_args(tiny_llama, gsm_files, tmp_path / "o", "--method", "adalora", "--packing", "--max-steps", "-1")
-    assert main(args) == 2  # the last --max-steps wins: unset
-    assert "--packing with method adalora needs --max-steps" in capsys.readouterr().err
-
-
-def test_classification_flags_on_an_sft_task_are_refused(tiny_llama, gsm_files, tmp_path, capsys):
-    assert main(sft_args(tiny_llama, gsm_files, tmp_path / "o", "--protocol", "paper")) == 2
-    assert "--protocol is used only with a GLUE task or custom, got task 'sft'" in capsys.readouterr().err
-
-
-def test_sft_needs_its_files(tiny_llama, tmp_path, capsys):
-    assert main(["train", "--task", "sft", "--model", str(tiny_llama), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "task sft needs train_file and validation_file" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-
-
 def test_sora_eval_of_an_sft_run_points_to_its_metrics(sora_run, capsys):
     assert main(["eval", str(sora_run)]) == 2
     assert "sora eval re-scores classification runs; an sft run's scores are in its metrics.json" in capsys.readouterr().err
@@ -451,10 +259,3 @@ def test_generation_stops_at_an_end_token_the_generation_config_names_besides_eo
     assert text == tokenizer.decode(free[:end + 1], skip_special_tokens=True)
 
 
-def test_split_seed_on_sft_says_the_task_does_not_split_not_to_add_protocol_paper(tiny_llama, gsm_files, tmp_path,
-                                                                                  capsys):
-    # the hint was "with --protocol paper", which sft then refuses in turn
-    out = tmp_path / "run"
-    err = fails_cleanly(capsys, sft_args(tiny_llama, gsm_files, out, "--split-seed", "3"),
-                        "--split-seed is used only with ", out)
-    assert "got task 'sft'" in err and "--protocol paper" not in err

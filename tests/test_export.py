@@ -176,3 +176,25 @@ def test_an_adapter_holding_nan_is_refused_and_nothing_is_written(tmp_path):
                                          r"nothing exported \(the training diverged\)"):
         soralib.export_lora(model, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+def test_an_adapter_on_lm_head_exports_only_its_lora_weights_and_verifies(tmp_path):
+    # PEFT's state dict adds the whole lm_head (vocab x hidden) when it is a target; the export carried it
+    import peft
+    import transformers as tf
+
+    def base():
+        torch.manual_seed(0)
+        return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24,
+                                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    model = peft.get_peft_model(base(), soralib.SoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                           task_type="CAUSAL_LM"))
+    scramble(model)
+    inputs = {"input_ids": torch.tensor([[1, 5, 9, 3]])}
+    expected = output(model, inputs)
+    soralib.export_lora(model, tmp_path / "lora")
+    keys = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert keys and all(re.search(r"\.lora_[AB]\.weight$", k) for k in keys), sorted(keys)
+    soralib.verify_adapter(base(), tmp_path / "lora")
+    loaded = soralib.load_adapter_safely(base(), tmp_path / "lora")
+    torch.testing.assert_close(output(loaded, inputs), expected, atol=1e-5, rtol=0)

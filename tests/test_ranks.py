@@ -95,6 +95,17 @@ def test_lora_config_from_passes_other_lora_fields_through():
     assert (config.lora_dropout, config.init_lora_weights) == (0.1, "gaussian")
 
 
+def test_lora_config_from_and_export_name_each_module_to_save_once(tmp_path):
+    # a SEQ_CLS model gets its head names appended by PEFT at every get_peft_model: ranks JSON grew duplicates
+    model = sora_model("bert", task_type="SEQ_CLS")
+    assert len(model.peft_config["default"].modules_to_save) > len(set(model.peft_config["default"].modules_to_save))
+    scramble(model)
+    names = soralib.lora_config_from(model).modules_to_save
+    assert sorted(names) == sorted(set(model.peft_config["default"].modules_to_save)) and len(names) == len(set(names))
+    exported = json.loads((soralib.export_lora(model, tmp_path / "lora") / "adapter_config.json").read_text())
+    assert sorted(exported["modules_to_save"]) == sorted(names)
+
+
 def test_lora_config_json_round_trips_through_lora_config():
     config = soralib.lora_config_from(_trained("bert"))
     data = json.loads(json.dumps({k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}))

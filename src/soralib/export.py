@@ -94,8 +94,10 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
     for name, (A, B) in factors.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = A
         tensors[f"base_model.model.{name}.lora_B.weight"] = B
-    # modules_to_save (the task head) are saved by PEFT in a method-independent format: reuse it as is.
-    for key, value in get_peft_model_state_dict(model, adapter_name=adapter).items():
+    # modules_to_save (the task head) are saved by PEFT in a method-independent format: reuse it as is. Not the
+    # embedding layers, which PEFT adds whole when lm_head or embed_tokens is a target (for a resized vocabulary):
+    # the base model's own weights, a full vocab x hidden copy, which verify_adapter rightly refuses.
+    for key, value in get_peft_model_state_dict(model, adapter_name=adapter, save_embedding_layers=False).items():
         if "sora_" not in key:
             tensors[key] = value.detach().contiguous()
 
@@ -112,7 +114,7 @@ def export_lora(model: nn.Module, out_dir: str | os.PathLike, layout: str = "exa
         target_modules=exact_targets(names, model),
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
-        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        modules_to_save=list(dict.fromkeys(config.modules_to_save)) if config.modules_to_save else None,
         fan_in_fan_out=bool(is_conv1d),
         base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision,

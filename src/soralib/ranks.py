@@ -110,7 +110,8 @@ def lora_config_from(model: nn.Module, lora_alpha: float | None = None, adapter:
         target_modules=exact_targets(ranks, model),
         rank_pattern={exact_key(path): rank for path, rank in sorted(ranks.items())},
         alpha_pattern={exact_key(path): alpha(path) for path in sorted(ranks)},
-        modules_to_save=list(config.modules_to_save) if config.modules_to_save else None,
+        # PEFT appends a classifier's head names to the list at every get_peft_model: once each is enough
+        modules_to_save=list(dict.fromkeys(config.modules_to_save)) if config.modules_to_save else None,
         task_type=config.task_type,
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,

@@ -118,7 +118,8 @@ def test_a_missing_tensor_is_named_with_its_expected_shape(tmp_path, mlp_adapter
                                  "base_model.model.fc1.base_layer.weight"])
 def test_an_unexpected_tensor_is_named(tmp_path, mlp_adapter, key):
     adapter = tampered(mlp_adapter, tmp_path / "extra", edit_tensors=lambda t: t.update({key: torch.zeros(12)}))
-    refused(make_model("mlp"), adapter, f"{WEIGHTS}: unexpected tensor '{key}' (1 unexpected in all)")
+    said = "is a base-model weight, which loading would put in place" if "base_layer" in key else "(1 unexpected in all)"
+    refused(make_model("mlp"), adapter, f"{WEIGHTS}: ", f"tensor '{key}' {said}")
 
 
 @pytest.mark.parametrize("key", ["base_model.model.fc2.sora_A.weight", "base_model.model.fc2.sora_B.weight",
@@ -152,6 +153,17 @@ def test_nan_or_inf_values_are_refused(tmp_path, mlp_adapter, key, value):
         tensors[key].view(-1)[0] = value
     adapter = tampered(mlp_adapter, tmp_path / "nan", edit_tensors=poison)
     refused(make_model("mlp"), adapter, f"{WEIGHTS}: tensor '{key}' has NaN or Inf values; expected finite numbers")
+
+
+@pytest.mark.parametrize("key", ["base_model.model.fc2.sora_A.weight", "base_model.model.fc2.sora_B.weight",
+                                 "base_model.model.fc2.sora_gate"])
+def test_adapter_weights_far_beyond_any_trained_size_are_refused(tmp_path, mlp_adapter, key):
+    # finite, so the NaN check passed them, yet 1e20 in A and B makes every output NaN
+    def inflate(tensors):
+        tensors[key].view(-1)[0] = -1e20
+    adapter = tampered(mlp_adapter, tmp_path / "huge", edit_tensors=inflate)
+    refused(make_model("mlp"), adapter, f"{WEIGHTS}: tensor '{key}' holds values up to 1e+20 in size; expected "
+                                        "|value| <= 10000 (trained adapter weights are near 1)")
 
 
 def test_half_precision_adapters_are_accepted(tmp_path, mlp_adapter):

@@ -3,7 +3,9 @@ than plain LoRA, rank 0, SoRA weights relabelled as LoRA, and absurd or non-fini
 
 import json
 
+import peft
 import pytest
+import torch
 
 import soralib
 from conftest import make_model, trained_sora
@@ -32,14 +34,20 @@ def test_a_lora_rank_pattern_that_disagrees_with_the_tensors_is_refused(tmp_path
     ({"use_dora": True}, "use_dora is True; expected False, its default (only plain LoRA adapters are verified)"),
     ({"bias": "all"}, "bias is 'all'; expected 'none', its default"),
     ({"megatron_config": {"a": 1}, "megatron_core": "os"}, "megatron_config is {'a': 1}; expected None, its default"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights is 'pissa'; expected True, its default"),
-    ({"init_lora_weights": 1}, "init_lora_weights is 1; expected True, its default"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights is 'pissa'; expected True or False or 'gaussian'"),
+    ({"init_lora_weights": 1}, "init_lora_weights is 1; expected True or False or 'gaussian'"),
     ({"rank_pattern": ["x"]}, "rank_pattern is ['x']; expected an object of module name -> number"),
     ({"alpha_pattern": {"x": "1"}}, "alpha_pattern is {'x': '1'}; expected an object of module name -> number"),
 ])
 def test_a_lora_config_using_more_than_plain_lora_is_refused(tmp_path, bert_lora, edit, fragment):
     adapter = tampered(bert_lora, tmp_path / "extras", lambda c: c.update(edit))
     refused(make_model("bert"), adapter, f"{CONFIG}: {fragment}")
+
+
+@pytest.mark.parametrize("init", [False, "gaussian"])
+def test_an_initialisation_the_saved_weights_replace_is_accepted(tmp_path, bert_lora, init):
+    # gaussian or False only choose the starting A and B; PEFT loads them exactly as the default
+    verify_adapter(make_model("bert"), tampered(bert_lora, tmp_path / "init", lambda c: c.update(init_lora_weights=init)))
 
 
 def test_a_lora_rank_of_zero_is_refused(tmp_path, bert_lora):
@@ -93,3 +101,38 @@ def test_rslora_within_the_bound_and_the_same_alpha_without_it_pass(tmp_path, be
     verify_adapter(make_model("bert"), tampered(bert_lora, tmp_path / "plain", lambda c: c.update(lora_alpha=20000)))
     verify_adapter(make_model("bert"), tampered(bert_lora, tmp_path / "rs", lambda c: c.update(lora_alpha=100,
                                                                                             use_rslora=True)))
+
+
+# ---- what PEFT itself saves --------------------------------------------------------------------------------------------
+
+def tiny_causal_lm():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=1))
+
+
+@pytest.mark.parametrize("kind", ["lora", "sora"])
+def test_all_linear_minus_excluded_modules_as_peft_saves_it_verifies_and_loads(tmp_path, kind):
+    # PEFT writes "all-linear" as the resolved module list, excluded paths included, beside exclude_modules
+    make = peft.LoraConfig if kind == "lora" else soralib.SoraConfig
+    model = peft.get_peft_model(tiny_causal_lm(), make(r=2, target_modules="all-linear", exclude_modules=["o_proj"],
+                                                       task_type="CAUSAL_LM"))
+    model.save_pretrained(str(tmp_path / "a"))
+    saved = json.loads((tmp_path / "a" / CONFIG).read_text())["target_modules"]
+    assert any("o_proj" in entry for entry in saved)  # the case: an entry only excluded modules match
+    assert verify_adapter(tiny_causal_lm(), tmp_path / "a").exclude_modules
+    soralib.load_adapter_safely(tiny_causal_lm(), tmp_path / "a")
+
+
+def test_a_base_layer_weight_saved_beside_the_lora_is_refused_naming_the_fix(tmp_path):
+    # PEFT's save_embedding_layers="auto" saves lm_head whole when it is a target: loading would replace the model's
+    model = peft.get_peft_model(tiny_causal_lm(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"],
+                                                                  task_type="CAUSAL_LM"))
+    model.save_pretrained(str(tmp_path / "a"))
+    refused(tiny_causal_lm(), tmp_path / "a", "tensor 'base_model.model.lm_head.base_layer.weight' is a base-model "
+            "weight, which loading would put in place of the model's own; expected adapter weights only (save with "
+            "save_embedding_layers=False, or export with soralib.export_lora)")
+    model.save_pretrained(str(tmp_path / "b"), save_embedding_layers=False)
+    verify_adapter(tiny_causal_lm(), tmp_path / "b")

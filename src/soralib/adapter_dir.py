@@ -36,6 +36,8 @@ LORA_FIELDS = {"peft_type", "peft_version", "auto_mapping", "base_model_name_or_
                "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
                "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
                "fan_in_fan_out", "use_rslora"}
+# Values besides the default that only choose the starting A and B, which the file's tensors then replace.
+START_ONLY = {"init_lora_weights": (True, False, "gaussian")}
 
 # Named for the public module: the warning about ignored pickles is filtered by "soralib.verify", as before.
 logger = logging.getLogger("soralib.verify")
@@ -161,8 +163,10 @@ def _check_fields(data: dict, config_cls: type, path: Path) -> None:
     for field in fields if data["peft_type"] == "LORA" else ():
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         value = data.get(field.name, default)
-        if field.name not in LORA_FIELDS and (type(value), value) != (type(default), default):  # 1 is not True
-            raise InputError(f"{path}: {field.name} is {value!r}; expected {default!r}, its default "
+        allowed = START_ONLY.get(field.name, (default,))
+        if field.name not in LORA_FIELDS and not any((type(value), value) == (type(a), a) for a in allowed):  # 1 ≠ True
+            expected = " or ".join(map(repr, allowed)) if len(allowed) > 1 else f"{default!r}, its default"
+            raise InputError(f"{path}: {field.name} is {value!r}; expected {expected} "
                              "(only plain LoRA adapters are verified)")
 
 

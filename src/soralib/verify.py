@@ -44,6 +44,9 @@ PREFIX = "base_model.model."
 # ordinary entries (|A|, |B| ~ 0.1) already make s * B @ A hundreds of times the base weights (~0.05), a short step
 # from float16's 65504. A larger scale comes from a broken or hostile file, not from training.
 MAX_SCALE = 1e4
+# An adapter factor's entries are O(1) after training (A starts at ~1/sqrt(in), B at 0, gates at ~1); at 1e4 in
+# both A and B one rank already adds 1e8 * scale per input unit, NaN in float16 and junk in float32: refused.
+MAX_WEIGHT = 1e4
 # Which PEFT task_type fits a transformers model, by its class name in transformers' auto mappings.
 TASK_MAPPINGS = {"SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                  "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
@@ -169,6 +172,8 @@ def _targets(model: nn.Module, config: peft.PeftConfig, path: Path) -> list[str]
     for entry in [targets] if isinstance(targets, str) else sorted(targets):
         probe = copy.copy(config)
         probe.target_modules = entry if isinstance(targets, str) else {entry}
+        # PEFT saves "all-linear" as the module list before exclude_modules: an entry naming an excluded module
+        probe.exclude_modules = None
         if not any(_matches(probe, name) for name in names):
             raise InputError(f"{path}: target_modules entry {entry!r} matches no module of the base model "
                              f"{type(model).__name__}; {_closest_names(model, [entry])}")
@@ -239,6 +244,11 @@ def _check_weights(path: Path, expected: dict[str, tuple[tuple, bool]]) -> None:
     if missing:
         raise InputError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all); "
                          f"expected shape {expected[missing[0]][0]} for this base model and config")
+    base = next((key for key in extra if ".base_layer." in key), None)
+    if base is not None:  # PEFT's save_embedding_layers: lm_head or embed_tokens saved whole beside its LoRA
+        raise InputError(f"{path}: tensor {base!r} is a base-model weight, which loading would put in place of the "
+                         "model's own; expected adapter weights only (save with save_embedding_layers=False, or "
+                         "export with soralib.export_lora)")
     if extra:
         raise InputError(f"{path}: unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all); "
                          f"expected only the {len(expected)} keys this base model and config give")
@@ -255,5 +265,9 @@ def _check_weights(path: Path, expected: dict[str, tuple[tuple, bool]]) -> None:
                 tensor = f.get_tensor(key)
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise InputError(f"{path}: tensor {key!r} has NaN or Inf values; expected finite numbers")
+                largest = tensor.abs().max().item() if tensor.is_floating_point() and tensor.numel() else 0.0
+                if re.search(r"\.(lora|sora)_(A|B)\.weight$|\.sora_gate$", key) and largest > MAX_WEIGHT:
+                    raise InputError(f"{path}: tensor {key!r} holds values up to {largest:.3g} in size; expected "
+                                     f"|value| <= {MAX_WEIGHT:g} (trained adapter weights are near 1)")
     except (SafetensorError, OSError) as err:
         raise InputError(f"{path}: not a valid safetensors file ({_one_line(err)})") from None

@@ -143,3 +143,14 @@ def test_split_seed_on_sft_says_the_task_does_not_split_not_to_add_protocol_pape
                         "--split-seed is used only with ", out)
     assert "got task 'sft'" in err and "--protocol paper" not in err
 
+
+
+@pytest.mark.parametrize("method", ["sora", "lora"])
+def test_an_adapter_on_the_output_layer_is_refused_before_anything_is_written(tiny_llama, gsm_files, tmp_path, capsys,
+                                                                              method):
+    # TRL's SFTTrainer refused it, after config.yaml and the lock were written
+    out = tmp_path / "run"
+    fails_cleanly(capsys, sft_args(tiny_llama, gsm_files, out, "--method", method, "--target-modules", "q_proj,lm_head"),
+                  "--target-modules reaches the output layer 'lm_head', which --task sft cannot adapt: the loss is "
+                  "computed from its weight directly, so its adapter would never train; leave it out of --target-modules",
+                  out)

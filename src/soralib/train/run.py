@@ -143,7 +143,6 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
                        ", ".join(fresh))
         config = replace(config, modules_to_save=[*(config.modules_to_save or ()), *fresh])
     features = task.features(config, spec, splits, tokenizer)
-    task.check_fits(config, model, tokenizer, splits)
     memorize = random.Random(config.seed).sample(range(len(features["train"])),
                                                  min(config.memorization_samples, len(features["train"])))
     steps = _steps_per_stage(config, len(features["train"]))  # packed SFT rows: an upper bound
@@ -151,6 +150,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
     # bad target modules fail here, before any write; so does a budget the model cannot meet
     model = method.wrap(config, model, total_steps=steps, adapter_budget=config.target_params)
     budget = method.budget(config, model)
+    task.check_fits(config, model, tokenizer, splits)
     out = Path(config.output_dir)
     processes = PartialState()  # under torchrun: one per rank, and only rank 0 writes
     # On CPU this PartialState is not distributed yet (Trainer sets that up): every rank calls itself main and

@@ -62,11 +62,20 @@ class SftTask(Task):
         return load_causal_lm(config)
 
     def check_fits(self, config: TrainConfig, model, tokenizer, splits: dict) -> None:
-        """The final generations: a prompt and its --max-new-tokens past the model's positions crash a model with
-        learned positions (GPT-2) at the very end of training, and run a RoPE model where it never trained."""
+        """No adapter on the output layer; and the final generations: a prompt and its --max-new-tokens past the
+        model's positions crash a model with learned positions (GPT-2) at the very end of training, and run a RoPE
+        model where it never trained."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         from ...errors import InputError
         from .sft_data import prompt_ids, uses_chat_template
 
+        head = model.get_output_embeddings()
+        if isinstance(head, BaseTunerLayer):  # else TRL's SFTTrainer refuses it, after config.yaml is written
+            name = next(n for n, m in model.get_base_model().named_modules() if m is head)
+            raise InputError(f"--target-modules reaches the output layer {name!r}, which --task sft cannot adapt: "
+                             "the loss is computed from its weight directly, so its adapter would never train; "
+                             "leave it out of --target-modules")
         positions = getattr(model.config, "max_position_embeddings", None)
         rows = splits["validation"][: config.max_generate_samples]
         if not isinstance(positions, int) or not rows:

@@ -67,8 +67,8 @@ class Task:
         return load_base(config, spec.num_labels)
 
     def check_fits(self, config: TrainConfig, model, tokenizer, splits: dict) -> None:
-        """Refuse, once the rows are tokenized and before anything is written, what would run past the model's
-        position table at the end of the run (max_length is checked before tokenizing)."""
+        """Refuse what the wrapped `model` cannot do with these rows to the end of the run; called once the rows are
+        tokenized and the model wrapped, before anything is written."""
 
     def features(self, config: TrainConfig, spec: TaskSpec, splits: dict, tokenizer) -> dict[str, Any]:
         """Each non-empty split's rows as model inputs with labels (checked against max_length)."""

@@ -91,6 +91,17 @@ def test_a_seq_cls_adapter_loads_on_a_sequence_classifier(bert_seq_cls):
     torch.testing.assert_close(output(loaded, make_input("bert")), expected, atol=1e-5, rtol=0)
 
 
+def test_a_seq_cls_adapter_is_checked_for_the_head_peft_adds_to_modules_to_save(tmp_path, bert_seq_cls):
+    # PEFT loads a SEQ_CLS adapter with "classifier" and "score" in modules_to_save, whatever its config says
+    adapter, expected = bert_seq_cls
+    listed_none = tampered(adapter, tmp_path / "none", lambda c: c.update(modules_to_save=None))
+    loaded = load_adapter_safely(make_model("bert"), listed_none)  # was refused: "unexpected tensor ...classifier"
+    torch.testing.assert_close(output(loaded, make_input("bert")), expected, atol=1e-5, rtol=0)
+    headless = tampered(listed_none, tmp_path / "headless",
+                        edit_tensors=lambda t: [t.pop(k) for k in [k for k in t if ".classifier." in k]])
+    refused(make_model("bert"), headless, "missing tensor 'base_model.model.classifier.")  # PEFT: KeyError mid-load
+
+
 @pytest.mark.parametrize("task", ["CAUSAL_LM", "TOKEN_CLS", "FEATURE_EXTRACTION"])
 def test_a_task_type_that_does_not_fit_the_model_is_refused_and_the_model_untouched(tmp_path, bert_seq_cls, task):
     adapter = tampered(bert_seq_cls[0], tmp_path / "task", lambda c: c.update(task_type=task))

@@ -47,6 +47,8 @@ MAX_SCALE = 1e4
 # An adapter factor's entries are O(1) after training (A starts at ~1/sqrt(in), B at 0, gates at ~1); at 1e4 in
 # both A and B one rank already adds 1e8 * scale per input unit, NaN in float16 and junk in float32: refused.
 MAX_WEIGHT = 1e4
+# The heads PEFT's PeftModelFor<task> adds to modules_to_save when it loads an adapter of that task_type.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 # Which PEFT task_type fits a transformers model, by its class name in transformers' auto mappings.
 TASK_MAPPINGS = {"SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                  "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
@@ -212,8 +214,10 @@ def _expected_tensors(model: nn.Module, config: peft.PeftConfig, path: Path) -> 
     stray = sorted(set(getattr(config, "kept_ranks", {})) - set(targets))
     if stray:
         raise InputError(f"{path}: kept_ranks names {stray[0]!r}, which is not adapted; expected only target modules")
+    task = getattr(config.task_type, "value", config.task_type)
+    saved = [*(config.modules_to_save or ()), *TASK_HEADS.get(task, ())]  # PEFT adds the task's head names
     for name, module in modules.items():  # PEFT's own modules_to_save rule: a plain suffix match
-        if name and any(name.endswith(m) for m in config.modules_to_save or ()):
+        if name and any(name.endswith(m) for m in saved):
             for key, tensor in module.state_dict().items():
                 expected[f"{PREFIX}{name}.{key}"] = (tuple(tensor.shape), tensor.is_floating_point())
     return expected

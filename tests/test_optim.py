@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import soralib
-from conftest import TARGETS, make_input, make_model, output, sora_model
+from conftest import TARGETS, make_input, make_model, output, scramble, sora_model
 
 
 def layers(model):
@@ -114,16 +114,48 @@ def test_prox_step_works_with_any_torch_optimizer(cls):
     assert isinstance(opt, cls)
 
 
-def test_prox_step_is_skipped_when_amp_grad_scaler_skips_the_step():
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("gate_update", ["optimizer", "sgd"])
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaled", "unscaled"])
+def test_prox_step_is_skipped_when_amp_grad_scaler_skips_the_step(fused, gate_update, unscale):
+    # GradScaler steps a fused optimizer even on an overflow (its kernel skips): the gates shrank by τ anyway
     model = sora_model("mlp")
-    opt = soralib.create_sora_optimizer(model, lr=0.05, threshold=0.3)
+    opt = soralib.create_sora_optimizer(model, lr=0.05, threshold=0.3, fused=fused, gate_update=gate_update)
     scaler = torch.amp.GradScaler("cpu")
     gates_before = [g.detach().clone() for g in soralib.gate_parameters(model)]
     loss = model(**make_input("mlp")).sum() * float("inf")
     scaler.scale(loss).backward()
+    if unscale:
+        scaler.unscale_(opt)
     scaler.step(opt)
     scaler.update()
     assert all(torch.equal(g.detach(), b) for g, b in zip(soralib.gate_parameters(model), gates_before))
+
+
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaled", "unscaled"])
+def test_plain_sgd_gates_step_on_unscaled_gradients_under_grad_scaler_with_a_fused_optimizer(unscale):
+    # the fused kernel unscales A and B itself; the gates' own SGD step used gradients 1024 times too large
+    def gates_after(scaled: bool):
+        torch.manual_seed(0)
+        model = sora_model("mlp")
+        scramble(model, zero_fraction=0.0)  # B ≠ 0: the gates get a gradient
+        opt = soralib.create_sora_optimizer(model, lr=0.05, fused=scaled, gate_update="sgd")
+        loss = model(**make_input("mlp")).pow(2).mean()
+        if scaled:
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            scaler.scale(loss).backward()
+            if unscale:
+                scaler.unscale_(opt)
+            scaler.step(opt)
+        else:
+            loss.backward()
+            opt.step()
+        return torch.cat([g.detach().clone() for g in soralib.gate_parameters(model)])
+    torch.manual_seed(0)
+    start = torch.cat([g.detach() for g in soralib.gate_parameters(sora_model("mlp"))])
+    moved = gates_after(False)
+    assert (moved - start).abs().max() > 1e-4
+    torch.testing.assert_close(gates_after(True), moved, atol=1e-6, rtol=0)
 
 
 def test_prox_step_is_skipped_on_gradient_accumulation_micro_steps():

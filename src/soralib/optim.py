@@ -9,8 +9,9 @@ with τ = ξ ("fixed", the reference code) or τ = η_t · λ ("lr_scaled", the 
 group's current learning rate). The threshold lives in the gate param group (keys ``sora_threshold`` and
 ``sora_threshold_mode``), so it is saved by ``optimizer.state_dict()`` and changed by writing the group.
 The step is a post-step hook of the optimizer itself: whenever AMP or gradient accumulation skips
-``optimizer.step()``, the prox step is skipped with it; like torch's optimizers it leaves parameters whose
-``.grad`` is None alone.
+``optimizer.step()``, the prox step is skipped with it (a fused optimizer is stepped even then, and skips inside
+its kernel: GradScaler's ``found_inf`` on it tells); like torch's optimizers it leaves parameters whose ``.grad``
+is None alone.
 """
 
 from __future__ import annotations
@@ -126,15 +127,31 @@ def hide_sgd_gate_grads(optimizer: torch.optim.Optimizer) -> None:
     setattr(optimizer, _HIDDEN, hidden)
 
 
+def amp_skipped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether GradScaler found Inf/NaN gradients for this step of a fused optimizer: it steps such an optimizer
+    anyway, with ``found_inf`` set on it, and the fused kernel leaves the parameters alone."""
+    found = getattr(optimizer, "found_inf", None)
+    return found is not None and bool(found)
+
+
 @torch.no_grad()
-def sgd_gate_step(optimizer: torch.optim.Optimizer) -> None:
+def sgd_gate_step(optimizer: torch.optim.Optimizer, skip: bool = False) -> None:
     """After the step: g ← g − η_t ∇g for the hidden gates, their gradients put back (for the prox step,
-    `zero_grad` and anyone reading them): with the prox step, the paper's proximal gradient step."""
+    `zero_grad` and anyone reading them): with the prox step, the paper's proximal gradient step. Nothing moves
+    on a step GradScaler skipped; gradients it has not unscaled (``grad_scale`` set) are divided by the scale."""
+    scale = getattr(optimizer, "grad_scale", None)
     for p, group, grad in getattr(optimizer, _HIDDEN, ()):
         p.grad = grad
-        if grad is not None:
-            p.add_(grad, alpha=-group["lr"])
+        if grad is not None and not skip:
+            p.add_(grad if scale is None else grad / torch.as_tensor(scale, device=grad.device), alpha=-group["lr"])
     setattr(optimizer, _HIDDEN, [])
+
+
+def after_step(optimizer: torch.optim.Optimizer) -> None:
+    skip = amp_skipped(optimizer)
+    sgd_gate_step(optimizer, skip)
+    if not skip:
+        prox_step(optimizer)
 
 
 def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -158,7 +175,7 @@ def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     if not getattr(optimizer, _HOOKED, False):
         warn_if_low_precision(gate_groups)
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: hide_sgd_gate_grads(opt))
-        optimizer.register_step_post_hook(lambda opt, args, kwargs: (sgd_gate_step(opt), prox_step(opt)))
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: after_step(opt))
         setattr(optimizer, _HOOKED, True)
     return optimizer
 

@@ -141,6 +141,43 @@ def test_add_prox_step_checks_a_hand_built_gate_group():
     assert one_line(excinfo) == "optimizer.param_groups[0]['sora_threshold'] must be a finite number >= 0, got -1.0"
 
 
+@pytest.mark.parametrize("case", ["no mode", "not gates", "weight decay"])
+def test_add_prox_step_refuses_a_hand_built_gate_group_it_cannot_step_and_adds_no_hook(case):
+    # no mode: every step failed after the optimizer's update; not gates: A, B and the head were zeroed entry by
+    # entry; weight decay: the gates were decayed, which soralib promises they never are
+    model = sora_model("mlp")
+    params = list(model.parameters()) if case == "not gates" else soralib.gate_parameters(model)
+    group = {"params": params, "sora_threshold": 1e-2, "sora_threshold_mode": "fixed",
+             "weight_decay": 0.1 if case == "weight decay" else 0.0}
+    if case == "no mode":
+        del group["sora_threshold_mode"]
+    opt = torch.optim.AdamW([group], lr=0.1)
+    with pytest.raises(ValueError) as excinfo:
+        soralib.add_prox_step(opt)
+    assert one_line(excinfo) == {
+        "no mode": "optimizer.param_groups[0] has 'sora_threshold' but no 'sora_threshold_mode'; expected one of "
+                   "fixed, lr_scaled (soralib.create_sora_optimizer sets both)",
+        "not gates": "optimizer.param_groups[0] holds a parameter of 2 dimensions; a gate group holds SoRA gate "
+                     "vectors only (soralib.gate_parameters(model))",
+        "weight decay": "optimizer.param_groups[0]['weight_decay'] must be 0 for SoRA gates (the prox step's l1 is "
+                        "their only regulariser), got 0.1"}[case]
+    assert not getattr(opt, soralib.optim._HOOKED, False)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"weight_decay": 0.1}, "gate_group_kwargs['weight_decay'] must be 0 for SoRA gates (the prox step's l1 is their "
+                            "only regulariser), got 0.1"),
+    ({"params": []}, "gate_group_kwargs cannot set 'params': the gate group holds the model's SoRA gates"),
+    ({"esp": 1e-6}, "gate_group_kwargs key 'esp' is not a setting of AdamW; expected one of amsgrad, betas, "
+                    "capturable, decoupled_weight_decay, differentiable, eps, foreach, fused, lr, maximize, "
+                    "weight_decay"),
+], ids=["weight-decay", "params", "typo"])
+def test_gate_group_kwargs_that_would_decay_drop_or_miss_the_gates_are_refused(kwargs, expected):
+    with pytest.raises(ValueError) as excinfo:
+        soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_group_kwargs=kwargs)
+    assert one_line(excinfo) == expected
+
+
 def test_set_threshold_needs_an_optimizer_with_a_sora_gate_group():
     plain = torch.optim.SGD(make_model("mlp").parameters(), lr=0.1)
     with pytest.raises(ValueError) as excinfo:

@@ -44,7 +44,11 @@ GROUP_CHOICES = {"sora_threshold_mode": THRESHOLD_MODES, "sora_gate_update": GAT
 
 
 def check_gate_group(group: dict[str, Any], where: str) -> None:
-    """The settings of `GROUP_NUMBERS` and `GROUP_CHOICES` that `group` has, each named ``where[key]``."""
+    """The settings of `GROUP_NUMBERS` and `GROUP_CHOICES` that `group` has, each named ``where[key]``; no weight
+    decay (the gates' only regulariser is the prox step's ℓ1)."""
+    if group.get("weight_decay", 0) != 0:
+        raise ValueError(f"{where}['weight_decay'] must be 0 for SoRA gates (the prox step's l1 is their only "
+                         f"regulariser), got {group['weight_decay']!r}")
     for key, value in group.items():
         if key in GROUP_NUMBERS:
             check_number(f"{where}[{key!r}]", value, **GROUP_NUMBERS[key])
@@ -62,6 +66,8 @@ def check_gate_options(threshold: float, threshold_mode: str, gate_lr: float | N
     kwargs = {} if gate_group_kwargs is None else gate_group_kwargs
     if not isinstance(kwargs, dict):
         raise ValueError(f"gate_group_kwargs must be a dict of the gates' optimizer settings, got {kwargs!r}")
+    if "params" in kwargs:
+        raise ValueError("gate_group_kwargs cannot set 'params': the gate group holds the model's SoRA gates")
     check_gate_group(kwargs, "gate_group_kwargs")  # its settings override the arguments above
 
 

@@ -22,7 +22,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .checks import check_gate_group, check_number, check_optimizer_arguments, check_threshold
+from .checks import (GROUP_CHOICES, GROUP_NUMBERS, check_gate_group, check_number, check_optimizer_arguments,
+                     check_threshold)
 from .layer import PROX_GATES, SoraLayer
 
 try:  # FSDP2 shards parameters as DTensors; a torch built without torch.distributed has none
@@ -164,11 +165,18 @@ def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
                          f"soralib.create_sora_optimizer")
     for i, group in enumerate(optimizer.param_groups):
         if "sora_threshold" in group:
+            where = f"optimizer.param_groups[{i}]"
+            if "sora_threshold_mode" not in group:  # else every step fails, after the optimizer's update
+                raise ValueError(f"{where} has 'sora_threshold' but no 'sora_threshold_mode'; expected one of "
+                                 "fixed, lr_scaled (soralib.create_sora_optimizer sets both)")
+            if any(p.ndim != 1 for p in group["params"]):  # the threshold would zero A, B or a head, entry by entry
+                raise ValueError(f"{where} holds a parameter of {max(p.ndim for p in group['params'])} dimensions; "
+                                 "a gate group holds SoRA gate vectors only (soralib.gate_parameters(model))")
             # lr 0 is a schedule's, at a warm-up's first step or a decay's end (a Trainer's when SoraCallback adds
             # the group, or a resumed one's): allowed here, unlike an lr given as an argument
-            check_gate_group({k: v for k, v in group.items() if k != "lr"}, f"optimizer.param_groups[{i}]")
+            check_gate_group({k: v for k, v in group.items() if k != "lr"}, where)
             if "lr" in group:
-                check_number(f"optimizer.param_groups[{i}]['lr']", group["lr"])
+                check_number(f"{where}['lr']", group["lr"])
     for group in gate_groups:  # so that training these gates does not warn they are not thresholded
         for p in group["params"]:
             PROX_GATES[p] = True
@@ -266,7 +274,12 @@ def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
     """
     groups = sora_param_groups(model, lr, weight_decay, threshold, threshold_mode, gate_lr, gate_group_kwargs,
                                min_rank, gate_update)
-    return add_prox_step(optimizer_cls(groups, lr=lr, **optimizer_kwargs))
+    optimizer = optimizer_cls(groups, lr=lr, **optimizer_kwargs)
+    unknown = sorted(set(gate_group_kwargs or ()) - set(optimizer.defaults) - {*GROUP_NUMBERS, *GROUP_CHOICES})
+    if unknown:  # a torch optimizer keeps a group's unknown keys and ignores them: a typo would do nothing
+        raise ValueError(f"gate_group_kwargs key {unknown[0]!r} is not a setting of {optimizer_cls.__name__}; "
+                         f"expected one of {', '.join(sorted(optimizer.defaults))}")
+    return add_prox_step(optimizer)
 
 
 class SoraOptimizerFactory:

@@ -282,3 +282,18 @@ def test_gates_cast_to_half_precision_after_wrapping_are_warned_about(dtype, cap
     opt.step()
     if dtype == torch.bfloat16:
         assert all(torch.equal(g, b) for g, b in zip(soralib.gate_parameters(half), before))
+
+
+def test_stepping_an_optimizer_built_before_prune_is_refused_before_anything_moves():
+    # prune replaces every SoRA tensor: the old optimizer stepped orphans, and only the head went on training
+    model = sora_model("mlp")
+    scramble(model)
+    opt = soralib.create_sora_optimizer(model, lr=0.05)
+    soralib.prune(model)
+    model(**make_input("mlp")).pow(2).mean().backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"this optimizer steps SoRA gates that soralib\.prune has replaced: the "
+                                           r"model no longer has them.*build a new optimizer after prune"):
+        opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    soralib.create_sora_optimizer(model, lr=0.05).step()  # the way on

@@ -33,6 +33,8 @@ EMBEDDING_ADVICE = "SoRA adapts nn.Linear and Conv1D; for embeddings use peft.Lo
 # The gates some optimizer soft-thresholds (filled by `soralib.optim.add_prox_step`), weakly held. A plain
 # WeakSet cannot hold tensors: its membership test compares them with `==`, which is elementwise.
 PROX_GATES = WeakIdKeyDictionary()
+# Gates `keep_ranks_` replaced (prune): an optimizer still stepping them steps tensors the model no longer has.
+CUT_GATES = WeakIdKeyDictionary()
 UNTHRESHOLDED_WARNING = (
     "SoRA gates are not soft-thresholded: this model trains without soralib's prox step, so no rank will ever "
     "be pruned; build the optimizer with soralib.create_sora_optimizer(...) or add "
@@ -147,6 +149,7 @@ class SoraLayer(BaseTunerLayer):
         B.weight = nn.Parameter(B.weight[:, keep].clone(), requires_grad=B.weight.requires_grad)
         B.in_features = int(keep.sum())
         self.sora_gate[adapter] = nn.Parameter(gate[keep].clone(), requires_grad=gate.requires_grad)
+        CUT_GATES[gate] = True
         self.r[adapter] = int(keep.sum())
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from .checks import (GROUP_CHOICES, GROUP_NUMBERS, check_gate_group, check_number, check_optimizer_arguments,
                      check_threshold)
-from .layer import PROX_GATES, SoraLayer
+from .layer import CUT_GATES, PROX_GATES, SoraLayer
 
 try:  # FSDP2 shards parameters as DTensors; a torch built without torch.distributed has none
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -116,6 +116,16 @@ def prox_step(optimizer: torch.optim.Optimizer) -> None:
             p.copy_(shard_like(shrunk, p))
 
 
+def before_step(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse to step gates `prune` has cut out of the model; set plain-SGD gates' gradients aside."""
+    for group in optimizer.param_groups:
+        if "sora_threshold" in group and any(p in CUT_GATES for p in group["params"]):
+            raise RuntimeError("this optimizer steps SoRA gates that soralib.prune has replaced: the model no longer "
+                               "has them, so its adapter would not train; build a new optimizer after prune "
+                               "(soralib.create_sora_optimizer)")
+    hide_sgd_gate_grads(optimizer)
+
+
 def hide_sgd_gate_grads(optimizer: torch.optim.Optimizer) -> None:
     """Before the step: gates of a ``sora_gate_update="sgd"`` group take plain SGD, not the optimizer's own
     update, so their gradients are set aside (an optimizer leaves a parameter without ``.grad`` alone)."""
@@ -182,7 +192,7 @@ def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             PROX_GATES[p] = True
     if not getattr(optimizer, _HOOKED, False):
         warn_if_low_precision(gate_groups)
-        optimizer.register_step_pre_hook(lambda opt, args, kwargs: hide_sgd_gate_grads(opt))
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: before_step(opt))
         optimizer.register_step_post_hook(lambda opt, args, kwargs: after_step(opt))
         setattr(optimizer, _HOOKED, True)
     return optimizer

@@ -65,12 +65,14 @@ def test_held_budget_keeps_min_rank_in_every_module():
 
 # soralib.BudgetSchedule: the same policy as a core object any loop steps.
 
-def plain_loop(steps=200, seed=0, resume_at=None, min_rank=1, **budget):
+def plain_loop(steps=200, seed=0, resume_at=None, min_rank=1, threshold_mode="fixed", kept=None, **budget):
     """The loop of `run_budget` with a `BudgetSchedule`: per-step thresholds and the final gates. With
-    `resume_at`, everything is rebuilt from saved state dicts after that step, as a resumed run does."""
+    `resume_at`, everything is rebuilt from saved state dicts after that step, as a resumed run does; `kept`, a
+    list, gets the kept rank after each step."""
     def build(state=None):
         model = sora_model("bert", r=8)
-        optimizer = soralib.create_sora_optimizer(model, lr=8e-4, gate_group_kwargs={"eps": 1e-6}, min_rank=min_rank)
+        optimizer = soralib.create_sora_optimizer(model, lr=8e-4, gate_group_kwargs={"eps": 1e-6}, min_rank=min_rank,
+                                                  threshold_mode=threshold_mode)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: soralib.schedule.linear_warmup_decay(s, steps, steps // 16))
         if state is not None:
@@ -92,6 +94,8 @@ def plain_loop(steps=200, seed=0, resume_at=None, min_rank=1, **budget):
         schedule.step()
         budget_schedule.step(step + 1)
         thresholds.append(soralib.get_threshold(optimizer))
+        if kept is not None:
+            kept.append(soralib.sparsity_report(model)["kept_rank"])
         if step + 1 == resume_at:
             state = [obj.state_dict() for obj in (model, optimizer, schedule)]
             model, optimizer, schedule, budget_schedule = build(state)
@@ -124,6 +128,15 @@ def test_budget_schedule_steps_bit_for_bit_like_the_harness_controller():
     assert thresholds == expected and len(set(thresholds)) > 2  # the ramp moved τ, the hold set it to 0
     assert all(torch.equal(a, b) for a, b in zip(gates, gates_c))
     assert soralib.sparsity_report(model)["kept_rank"] == 4 * 12
+
+
+def test_budget_schedule_in_lr_scaled_mode_ramps_down_as_in_fixed_mode():
+    # the controller's cap of 1 applied to λ = τ / lr capped τ at the lr: the ramp cut nothing, the hold all at once
+    fixed, scaled = [], []
+    plain_loop(target_rank=4, kept=fixed)
+    plain_loop(target_rank=4, threshold_mode="lr_scaled", kept=scaled)
+    middle = int(0.6 * 200)  # the ramp wants about halfway between 96 and 48 ranks by now
+    assert scaled[middle] < 0.9 * 96 and abs(scaled[middle] - fixed[middle]) <= 3, (scaled[middle], fixed[middle])
 
 
 @pytest.mark.parametrize("resume_at", [60, 170], ids=["in-the-ramp", "in-the-hold"])
@@ -168,6 +181,18 @@ def test_budget_schedule_trims_the_active_adapter_whatever_its_name_and_leaves_t
     schedule.finish()
     assert soralib.sparsity_report(model, adapter="sft")["kept_rank"] == 2 * 12
     assert all(torch.equal(p, untouched[name]) for name, p in model.named_parameters() if name in untouched)
+
+
+def test_budget_schedule_refuses_a_model_training_two_adapters_at_once():
+    # both adapters' gates took the budget's threshold, but only the first was measured and trimmed
+    import peft
+
+    model = peft.get_peft_model(make_model("bert"), soralib.SoraConfig(r=4, target_modules=TARGETS["bert"][0]))
+    model.add_adapter("b", soralib.SoraConfig(r=4, target_modules=TARGETS["bert"][0]))
+    model.base_model.set_adapter(["default", "b"])
+    with pytest.raises(ValueError, match=r"^BudgetSchedule steers one adapter; this model trains 2 at once "
+                                         r"\(default, b\): give each its own run, or set_adapter to one$"):
+        soralib.BudgetSchedule(model, soralib.create_sora_optimizer(model, lr=1e-3), target_rank=2, total_steps=10)
 
 
 def test_trim_of_an_adapter_the_model_lacks_is_refused():

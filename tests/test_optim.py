@@ -203,6 +203,15 @@ def test_gate_l1_is_the_mean_absolute_gate_and_has_a_gradient():
     torch.testing.assert_close(gates[0].grad, torch.sign(gates[0].detach()) / n)
 
 
+def test_gate_l1_of_an_adapter_pruned_to_nothing_is_zero_not_nan():
+    model = sora_model("mlp")
+    with torch.no_grad():
+        for gate in soralib.gate_parameters(model):
+            gate.zero_()
+    soralib.prune(model)
+    assert soralib.gate_l1(model).item() == 0.0
+
+
 def test_gate_l1_counts_only_the_gates_of_the_active_adapter():
     model = sora_model("mlp", gate_init="ones")
     model.add_adapter("other", soralib.SoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["mlp"][0]))

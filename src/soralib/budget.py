@@ -136,11 +136,17 @@ def steer_to_budget(model: nn.Module, optimizer: Any, budget: float, measure: st
         set_threshold(optimizer, 0.0)
         trim_model_(model, budget, measure, min_rank)
         return
+    # The controller steers the step's τ, whose floor and cap are set for O(1) gates; in lr_scaled mode the
+    # group holds λ = τ / lr (capping λ at 1 capped τ at the lr, and the ramp cut almost nothing).
+    group = next(g for g in optimizer.param_groups if "sora_threshold" in g)
+    per = float(group["lr"]) if group["sora_threshold_mode"] == "lr_scaled" else 1.0
+    if per <= 0:  # lr 0 (a warm-up's first step, a decay's end): τ = 0 whatever λ, nothing to steer
+        return
     report = sparsity_report(model)
     initial = report["r_max_total" if measure == "kept_rank" else "lora_params_at_r_max"]
-    tau = budget_threshold(get_threshold(optimizer), report[measure], min(budget, initial), progress,
+    tau = budget_threshold(get_threshold(optimizer) * per, report[measure], min(budget, initial), progress,
                            initial=initial, final_fraction=final_fraction)
-    set_threshold(optimizer, tau)
+    set_threshold(optimizer, tau / per)
 
 
 def _number(value: Any) -> bool:
@@ -202,6 +208,11 @@ class BudgetSchedule:
         if not _integer(total_steps, 1):
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
         get_threshold(optimizer)  # the gate group the schedule steers, or the error that says how to get one
+        active = list(dict.fromkeys(a for _, layer in sora_layers(model) for a in layer.active_adapters
+                                    if a in layer.sora_gate))
+        if len(active) > 1:  # else it measures and trims the first one only
+            raise ValueError(f"BudgetSchedule steers one adapter; this model trains {len(active)} at once "
+                             f"({', '.join(active)}): give each its own run, or set_adapter to one")
         report = sparsity_report(model)
         n = len(report["modules"])
         floor = [min(min_rank, m["r_max"]) for m in report["modules"]]  # ranks no trim takes away

@@ -86,7 +86,8 @@ def gate_l1(model: nn.Module, adapter: str | None = None) -> torch.Tensor:
     gates = [layer.sora_gate[adapter] for layer in layers if adapter in layer.sora_gate]
     if not gates:
         raise ValueError(f"the model has no SoRA layers for adapter {adapter!r}")
-    return torch.cat([g.reshape(-1) for g in gates]).abs().mean()
+    flat = torch.cat([g.reshape(-1) for g in gates])
+    return flat.abs().mean() if flat.numel() else flat.sum()  # pruned to nothing: 0, not the mean's NaN
 
 
 @torch.no_grad()

@@ -209,9 +209,8 @@ def test_eval_of_a_full_run_whose_parameters_do_not_fit_the_base_model_is_refuse
 
 # ---- eval never scores a broken result ---------------------------------------------------------------------------
 
-def _sora_run(run, glue_dir, tiny_model, b_value, head_value=None, **config_edit):
-    """A SoRA run directory whose adapter/ holds B = `b_value` everywhere (and the saved head's weights =
-    `head_value`, if given) and the config edited with `config_edit`."""
+def _sora_run(run, glue_dir, tiny_model, b_value, **config_edit):
+    """A SoRA run directory whose adapter/ holds B = `b_value` everywhere and the config edited with `config_edit`."""
     import json
 
     from soralib.train.config import build_config
@@ -223,8 +222,6 @@ def _sora_run(run, glue_dir, tiny_model, b_value, head_value=None, **config_edit
     with torch.no_grad():
         for layer in (m for m in model.modules() if isinstance(m, SoraLinear)):
             layer.sora_B["default"].weight.fill_(b_value)
-        if head_value is not None:
-            model.base_model.model.classifier.modules_to_save["default"].weight.fill_(head_value)
     model.save_pretrained(str(run / "adapter"))
     path = run / "adapter" / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **config_edit}))
@@ -267,12 +264,17 @@ def test_eval_of_a_full_run_whose_parameter_has_another_shape_is_refused(glue_di
 
 @pytest.mark.parametrize("method", ["sora", "full"])
 def test_eval_refuses_non_finite_outputs_instead_of_reporting_a_score(glue_dir, tiny_model, tmp_path, capsys, method):
-    # finite weights that pass every check, large enough to overflow float32 in the forward pass (the adapter's
-    # own factors are bounded by verify_adapter; a saved head is not)
-    run = (_sora_run(tmp_path / "run", glue_dir, tiny_model, 1.0, head_value=3e38) if method == "sora" else
-           _full_run(tmp_path / "run", glue_dir, tiny_model, "bert.embeddings.word_embeddings.weight", 3e38))
-    fails_cleanly(capsys, ["eval", run], f"{run}: the model's outputs on validation hold NaN or Inf; the saved result "
-                                         "is broken, so no score is reported")
+    # finite weights large enough to overflow float32 in the forward pass: a full run's pass every check and are
+    # caught by their outputs; an adapter's factors are refused up front (verify_adapter's bound)
+    if method == "sora":
+        run = _sora_run(tmp_path / "run", glue_dir, tiny_model, 3e38)
+        expected = "sora_B.weight' holds values up to 3e+38 in size; expected |value| <= 10000"
+    else:
+        run = _full_run(tmp_path / "run", glue_dir, tiny_model, "bert.embeddings.word_embeddings.weight", 3e38)
+        expected = f"{run}: the model's outputs on validation hold NaN or Inf; the saved result is broken, so no score " \
+                   "is reported"
+    err = fails_cleanly(capsys, ["eval", run], expected)
+    assert '"accuracy"' not in err
 
 
 @pytest.mark.parametrize("command", ["export", "ranks"])

@@ -96,7 +96,8 @@ def test_every_top_level_key_of_metrics_json_is_named_in_rundir(finished):
     # eval, export, report and bench read metrics.json by rundir's names; a further dev set is keyed by its split
     named = {rundir.TASK, rundir.METHOD, rundir.SEED, rundir.MODEL, rundir.MAIN_METRIC, rundir.HIGHER_IS_BETTER,
              rundir.EVAL, rundir.TEST, rundir.KEPT_PARAMS, rundir.LORA_PARAMS_AT_R_MAX, rundir.EXPORTED_PARAMS,
-             rundir.TRAIN_SECONDS, rundir.STEPS, rundir.SKIPPED_STEPS, rundir.NUM_LABELS, rundir.LABEL_NAMES}
+             rundir.TRAIN_SECONDS, rundir.STEPS, rundir.SKIPPED_STEPS, rundir.NUM_LABELS, rundir.LABEL_NAMES,
+             rundir.EVAL_ROWS}
     metrics = json.loads((finished / rundir.METRICS).read_text())
     assert set(metrics) <= named and {rundir.EVAL, rundir.EXPORTED_PARAMS, rundir.MAIN_METRIC} <= set(metrics)
     assert isinstance(metrics[rundir.EVAL][metrics[rundir.MAIN_METRIC]], float)

@@ -102,6 +102,27 @@ def test_a_seq_cls_adapter_is_checked_for_the_head_peft_adds_to_modules_to_save(
     refused(make_model("bert"), headless, "missing tensor 'base_model.model.classifier.")  # PEFT: KeyError mid-load
 
 
+def test_a_further_adapter_is_checked_for_the_heads_of_the_peft_model_it_joins(tmp_path, bert_seq_cls):
+    # PEFT gives it the SEQ_CLS model's heads whatever its own task_type: it passed, then PEFT raised KeyError
+    model = load_adapter_safely(make_model("bert"), bert_seq_cls[0])
+    headless = tampered(bert_seq_cls[0], tmp_path / "null", lambda c: c.update(task_type=None, modules_to_save=None),
+                        lambda t: [t.pop(k) for k in [k for k in t if ".classifier." in k]])
+    before = model_state(model)
+    with pytest.raises(InputError, match=r"missing tensor 'base_model\.model\.classifier\."):
+        load_adapter_safely(model, headless, adapter_name="other")
+    assert_same_state(before, model_state(model))
+
+
+def test_a_head_both_targeted_and_saved_whole_verifies_as_peft_loads_it(tmp_path):
+    # PEFT leaves a modules_to_save module out of the targets; the entry was refused as "matches no module"
+    config = peft.LoraConfig(r=2, target_modules=["query", "classifier"], task_type="SEQ_CLS")
+    model = peft.get_peft_model(make_model("bert"), config)
+    model.save_pretrained(str(tmp_path / "a"))
+    expected = output(model, make_input("bert"))
+    loaded = load_adapter_safely(make_model("bert"), tmp_path / "a")
+    torch.testing.assert_close(output(loaded, make_input("bert")), expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("task", ["CAUSAL_LM", "TOKEN_CLS", "FEATURE_EXTRACTION"])
 def test_a_task_type_that_does_not_fit_the_model_is_refused_and_the_model_untouched(tmp_path, bert_seq_cls, task):
     adapter = tampered(bert_seq_cls[0], tmp_path / "task", lambda c: c.update(task_type=task))

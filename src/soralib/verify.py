@@ -49,6 +49,8 @@ MAX_SCALE = 1e4
 MAX_WEIGHT = 1e4
 # The heads PEFT's PeftModelFor<task> adds to modules_to_save when it loads an adapter of that task_type.
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+PEFT_CLASS_TASK = (("PeftModelForSequenceClassification", "SEQ_CLS"), ("PeftModelForTokenClassification", "TOKEN_CLS"),
+                   ("PeftModelForQuestionAnswering", "QUESTION_ANS"))
 # Which PEFT task_type fits a transformers model, by its class name in transformers' auto mappings.
 TASK_MAPPINGS = {"SEQ_CLS": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
                  "CAUSAL_LM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
@@ -80,15 +82,21 @@ def verify_adapter(base_model: nn.Module, adapter_dir: str | os.PathLike, expect
     adapter_dir = Path(adapter_dir)
     config_path, weights_path = adapter_dir / CONFIG_NAME, adapter_dir / WEIGHTS_NAME
     config = read_adapter_config(adapter_dir, expected_base)
+    task = getattr(config.task_type, "value", config.task_type)
     if isinstance(base_model, peft.PeftModel):
         held, new = (getattr(t, "value", t) for t in (base_model.peft_type, config.peft_type))
         if new != held:  # PEFT refuses to mix types in one model, after it has started to change it
             raise InputError(f"{config_path}: peft_type is {new!r} and the model's adapters are "
                              f"{held!r}; expected {held!r}, or load it into a base model without adapters")
+        # a further adapter gets the heads of the PeftModel it joins, whatever its own task_type
+        task = next((t for cls, t in PEFT_CLASS_TASK if isinstance(base_model, getattr(peft, cls))), None)
         base_model = base_model.get_base_model()
     _check_task(base_model, config, config_path)
+    loads_as = copy.copy(config)  # the config as PEFT loads it: the task's heads are saved whole, not adapted
+    saved_whole = [*(config.modules_to_save or ()), *TASK_HEADS.get(task, ())]
+    loads_as.modules_to_save = list(dict.fromkeys(saved_whole)) or None
     try:
-        expected = _expected_tensors(base_model, config, config_path)
+        expected = _expected_tensors(base_model, loads_as, config_path)
     except re.error as err:  # target_modules, exclude_modules and the pattern keys are regular expressions to PEFT
         raise InputError(f"{config_path}: {_short(err.pattern)} is not a valid regular expression ({err})") from None
     _check_weights(weights_path, expected)
@@ -174,8 +182,9 @@ def _targets(model: nn.Module, config: peft.PeftConfig, path: Path) -> list[str]
     for entry in [targets] if isinstance(targets, str) else sorted(targets):
         probe = copy.copy(config)
         probe.target_modules = entry if isinstance(targets, str) else {entry}
-        # PEFT saves "all-linear" as the module list before exclude_modules: an entry naming an excluded module
-        probe.exclude_modules = None
+        # An entry may name only modules PEFT leaves out: excluded ("all-linear" is saved as the list before
+        # exclude_modules) or saved whole (a head both targeted and in modules_to_save)
+        probe.exclude_modules, probe.modules_to_save = None, None
         if not any(_matches(probe, name) for name in names):
             raise InputError(f"{path}: target_modules entry {entry!r} matches no module of the base model "
                              f"{type(model).__name__}; {_closest_names(model, [entry])}")
@@ -214,10 +223,8 @@ def _expected_tensors(model: nn.Module, config: peft.PeftConfig, path: Path) -> 
     stray = sorted(set(getattr(config, "kept_ranks", {})) - set(targets))
     if stray:
         raise InputError(f"{path}: kept_ranks names {stray[0]!r}, which is not adapted; expected only target modules")
-    task = getattr(config.task_type, "value", config.task_type)
-    saved = [*(config.modules_to_save or ()), *TASK_HEADS.get(task, ())]  # PEFT adds the task's head names
     for name, module in modules.items():  # PEFT's own modules_to_save rule: a plain suffix match
-        if name and any(name.endswith(m) for m in saved):
+        if name and any(name.endswith(m) for m in config.modules_to_save or ()):
             for key, tensor in module.state_dict().items():
                 expected[f"{PREFIX}{name}.{key}"] = (tuple(tensor.shape), tensor.is_floating_point())
     return expected
@@ -269,8 +276,9 @@ def _check_weights(path: Path, expected: dict[str, tuple[tuple, bool]]) -> None:
                 tensor = f.get_tensor(key)
                 if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                     raise InputError(f"{path}: tensor {key!r} has NaN or Inf values; expected finite numbers")
-                largest = tensor.abs().max().item() if tensor.is_floating_point() and tensor.numel() else 0.0
-                if re.search(r"\.(lora|sora)_(A|B)\.weight$|\.sora_gate$", key) and largest > MAX_WEIGHT:
+                factor = re.search(r"\.(lora|sora)_(A|B)\.weight$|\.sora_gate$", key) and tensor.numel()
+                largest = tensor.abs().max().item() if factor else 0.0
+                if largest > MAX_WEIGHT:
                     raise InputError(f"{path}: tensor {key!r} holds values up to {largest:.3g} in size; expected "
                                      f"|value| <= {MAX_WEIGHT:g} (trained adapter weights are near 1)")
     except (SafetensorError, OSError) as err:

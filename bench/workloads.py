@@ -99,7 +99,7 @@ class StepRunner:
         self.count = 0
 
     def step(self) -> dict[str, float]:
-        from soralib.optim import prox_step
+        from soralib.prox import prox_step
 
         batch = self.batches[self.count % len(self.batches)]
         t0 = time.perf_counter()

@@ -101,6 +101,24 @@ def sora_model(arch: str, seed: int = 0, r: int = 4, gate_init: str = "randn", *
     return peft.get_peft_model(make_model(arch, seed), config)
 
 
+def layers_of(model):
+    """The SoRA layers of `model`, in module order."""
+    import soralib
+
+    return [m for m in model.modules() if isinstance(m, soralib.SoraLayer)]
+
+
+def train_steps(model, optimizer, steps=3, arch="mlp"):
+    """`steps` optimizer steps on the squared outputs of `arch`'s fixed input."""
+    inputs = make_input(arch)
+    for _ in range(steps):
+        out = model(**inputs)
+        loss = (out if isinstance(out, torch.Tensor) else out.logits).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 @torch.no_grad()
 def scramble(model, seed: int = 2, zero_fraction: float = 0.5) -> None:
     """Give B non-zero values and zero a random part of each gate, as training would."""

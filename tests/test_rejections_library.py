@@ -129,7 +129,7 @@ def test_add_prox_step_refuses_an_optimizer_without_a_gate_group_and_adds_no_hoo
         soralib.add_prox_step(plain)
     assert one_line(excinfo) == ("add_prox_step needs an optimizer with a SoRA gate group (a param group with "
                                  "'sora_threshold'); this SGD has none: build it with soralib.create_sora_optimizer")
-    assert not getattr(plain, soralib.optim._HOOKED, False)
+    assert not getattr(plain, soralib.prox._HOOKED, False)
 
 
 def test_add_prox_step_checks_a_hand_built_gate_group():
@@ -161,7 +161,7 @@ def test_add_prox_step_refuses_a_hand_built_gate_group_it_cannot_step_and_adds_n
                      "vectors only (soralib.gate_parameters(model))",
         "weight decay": "optimizer.param_groups[0]['weight_decay'] must be 0 for SoRA gates (the prox step's l1 is "
                         "their only regulariser), got 0.1"}[case]
-    assert not getattr(opt, soralib.optim._HOOKED, False)
+    assert not getattr(opt, soralib.prox._HOOKED, False)
 
 
 @pytest.mark.parametrize("kwargs, expected", [

@@ -28,8 +28,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "SoraConfig": "config", "SoraPeftType": "config", "export_lora": "export", "SoraLayer": "layer",
     "SoraLinear": "layer", "SoraModel": "model", "register": "model",
-    "add_prox_step": "optim", "create_sora_optimizer": "optim", "gate_l1": "optim", "gate_parameters": "optim",
-    "get_threshold": "optim", "set_threshold": "optim", "soft_threshold": "optim",
+    "add_prox_step": "prox", "create_sora_optimizer": "optim", "gate_l1": "optim", "gate_parameters": "optim",
+    "get_threshold": "optim", "set_threshold": "optim", "soft_threshold": "prox",
     "trainer_optimizer_cls_and_kwargs": "optim", "prune": "prune", "sparsity_report": "prune",
     "load_adapter_safely": "verify", "verify_adapter": "verify", "rank_pattern": "ranks", "lora_config_from": "ranks",
     "SoraCallback": "callbacks", "SoraBudgetCallback": "callbacks", "BudgetSchedule": "budget",

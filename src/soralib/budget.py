@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .optim import adapter_of, get_threshold, set_threshold, shard_like, sora_layers, whole
+from .optim import adapter_of, get_threshold, set_threshold, sora_layers
+from .prox import shard_like, whole
 from .prune import sparsity_report
 from .schedule import budget_threshold
 

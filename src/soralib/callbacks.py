@@ -34,7 +34,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .budget import BudgetSchedule, check_budget
 from .checks import check_gate_options
 from .io import atomic_write_bytes
-from .optim import _why_no_gates, add_prox_step, gate_parameters
+from .optim import _why_no_gates, gate_parameters
+from .prox import add_prox_step
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from torch import nn
 from .errors import InputError
 from .io import atomic_dir, foreign_entries, name_list
 from .layer import SoraLayer
-from .optim import DTensor, adapter_of, sora_layers
+from .optim import adapter_of, sora_layers
+from .prox import DTensor
 from .prune import _strip
 from .ranks import exact_key, exact_targets
 

@@ -30,7 +30,7 @@ SUPPORTED_LAYERS = "torch.nn.Linear, transformers Conv1D"
 EMBEDDING_ADVICE = "SoRA adapts nn.Linear and Conv1D; for embeddings use peft.LoraConfig or modules_to_save"
 
 
-# The gates some optimizer soft-thresholds (filled by `soralib.optim.add_prox_step`), weakly held. A plain
+# The gates some optimizer soft-thresholds (filled by `soralib.prox.add_prox_step`), weakly held. A plain
 # WeakSet cannot hold tensors: its membership test compares them with `==`, which is elementwise.
 PROX_GATES = WeakIdKeyDictionary()
 # Gates `keep_ranks_` replaced (prune): an optimizer still stepping them steps tensors the model no longer has.

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .optim import adapter_of, sora_layers, whole
+from .optim import adapter_of, sora_layers
+from .prox import whole
 
 
 def sparsity_report(model: nn.Module, adapter: str | None = None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Optimizers built for SoRA: what trains, weight decay, gate_l1, the threshold in a saved state dict, the Trainer form."""
+"""Optimizers built for SoRA: what trains, weight decay, gate_l1, the threshold in a saved state dict, the Trainer
+form."""
 
 import peft
 import torch

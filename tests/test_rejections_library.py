@@ -157,25 +157,47 @@ def test_add_prox_step_refuses_a_hand_built_gate_group_it_cannot_step_and_adds_n
     assert one_line(excinfo) == {
         "no mode": "optimizer.param_groups[0] has 'sora_threshold' but no 'sora_threshold_mode'; expected one of "
                    "fixed, lr_scaled (soralib.create_sora_optimizer sets both)",
-        "not gates": "optimizer.param_groups[0] holds a parameter of 2 dimensions; a gate group holds SoRA gate "
+        "not gates": "optimizer.param_groups[0] holds a parameter of shape (24, 12); a gate group holds SoRA gate "
                      "vectors only (soralib.gate_parameters(model))",
         "weight decay": "optimizer.param_groups[0]['weight_decay'] must be 0 for SoRA gates (the prox step's l1 is "
-                        "their only regulariser), got 0.1"}[case]
+                        "their only regulariser), got 0.1: set it to 0 (a torch optimizer's default applies where the "
+                        "group does not say)"}[case]
     assert not getattr(opt, soralib.prox._HOOKED, False)
 
 
 @pytest.mark.parametrize("kwargs, expected", [
     ({"weight_decay": 0.1}, "gate_group_kwargs['weight_decay'] must be 0 for SoRA gates (the prox step's l1 is their "
-                            "only regulariser), got 0.1"),
+                            "only regulariser), got 0.1: set it to 0 (a torch optimizer's default applies where the "
+                            "group does not say)"),
     ({"params": []}, "gate_group_kwargs cannot set 'params': the gate group holds the model's SoRA gates"),
     ({"esp": 1e-6}, "gate_group_kwargs key 'esp' is not a setting of AdamW; expected one of amsgrad, betas, "
-                    "capturable, decoupled_weight_decay, differentiable, eps, foreach, fused, lr, maximize, "
-                    "weight_decay"),
+                    "capturable, differentiable, eps, foreach, fused, lr, maximize, weight_decay"),
 ], ids=["weight-decay", "params", "typo"])
-def test_gate_group_kwargs_that_would_decay_drop_or_miss_the_gates_are_refused(kwargs, expected):
+@pytest.mark.parametrize("form", ["create_sora_optimizer", "trainer_optimizer_cls_and_kwargs"])
+def test_gate_group_kwargs_that_would_decay_drop_or_miss_the_gates_are_refused(kwargs, expected, form):
     with pytest.raises(ValueError) as excinfo:
-        soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_group_kwargs=kwargs)
+        if form == "create_sora_optimizer":
+            soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_group_kwargs=kwargs)
+        else:  # when called, not first when the Trainer builds the optimizer
+            soralib.trainer_optimizer_cls_and_kwargs(1e-3, gate_group_kwargs=kwargs)
     assert one_line(excinfo) == expected
+
+
+def test_soracallback_refuses_a_gate_group_key_the_trainers_optimizer_does_not_have():
+    # its optimizer class is known only when the Trainer hands it over: the typo was silently ignored
+    model = sora_model("mlp")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [list(g["params"]) for g in optimizer.param_groups]
+    with pytest.raises(ValueError) as excinfo:
+        soralib.SoraCallback(threshold=1e-3, gate_group_kwargs={"esp": 1e-6}).on_train_begin(
+            None, None, None, model=model, optimizer=optimizer, lr_scheduler=None)
+    assert one_line(excinfo).startswith("gate_group_kwargs key 'esp' is not a setting of AdamW; expected one of ")
+    assert [list(g["params"]) for g in optimizer.param_groups] == before
+
+
+def test_gate_group_kwargs_may_carry_a_name_for_loggers():
+    opt = soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_group_kwargs={"name": "sora_gates"})
+    assert opt.param_groups[-1]["name"] == "sora_gates"
 
 
 def test_set_threshold_needs_an_optimizer_with_a_sora_gate_group():

@@ -271,8 +271,8 @@ def test_eval_refuses_non_finite_outputs_instead_of_reporting_a_score(glue_dir, 
         expected = "sora_B.weight' holds values up to 3e+38 in size; expected |value| <= 10000"
     else:
         run = _full_run(tmp_path / "run", glue_dir, tiny_model, "bert.embeddings.word_embeddings.weight", 3e38)
-        expected = f"{run}: the model's outputs on validation hold NaN or Inf; the saved result is broken, so no score " \
-                   "is reported"
+        expected = (f"{run}: the model's outputs on validation hold NaN or Inf; the saved result is broken, so no "
+                    "score is reported")
     err = fails_cleanly(capsys, ["eval", run], expected)
     assert '"accuracy"' not in err
 

@@ -150,7 +150,7 @@ def test_an_adapter_on_the_output_layer_is_refused_before_anything_is_written(ti
                                                                               method):
     # TRL's SFTTrainer refused it, after config.yaml and the lock were written
     out = tmp_path / "run"
-    fails_cleanly(capsys, sft_args(tiny_llama, gsm_files, out, "--method", method, "--target-modules", "q_proj,lm_head"),
-                  "--target-modules reaches the output layer 'lm_head', which --task sft cannot adapt: the loss is "
-                  "computed from its weight directly, so its adapter would never train; leave it out of --target-modules",
-                  out)
+    argv = sft_args(tiny_llama, gsm_files, out, "--method", method, "--target-modules", "q_proj,lm_head")
+    fails_cleanly(capsys, argv, "--target-modules reaches the output layer 'lm_head', which --task sft cannot adapt: "
+                                "the loss is computed from its weight directly, so its adapter would never train; "
+                                "leave it out of --target-modules", out)

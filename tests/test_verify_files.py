@@ -118,7 +118,8 @@ def test_a_missing_tensor_is_named_with_its_expected_shape(tmp_path, mlp_adapter
                                  "base_model.model.fc1.base_layer.weight"])
 def test_an_unexpected_tensor_is_named(tmp_path, mlp_adapter, key):
     adapter = tampered(mlp_adapter, tmp_path / "extra", edit_tensors=lambda t: t.update({key: torch.zeros(12)}))
-    said = "is a base-model weight, which loading would put in place" if "base_layer" in key else "(1 unexpected in all)"
+    said = ("is a base-model weight, which loading would put in place" if "base_layer" in key
+            else "(1 unexpected in all)")
     refused(make_model("mlp"), adapter, f"{WEIGHTS}: ", f"tensor '{key}' {said}")
 
 

@@ -198,7 +198,8 @@ def first_adapter(path, arch, kind):
 @pytest.mark.parametrize("arch", ["mlp", "bert", "gpt2"])
 @pytest.mark.parametrize("kind", ["sora", "lora"])
 def test_a_second_adapter_loads_beside_the_first_and_gives_its_own_outputs(tmp_path, arch, kind):
-    (a, expected_a), (b, expected_b) = first_adapter(tmp_path / "a", arch, kind), second_adapter(tmp_path / "b", arch, kind)
+    a, expected_a = first_adapter(tmp_path / "a", arch, kind)
+    b, expected_b = second_adapter(tmp_path / "b", arch, kind)
     model = load_adapter_safely(make_model(arch), a)
     assert verify_adapter(model, b).peft_type == ("SORA" if kind == "sora" else "LORA")
     assert load_adapter_safely(model, b, adapter_name="other") is model

@@ -47,7 +47,8 @@ def test_a_lora_config_using_more_than_plain_lora_is_refused(tmp_path, bert_lora
 @pytest.mark.parametrize("init", [False, "gaussian"])
 def test_an_initialisation_the_saved_weights_replace_is_accepted(tmp_path, bert_lora, init):
     # gaussian or False only choose the starting A and B; PEFT loads them exactly as the default
-    verify_adapter(make_model("bert"), tampered(bert_lora, tmp_path / "init", lambda c: c.update(init_lora_weights=init)))
+    adapter = tampered(bert_lora, tmp_path / "init", lambda c: c.update(init_lora_weights=init))
+    verify_adapter(make_model("bert"), adapter)
 
 
 def test_a_lora_rank_of_zero_is_refused(tmp_path, bert_lora):
@@ -103,7 +104,7 @@ def test_rslora_within_the_bound_and_the_same_alpha_without_it_pass(tmp_path, be
                                                                                             use_rslora=True)))
 
 
-# ---- what PEFT itself saves --------------------------------------------------------------------------------------------
+# ---- what PEFT itself saves ------------------------------------------------------------------------------------------
 
 def tiny_causal_lm():
     import transformers as tf

@@ -164,7 +164,8 @@ def _check_fields(data: dict, config_cls: type, path: Path) -> None:
         default = field.default_factory() if field.default is dataclasses.MISSING else field.default
         value = data.get(field.name, default)
         allowed = START_ONLY.get(field.name, (default,))
-        if field.name not in LORA_FIELDS and not any((type(value), value) == (type(a), a) for a in allowed):  # 1 ≠ True
+        same = any((type(value), value) == (type(a), a) for a in allowed)  # by type too: 1 is not True
+        if field.name not in LORA_FIELDS and not same:
             expected = " or ".join(map(repr, allowed)) if len(allowed) > 1 else f"{default!r}, its default"
             raise InputError(f"{path}: {field.name} is {value!r}; expected {expected} "
                              "(only plain LoRA adapters are verified)")

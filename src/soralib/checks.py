@@ -48,7 +48,8 @@ def check_gate_group(group: dict[str, Any], where: str) -> None:
     decay (the gates' only regulariser is the prox step's ℓ1)."""
     if group.get("weight_decay", 0) != 0:
         raise ValueError(f"{where}['weight_decay'] must be 0 for SoRA gates (the prox step's l1 is their only "
-                         f"regulariser), got {group['weight_decay']!r}")
+                         f"regulariser), got {group['weight_decay']!r}: set it to 0 (a torch optimizer's default "
+                         "applies where the group does not say)")
     for key, value in group.items():
         if key in GROUP_NUMBERS:
             check_number(f"{where}[{key!r}]", value, **GROUP_NUMBERS[key])

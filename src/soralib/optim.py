@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Iterator
 
@@ -130,12 +131,22 @@ def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
     """
     groups = sora_param_groups(model, lr, weight_decay, threshold, threshold_mode, gate_lr, gate_group_kwargs,
                                min_rank, gate_update)
-    optimizer = optimizer_cls(groups, lr=lr, **optimizer_kwargs)
-    unknown = sorted(set(gate_group_kwargs or ()) - set(optimizer.defaults) - {*GROUP_NUMBERS, *GROUP_CHOICES})
-    if unknown:  # a torch optimizer keeps a group's unknown keys and ignores them: a typo would do nothing
+    check_gate_group_keys(gate_group_kwargs, optimizer_cls)
+    return add_prox_step(optimizer_cls(groups, lr=lr, **optimizer_kwargs))
+
+
+# Keys a group may carry for others than its optimizer: a name for loggers (Lightning's LR monitor), a scheduler's.
+GROUP_TAGS = {"name", "initial_lr"}
+
+
+def check_gate_group_keys(gate_group_kwargs: dict[str, Any] | None, optimizer_cls: type) -> None:
+    """Each key is a setting of `optimizer_cls` (its constructor's arguments), soralib's, or a tag: a torch
+    optimizer keeps a group's unknown keys and ignores them, so a misspelt setting would silently do nothing."""
+    known = set(inspect.signature(optimizer_cls).parameters) - {"params"}
+    unknown = sorted(set(gate_group_kwargs or ()) - known - GROUP_TAGS - {*GROUP_NUMBERS, *GROUP_CHOICES})
+    if unknown:
         raise ValueError(f"gate_group_kwargs key {unknown[0]!r} is not a setting of {optimizer_cls.__name__}; "
-                         f"expected one of {', '.join(sorted(optimizer.defaults))}")
-    return add_prox_step(optimizer)
+                         f"expected one of {', '.join(sorted(known))}")
 
 
 class SoraOptimizerFactory:
@@ -153,4 +164,5 @@ def trainer_optimizer_cls_and_kwargs(lr: float, **kwargs: Any) -> tuple[type, di
     are checked here, not first when the Trainer builds the optimizer.
     """
     check_optimizer_arguments(lr, **kwargs)
+    check_gate_group_keys(kwargs.get("gate_group_kwargs"), kwargs.get("optimizer_cls", torch.optim.AdamW))
     return SoraOptimizerFactory, {"lr": lr, **kwargs}

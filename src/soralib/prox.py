@@ -143,9 +143,10 @@ def add_prox_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
             if "sora_threshold_mode" not in group:  # else every step fails, after the optimizer's update
                 raise ValueError(f"{where} has 'sora_threshold' but no 'sora_threshold_mode'; expected one of "
                                  "fixed, lr_scaled (soralib.create_sora_optimizer sets both)")
-            if any(p.ndim != 1 for p in group["params"]):  # the threshold would zero A, B or a head, entry by entry
-                raise ValueError(f"{where} holds a parameter of {max(p.ndim for p in group['params'])} dimensions; "
-                                 "a gate group holds SoRA gate vectors only (soralib.gate_parameters(model))")
+            odd = next((p for p in group["params"] if p.ndim != 1), None)
+            if odd is not None:  # the threshold would zero A, B or a head, entry by entry
+                raise ValueError(f"{where} holds a parameter of shape {tuple(odd.shape)}; a gate group holds SoRA "
+                                 "gate vectors only (soralib.gate_parameters(model))")
             # lr 0 is a schedule's, at a warm-up's first step or a decay's end (a Trainer's when SoraCallback adds
             # the group, or a resumed one's): allowed here, unlike an lr given as an argument
             check_gate_group({k: v for k, v in group.items() if k != "lr"}, where)

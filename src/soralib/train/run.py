@@ -34,7 +34,8 @@ from .config import TrainConfig, save_yaml
 from .loop import is_main_process, make_trainer
 from .methods import adapter_size, get_method, within
 from .resume import resumed_config
-from .rundir import (ADAPTER, CONFIG, EVAL, EVAL_ROWS, HIGHER_IS_BETTER, HISTORY, LABEL_NAMES, LOCK, MAIN_METRIC, METHOD,
+from .rundir import (ADAPTER, CONFIG, EVAL, EVAL_ROWS, HIGHER_IS_BETTER, HISTORY, LABEL_NAMES, LOCK, MAIN_METRIC,
+                     METHOD,
                      METRICS, MODEL, NUM_LABELS, REPLACED, SEED, SKIPPED_STEPS, SPARSITY, STAGES, STATE, STEPS, TASK,
                      TRAIN_SECONDS, foreign, in_use, lock_holder, refuse_foreign, remove_run, run_lock, written_by_sora)
 from .tasks import task_of

@@ -62,8 +62,7 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
             raise InputError(f"{run_dir}: --data-dir {unused}; the run re-reads its own train_file and validation_file")
         config = replace(config, data_dir=data_dir)
     spec, splits = load_splits(config)
-    _check_same_classes(Path(run_dir), spec)
-    _check_same_rows(Path(run_dir), splits)
+    _check_same_data(Path(run_dir), spec, splits)
     model, tokenizer = load_trained_model(run_dir, config, spec)
     with tempfile.TemporaryDirectory(prefix="sora-eval-") as scratch:  # Trainer wants an output_dir
         args = TrainingArguments(output_dir=scratch, per_device_eval_batch_size=config.eval_batch_size,
@@ -80,22 +79,21 @@ def evaluate_run(run_dir: str | Path, data_dir: str | None = None) -> dict[str, 
         return results
 
 
-def _check_same_classes(run: Path, spec) -> None:
-    """A custom run's classes come from its training file as it is now: a class added or removed since training
-    would shift the label ids under the trained head, so it is refused, naming both lists."""
-    saved = json.loads((run / METRICS).read_text()).get(LABEL_NAMES) if (run / METRICS).is_file() else None
+def _check_same_data(run: Path, spec, splits: dict) -> None:
+    """The data as it is now against what metrics.json recorded at training (a run older than a record is not
+    checked for it). A custom run's classes come from its training file: a class added or removed since would
+    shift the label ids under the trained head. The rows of each evaluated split must be those the run was scored
+    on: rows added to a custom run's file move its held-out halves (--protocol paper), a changed data directory
+    its scores, both silently."""
+    from .data import rows_fingerprint
+
+    metrics = json.loads((run / METRICS).read_text()) if (run / METRICS).is_file() else {}
+    saved = metrics.get(LABEL_NAMES)
     if saved is not None and list(saved) != list(spec.label_names):
         raise InputError(f"{run}: the classes changed since training: trained on {', '.join(map(str, saved))}; the "
                          f"data now gives {', '.join(spec.label_names) or 'none (regression)'}; restore the training "
                          "file the run was trained on")
-
-
-def _check_same_rows(run: Path, splits: dict) -> None:
-    """The rows of each split must be those the run was scored on: a training file with rows added since training
-    moves a custom run's held-out halves (--protocol paper), a changed data directory its scores, both silently."""
-    from .data import rows_fingerprint
-
-    saved = (json.loads((run / METRICS).read_text()).get(EVAL_ROWS) if (run / METRICS).is_file() else None) or {}
+    saved = metrics.get(EVAL_ROWS) or {}
     for name, rows in splits.items():
         if name in saved and rows is not None and rows_fingerprint(rows) != saved[name]:
             raise InputError(f"{run}: the {name} rows differ from the ones the run was scored on (the data changed "

@@ -154,3 +154,12 @@ def test_an_adapter_on_the_output_layer_is_refused_before_anything_is_written(ti
     fails_cleanly(capsys, argv, "--target-modules reaches the output layer 'lm_head', which --task sft cannot adapt: "
                                 "the loss is computed from its weight directly, so its adapter would never train; "
                                 "leave it out of --target-modules", out)
+
+
+def test_bitfit_on_a_model_without_biases_is_refused_before_anything_is_written(tiny_llama, gsm_files, tmp_path,
+                                                                               capsys):
+    # nothing to train: the first backward failed with a traceback, after config.yaml and checkpoints/ were written
+    out = tmp_path / "run"
+    fails_cleanly(capsys, sft_args(tiny_llama, gsm_files, out, "--method", "bitfit"),
+                  f"--method bitfit: model {str(tiny_llama)!r} has no bias and no task head to train (a Llama-type "
+                  "decoder has no biases); use --method lora or sora", out)

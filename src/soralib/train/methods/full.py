@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...errors import InputError
 from .method import Method
 from .pretrained import HEADS, within
 
@@ -21,8 +22,12 @@ class BitFit(Method):
 
     def adapt(self, config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget: int | None) -> nn.Module:
         head = HEADS + tuple(config.modules_to_save or ())
+        chosen = {name for name, _ in model.named_parameters() if self.trains(name, head)}
+        if not chosen:  # else the first backward fails, after the run directory is written
+            raise InputError(f"--method {self.name}: model {config.model!r} has no bias and no task head to train "
+                             "(a Llama-type decoder has no biases); use --method lora or sora")
         for name, param in model.named_parameters():
-            param.requires_grad = self.trains(name, head)
+            param.requires_grad = name in chosen
         return model
 
 

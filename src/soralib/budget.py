@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .optim import adapter_of, get_threshold, set_threshold, sora_layers
-from .prox import shard_like, whole
+from .prox import shard_like, tau_per_threshold, whole
 from .prune import sparsity_report
 from .schedule import budget_threshold
 
@@ -139,8 +139,7 @@ def steer_to_budget(model: nn.Module, optimizer: Any, budget: float, measure: st
         return
     # The controller steers the step's τ, whose floor and cap are set for O(1) gates; in lr_scaled mode the
     # group holds λ = τ / lr (capping λ at 1 capped τ at the lr, and the ramp cut almost nothing).
-    group = next(g for g in optimizer.param_groups if "sora_threshold" in g)
-    per = float(group["lr"]) if group["sora_threshold_mode"] == "lr_scaled" else 1.0
+    per = tau_per_threshold(next(g for g in optimizer.param_groups if "sora_threshold" in g))
     if per <= 0:  # lr 0 (a warm-up's first step, a decay's end): τ = 0 whatever λ, nothing to steer
         return
     report = sparsity_report(model)

@@ -53,6 +53,11 @@ def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
 
 
+def tau_per_threshold(group: dict[str, Any]) -> float:
+    """τ / sora_threshold for a gate group: its current lr in "lr_scaled" mode (τ = η_t · λ), else 1 (τ = ξ)."""
+    return float(group["lr"]) if group["sora_threshold_mode"] == "lr_scaled" else 1.0
+
+
 @torch.no_grad()
 def prox_step(optimizer: torch.optim.Optimizer) -> None:
     """Soft-threshold every param group that carries a ``sora_threshold``."""
@@ -61,7 +66,7 @@ def prox_step(optimizer: torch.optim.Optimizer) -> None:
         if threshold is None:
             continue
         # float: soft_threshold takes a number, and a Tensor lr (torch allows one) would make τ a tensor
-        tau = float(threshold * group["lr"] if group["sora_threshold_mode"] == "lr_scaled" else threshold)
+        tau = float(threshold * tau_per_threshold(group))
         if tau <= 0:
             continue
         keep = group.get("sora_min_rank", 0)

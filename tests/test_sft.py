@@ -159,17 +159,19 @@ def test_a_budget_sft_run_with_packing_and_accumulation_ends_within_the_budget(t
 EVERY_STEP = ("--save-steps", "1", "--max-generate-samples", "0")
 
 
+@pytest.mark.parametrize("step", [2, 4])  # 4: the last (--max-steps 4, inside the first epoch)
 def test_an_sft_run_resumed_from_a_checkpoint_goes_on_bitwise_like_the_straight_run(
-        tiny_llama, gsm_files, tmp_path, monkeypatch):
+        tiny_llama, gsm_files, tmp_path, monkeypatch, step):
     monkeypatch.setattr(checkpoints, "KEEP", 100)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(sft_args(tiny_llama, gsm_files, straight, *EVERY_STEP)) == 0
-    name = "checkpoints/stage-1/checkpoint-2"
+    name = f"checkpoints/stage-1/checkpoint-{step}"
     shutil.copytree(straight / name, resumed / name)
     shutil.copy(straight / "config.yaml", resumed / "config.yaml")  # as if killed right after that checkpoint
     assert main(sft_args(tiny_llama, gsm_files, resumed, *EVERY_STEP, "--resume")) == 0
 
-    assert _steps(resumed) == {s: line for s, line in _steps(straight).items() if s > 2}
+    assert _steps(resumed) == {s: line for s, line in _steps(straight).items() if s > step}
+    assert json.loads((resumed / "metrics.json").read_text())["steps"] == 4
     ta, tb = (load_file(str(d / "sora_adapter" / "adapter_model.safetensors")) for d in (straight, resumed))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 

@@ -52,6 +52,23 @@ class CompleteCheckpoints(TrainerCallback):
             _prune(Path(args.output_dir))
 
 
+class ResumedAtTheEnd(TrainerCallback):
+    """A run resumed from its last step's checkpoint redoes only what followed that checkpoint (the history was
+    rewound to it): the epoch's end neither saves again nor, if the checkpoint was that epoch-end save (taken after
+    the evaluation), evaluates again. SoraTrainer.get_batch_samples keeps it from training a further step."""
+
+    def __init__(self):
+        self.at_the_end = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.at_the_end = state.global_step >= state.max_steps  # only a resumed run starts there
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.at_the_end:  # after DefaultFlowCallback, which asked for both
+            control.should_save = False
+            control.should_evaluate = control.should_evaluate and args.save_strategy != "epoch"
+
+
 def _checkpoints(directory: Path) -> list[Path]:
     found = [p for p in directory.glob("checkpoint-*") if p.name[11:].isdigit() and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name[11:]))

@@ -22,7 +22,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from ..budget import steer_to_budget
 from ..errors import TrainingDiverged
-from .checkpoints import CLOCK, CompleteCheckpoints, latest_checkpoint
+from .checkpoints import CLOCK, CompleteCheckpoints, ResumedAtTheEnd, latest_checkpoint
 from .config import TrainConfig
 from .methods import get_method
 from .rundir import HISTORY
@@ -43,6 +43,7 @@ class SoraTrainer(Trainer):
         self.last_eval: tuple | None = None  # (dataset, (step, ignore_keys, weights), metrics): see evaluate
         self.eval_logs: dict | None = None  # what an evaluation in progress logs, as Trainer hands it over
         self.add_callback(CompleteCheckpoints(self))  # marks each checkpoint complete, keeps the newest two
+        self.add_callback(ResumedAtTheEnd())
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         self.started, self.eval_seconds = time.perf_counter(), 0.0
@@ -64,6 +65,14 @@ class SoraTrainer(Trainer):
         # Trainer writes each checkpoint's model files here: the method saves what training goes on from
         with get_method(self.run.method).checkpointing(_unwrap(self.model)):
             super().save_model(output_dir, _internal_call)
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        # Resumed from the checkpoint of the last step (--max-steps inside an epoch): Trainer checks for the end
+        # only after a step, so it would train one more. No batch, no step; the loop ends here.
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.args.train_sampling_strategy != "group_by_length":

@@ -49,3 +49,13 @@ def changed_settings(saved: TrainConfig, given: TrainConfig) -> str:
             continue  # the run appended the modules its checkpoint lacked (see train)
         differ.append(f"{name}: saved {old!r}, given {new!r}")
     return "; ".join(differ)
+
+
+def check_same_rows(out: Path, state: dict, rows: dict[str, str]) -> None:
+    """InputError if a split's rows (`data.rows_fingerprint`) differ from those the run in `out` started with, as
+    its state.json recorded them (a run older than the record is not checked): a resumed run would go on training,
+    and be scored, on other data than its first steps."""
+    for name, saved in state.get("data_rows", {}).items():
+        if rows.get(name) != saved:
+            raise InputError(f"cannot resume {out}: its {name} rows differ from the ones the run started with (the "
+                             "data changed since); restore that data, or start the run again with --overwrite")

@@ -33,7 +33,7 @@ from .checkpoints import history_size, latest_checkpoint, resume_hint, rewind_hi
 from .config import TrainConfig, save_yaml
 from .loop import is_main_process, make_trainer
 from .methods import adapter_size, get_method, within
-from .resume import resumed_config
+from .resume import check_same_rows, resumed_config
 from .rundir import (ADAPTER, CONFIG, EVAL, EVAL_ROWS, HIGHER_IS_BETTER, HISTORY, LABEL_NAMES, LOCK, MAIN_METRIC,
                      METHOD,
                      METRICS, MODEL, NUM_LABELS, REPLACED, SEED, SKIPPED_STEPS, SPARSITY, STAGES, STATE, STEPS, TASK,
@@ -133,6 +133,9 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
     # Everything that can fail on bad input (data, model path, tokenizer) runs before anything is written.
     task = task_of(config.task)
     spec, splits = task.load_data(config)
+    rows = {name: data_mod.rows_fingerprint(r) for name, r in splits.items() if r is not None}
+    if resume:
+        check_same_rows(Path(config.output_dir), _read_json(Path(config.output_dir) / STATE, {}), rows)
     seed_everything(config.seed)
     model, tokenizer, fresh = task.load_model(config, spec)
     data_mod.check_max_length(config.max_length, model)
@@ -156,6 +159,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
     processes = PartialState()  # under torchrun: one per rank, and only rank 0 writes
     # On CPU this PartialState is not distributed yet (Trainer sets that up): every rank calls itself main and
     # the barrier below waits for no one. RANK tells them apart, and only rank 0 takes the lock and writes.
+    fresh_state = {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0, "history_bytes": 0, "data_rows": rows}
     if processes.is_main_process and is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         lock.enter_context(run_lock(out))
@@ -163,9 +167,9 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
             remove_run(out)  # only now, with data and model loaded: a failed start must not cost the old run
         if not resume:
             save_yaml(config, out / CONFIG)
+            atomic_write_json(out / STATE, fresh_state)  # the data it started with: --resume checks it is the same
     processes.wait_for_everyone()
     # A new run starts from zero; under torchrun on CPU, rank 1 can get here before rank 0 deleted the old run.
-    fresh_state = {"stages_done": 0, "train_seconds": 0.0, "skipped_steps": 0, "history_bytes": 0}
     state = _read_json(out / STATE, fresh_state) if resume else fresh_state
 
     for stage, threshold in enumerate(thresholds, start=1):

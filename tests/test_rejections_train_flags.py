@@ -73,6 +73,8 @@ BAD_FLAGS += [  # rejected up front since docs/errors.md listed them as gaps
     ("adalora-schedule", ["--method", "adalora", "--schedule", "linear"], "a threshold schedule needs method sora, got 'adalora'"),
     ("modules-to-save-typo", ["--modules-to-save", "clasifier"], "modules_to_save entry 'clasifier' matches no module of the model"),
     ("target-modules-typo", ["--target-modules", "qeury"], "closest linear modules: key, query"),
+    ("target-modules-one-typo", ["--target-modules", "query,vlaue"],
+     "target_modules entry 'vlaue' matches no module of the model; closest linear modules: classifier, query, value"),
     ("task-type-unknown", ["--task-type", "ordinal"],
      "task_type must be one of classification, regression (or unset: inferred), got 'ordinal'"),
     ("task-type-against-glue", ["--task-type", "regression"],

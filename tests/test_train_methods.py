@@ -194,3 +194,13 @@ def test_lora_trains_with_the_per_module_ranks_of_a_lora_config_file(glue_dir, t
     assert main(train_args(glue_dir, tiny_model, tmp_path / "bad", "--method", "lora", "--lora-config",
                            str(pattern))) == 2
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_target_modules_all_linear_adapts_every_linear_layer_of_the_blocks_as_peft_does(glue_dir, tiny_model, tmp_path):
+    # PEFT reads "all-linear" only as a string; as the one entry of a list it matched no module
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, "--method", "lora", "--target-modules", "all-linear",
+                           "--max-steps", "1")) == 0
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    adapted = {k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in weights if "lora_A" in k}
+    assert adapted == {"query", "key", "value", "dense"}  # not the classifier: PEFT leaves the output layer out

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import InputError
 from ..rundir import KEPT_PARAMS, LORA_PARAMS_AT_R_MAX
-from .pretrained import HEADS
+from .pretrained import ALL_LINEAR, HEADS
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +61,13 @@ class Method:
             # list hold them
             if wanted not in HEADS and not any(n == wanted or n.endswith("." + wanted) for n in names):
                 raise InputError(f"modules_to_save entry {wanted!r} matches no module of the model")
+        if config.target_modules != [ALL_LINEAR]:  # PEFT ignores an entry that matches nothing while another does
+            for wanted in config.target_modules or []:
+                if not any(n == wanted or n.endswith("." + wanted) for n in names):
+                    from ...model import _closest_names
+
+                    raise InputError(f"target_modules entry {wanted!r} matches no module of the model; "
+                                     f"{_closest_names(model, [wanted])}")
         return self.adapt(config, model, total_steps, adapter_budget)
 
     def adapt(self, config: TrainConfig, model: nn.Module, total_steps: int, adapter_budget: int | None) -> nn.Module:

@@ -175,10 +175,15 @@ def within(name: str, modules) -> bool:
     return any(f".{m}." in f".{name}." for m in modules)
 
 
+ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer but the output head
+
+
 def target_modules(config: TrainConfig, model: nn.Module) -> list[str] | str:
+    if config.target_modules == [ALL_LINEAR]:  # `--target-modules all-linear`: PEFT takes it as a string only
+        return ALL_LINEAR
     if config.target_modules:
         return list(config.target_modules)
-    return BLOCK_LINEARS.get(getattr(model.config, "model_type", ""), "all-linear")
+    return BLOCK_LINEARS.get(getattr(model.config, "model_type", ""), ALL_LINEAR)
 
 
 def peft_common(config: TrainConfig, model: nn.Module) -> dict:

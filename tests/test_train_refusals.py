@@ -67,9 +67,15 @@ def test_an_occupied_output_directory_is_refused_and_kept(glue_dir, tiny_model, 
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out), "is not empty; pass --overwrite")
+    _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out), f"output directory {out} is not empty and holds "
+                   "no soralib run (no config.yaml); choose another --output-dir")  # no flag would help
     _fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--overwrite"), "not a soralib run directory")
     assert (out / "notes.txt").read_text() == "mine"
+    run = tmp_path / "a-run"
+    run.mkdir()
+    (run / "config.yaml").write_text("task: rte\n")  # a run (killed early): both flags are ways on
+    _fails_cleanly(capsys, train_args(glue_dir, tiny_model, run), f"output directory {run} is not empty; pass "
+                   "--overwrite to replace it or --resume")
 
 
 @pytest.mark.parametrize("method", ["sora", "adalora"])  # AdaLoRA's allocator must not see the dropped grads

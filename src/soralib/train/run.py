@@ -69,6 +69,9 @@ def check_output_dir(config: TrainConfig, overwrite: bool, resume: bool) -> bool
         if parent.exists() and not parent.is_dir():
             raise InputError(f"output directory {out}: {parent} is a file")
     if out.exists() and any(p.name != LOCK for p in out.iterdir()):  # a lock alone: a start killed at once
+        if not overwrite and not is_run:  # no flag would help: --overwrite deletes only a run, --resume goes on one
+            raise InputError(f"output directory {out} is not empty and holds no soralib run (no config.yaml); choose "
+                             "another --output-dir")
         if not overwrite:
             raise InputError(f"output directory {out} is not empty; pass --overwrite to replace it or --resume")
         if not is_run:

@@ -97,7 +97,7 @@ def test_resume_with_another_max_length_than_the_saved_run_is_refused(glue_dir, 
 @pytest.mark.parametrize("files, expected", [
     ({"config.yaml": "r: [1\n"}, "{out}/config.yaml: not valid YAML (while parsing a flow sequence)"),
     ({"config.yaml": "rank: 4\n"}, "{out}/config.yaml: unknown config field(s) rank; see `sora train --help`"),
-    ({"config.yaml": "r: many\n"}, "r must be a int, got 'many'"),
+    ({"config.yaml": "r: many\n"}, "r must be an integer, got 'many'"),
 ], ids=["invalid-yaml", "unknown-field", "bad-value"])
 def test_resume_of_a_run_whose_config_yaml_is_broken_is_refused_and_kept(glue_dir, tiny_model, tmp_path, capsys, files,
                                                                           expected):

@@ -39,8 +39,8 @@ BAD_FLAGS = [
      "a parameter budget (target_params/target_rank) and a threshold schedule exclude each other"),
     ("schedule-without-sora", ["--method", "lora", "--schedule", "linear"],
      "a threshold schedule needs method sora, got 'lora'"),
-    ("bool", ["--group-by-length", "maybe"], "group_by_length must be a bool, got 'maybe'"),
-    ("int", ["--r", "1.5"], "r must be a int, got '1.5'"),
+    ("bool", ["--group-by-length", "maybe"], "group_by_length must be true or false, got 'maybe'"),
+    ("int", ["--r", "1.5"], "r must be an integer, got '1.5'"),
     ("list", ["--thresholds", "a,b"], "thresholds must be a list, got 'a,b'"),
     ("thresholds-decreasing", ["--thresholds", "0.3,0.2"],
      "thresholds must be non-decreasing, got thresholds[1]=0.2 < thresholds[0]=0.3"),
@@ -233,9 +233,9 @@ def test_bad_train_flags_exit_2_with_one_line_and_write_nothing(glue_dir, tiny_m
     ("broken.yaml", "r: [1\n", "{path}: not valid YAML (while parsing a flow sequence)"),
     ("list.yaml", "- r\n- lr\n", "{path}: expected a mapping of config fields, got list"),
     ("unknown.yaml", "rank: 4\nlr: 1e-3\n", "{path}: unknown config field(s) rank; see `sora train --help`"),
-    ("float-rank.yaml", "r: 1.5\n", "r must be a int, got 1.5"),
-    ("empty-lr.yaml", "lr:\n", "lr must be a float, got null (an empty value)"),
-    ("null-rank.yaml", "r: null\n", "r must be a int, got null (an empty value)"),
+    ("float-rank.yaml", "r: 1.5\n", "r must be an integer, got 1.5"),
+    ("empty-lr.yaml", "lr:\n", "lr must be a number, got null (an empty value)"),
+    ("null-rank.yaml", "r: null\n", "r must be an integer, got null (an empty value)"),
 ], ids=["missing", "invalid-yaml", "not-a-mapping", "unknown-field", "bad-value", "empty-value", "null-value"])
 def test_bad_yaml_config_files_exit_2_and_write_nothing(glue_dir, tiny_model, tmp_path, capsys, name, text, expected):
     path = tmp_path / name

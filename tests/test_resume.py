@@ -15,7 +15,7 @@ from soralib.cli import main
 # 16 rows in batches of 4: 4 steps per epoch, and --max-steps 3 ends the run inside its first epoch.
 MID_EPOCH = ["--max-train-samples", "16", "--batch-size", "4", "--max-steps", "3", "--logging-steps", "1",
              "--eval-each-epoch", "true"]
-SAVES = {"every step": ["--save-steps", "1"], "each epoch": []}  # the last checkpoint: at the step's end, at the epoch's
+SAVES = {"every step": ["--save-steps", "1"], "each epoch": []}  # the last checkpoint: at the step's or the epoch's end
 
 
 def _history(run: Path) -> list[dict]:

@@ -29,7 +29,7 @@ def _fails_cleanly(capsys, argv, expected: str, out: Path | None = None) -> None
     (["--schedule", "cosine"], "schedule must be one of linear, log_linear, exp_linear, got 'cosine'"),
     (["--threshold", "-1"], "threshold must be a finite number >= 0, got -1.0"),
     (["--r", "0"], "r must be an integer >= 1, got 0"),
-    (["--lr", "fast"], "lr must be a float, got 'fast'"),
+    (["--lr", "fast"], "lr must be a number, got 'fast'"),
     (["--target-params", "100", "--schedule", "linear"], "exclude each other"),
     (["--overwrite", "--resume"], "--overwrite and --resume exclude each other"),
 ])

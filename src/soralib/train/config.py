@@ -244,10 +244,10 @@ def load_saved(path: str | Path) -> TrainConfig:
 def coerce(name: str, value: Any) -> Any:
     """Convert a YAML or command-line value to the field's type (YAML reads `8e-4` as a string)."""
     kind = FIELDS[name].type.removeprefix("Optional[").removesuffix("]")
-    expected = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a text"}.get(kind, "a list")
+    want = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(kind, "a list")
     optional = FIELDS[name].type.startswith("Optional")
     if value is None and not optional:  # `lr:` or `lr: null` in a YAML file
-        raise InputError(f"{name} must be {expected}, got null (an empty value)")
+        raise InputError(f"{name} must be {want}, got null (an empty value)")
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
         return None
     try:
@@ -269,7 +269,7 @@ def coerce(name: str, value: Any) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise InputError(f"{name} must be {expected}, got {value!r}") from None
+        raise InputError(f"{name} must be {want}, got {value!r}") from None
 
 
 def build_config(method: str | None, config_file: str | None, overrides: dict[str, Any],

@@ -128,6 +128,24 @@ def test_abbreviated_flags_are_refused(capsys, argv, unknown):
     assert f"unrecognized arguments: {unknown}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--eval-steps", "100"], "sora train: error: unrecognized arguments: --eval-steps 100; did you mean "
+                                       "--eval-fraction (a fraction of the steps: 0.1 evaluates every 10 %)?"),
+    (["train", "--learning-rate", "1e-4"], "sora train: error: unrecognized arguments: --learning-rate 1e-4; did you "
+                                           "mean --lr?"),
+    (["train", "--over"], "sora train: error: unrecognized arguments: --over; did you mean --overwrite?"),
+    (["train", "--gate-initt", "ones"], "sora train: error: unrecognized arguments: --gate-initt ones; did you mean "
+                                        "--gate-init?"),
+    (["ranks", "run", "--output", "x"], "sora ranks: error: unrecognized arguments: --output x; did you mean --out?"),
+    (["train", "--bogus"], "sora train: error: unrecognized arguments: --bogus"),
+], ids=["trainer-name", "trainer-lr", "abbreviated", "misspelt", "longer", "nothing-near"])
+def test_an_unknown_flag_names_the_flag_it_most_likely_meant(capsys, argv, expected):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == expected
+
+
 @pytest.mark.parametrize("flags, field, value", [
     (["--group-by-length"], "group_by_length", True),
     (["--no-group-by-length"], "group_by_length", False),

@@ -246,7 +246,7 @@ def test_bad_yaml_config_files_exit_2_and_write_nothing(glue_dir, tiny_model, tm
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["train", "--bogus"], "sora: error: unrecognized arguments: --bogus"),
+    (["train", "--bogus"], "sora train: error: unrecognized arguments: --bogus"),
     (["train", "--lr"], "sora train: error: argument --lr: expected one argument"),
     (["frobnicate"], "sora: error: argument command: invalid choice: 'frobnicate'"),
     (["bench", "nope"], "sora bench: error: argument tool: invalid choice: 'nope'"),

@@ -22,6 +22,7 @@ import sys
 from typing import Any, Sequence
 
 from .errors import DiskFull, InputError, TrainingDiverged
+from .unknown_flags import unrecognized
 
 RUN_DIR_HELP = "a run directory written by `sora train --output-dir`"
 
@@ -29,7 +30,7 @@ RUN_DIR_HELP = "a run directory written by `sora train --output-dir`"
 def _parser(sub, name: str, run, **kwargs) -> argparse.ArgumentParser:
     """A subcommand whose parsed arguments go to `run(args)`; abbreviated flags (--over) are refused."""
     p = sub.add_parser(name, allow_abbrev=False, **kwargs)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, parser=p)
     return p
 
 
@@ -265,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(_negative_values_attached(argv))
+    args, extra = build_parser().parse_known_args(_negative_values_attached(argv))
+    if extra:
+        args.parser.error(unrecognized(args.parser, extra))  # exit 2, after the subcommand's usage line
     try:
         return args.run(args)
     except TrainingDiverged as err:

@@ -163,3 +163,21 @@ def test_bitfit_on_a_model_without_biases_is_refused_before_anything_is_written(
     fails_cleanly(capsys, sft_args(tiny_llama, gsm_files, out, "--method", "bitfit"),
                   f"--method bitfit: model {str(tiny_llama)!r} has no bias and no task head to train (a Llama-type "
                   "decoder has no biases); use --method lora or sora", out)
+
+
+def test_the_same_column_as_prompt_and_completion_is_refused(tiny_llama, gsm_files, tmp_path, capsys):
+    # the model would learn to repeat its prompt, and every exact match would be trivial
+    out = tmp_path / "o"
+    fails_cleanly(capsys, sft_args(tiny_llama, gsm_files, out, "--completion-column", "question"),
+                  "--prompt-column and --completion-column are both 'question': name two columns", out)
+
+
+def test_messages_rows_without_a_chat_template_are_refused_naming_the_file(tmp_path, capsys):
+    model = save_tiny_llama(tmp_path / "plain", chat_template=False)
+    chat = [{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}] * 4
+    train, dev = write_rows(tmp_path / "train.jsonl", chat), write_rows(tmp_path / "dev.jsonl", chat)
+    out = tmp_path / "o"
+    args = ["train", "--task", "sft", "--model", model, "--train-file", train, "--validation-file", dev,
+            "--output-dir", out, "--max-steps", "1"]
+    fails_cleanly(capsys, args, f"{train} line 1: a 'messages' row needs a chat template; the tokenizer has none "
+                                "or --chat-template off was given", out)

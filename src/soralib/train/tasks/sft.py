@@ -40,6 +40,9 @@ class SftTask(Task):
         if not (config.train_file and config.validation_file):
             raise InputError("task sft needs train_file and validation_file (prompt and completion columns, or "
                              "a messages column)")
+        if config.prompt_column == config.completion_column:  # the model would learn to repeat its prompt
+            raise InputError(f"--prompt-column and --completion-column are both {config.prompt_column!r}: name two "
+                             "columns")
         from ..methods import get_method
 
         if config.packing and config.max_steps <= 0 and get_method(config.method).needs_total_steps:

@@ -249,6 +249,17 @@ def sft_args(model, data, out, *extra):
             "--max-new-tokens", "12", *extra]
 
 
+def history_lines(run) -> list[dict]:
+    """history.jsonl without what the clock decides (times, throughputs) and without Trainer's end-of-call
+    train_loss, which it averages over the steps of its own call only (a resumed call did fewer)."""
+    import json
+
+    lines = (json.loads(x) for x in (run / "history.jsonl").read_text().splitlines())
+    return [{k: v for k, v in x.items() if k != "train_loss" and not any(t in k for t in ("seconds", "runtime",
+                                                                                         "per_second"))}
+            for x in lines]
+
+
 def train_args(glue_dir, tiny_model, out, *extra, task="rte"):
     return ["train", "--task", task, "--model", str(tiny_model), "--data-dir", str(glue_dir), "--output-dir", str(out),
             "--epochs", "2", "--batch-size", "8", "--logging-steps", "2", *extra]

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import train_args
+from conftest import history_lines, train_args
 from rejection_helpers import fails_cleanly
 from soralib.cli import main
 from soralib.train import checkpoints
@@ -97,16 +97,7 @@ def test_a_run_killed_at_any_moment_leaves_complete_files_and_resumes_to_the_sam
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     sa, sb = ((d / "stages.jsonl").read_text().splitlines() for d in (straight, run))
     assert [json.loads(x)["kept_params"] for x in sa] == [json.loads(x)["kept_params"] for x in sb]
-    assert _history(run) == _history(straight)  # the steps redone after the checkpoint are logged once
-
-
-def _history(run: Path) -> list[dict]:
-    """history.jsonl without what the clock decides (times, throughputs) and without Trainer's end-of-call
-    train_loss, which it averages over the steps of its own call only (a resumed call did fewer)."""
-    lines = (json.loads(x) for x in (run / "history.jsonl").read_text().splitlines())
-    return [{k: v for k, v in x.items() if k != "train_loss" and not any(t in k for t in ("seconds", "runtime",
-                                                                                         "per_second"))}
-            for x in lines]
+    assert history_lines(run) == history_lines(straight)  # the steps redone after the checkpoint are logged once
 
 
 def test_a_resumed_run_keeps_the_training_time_and_skipped_steps_counted_before_the_kill(glue_dir, tiny_model, tmp_path):  # noqa: F811
@@ -164,7 +155,7 @@ def test_a_run_resumed_from_any_checkpoint_goes_on_bitwise_like_the_straight_run
     shutil.copy(every_checkpoint / "history.jsonl", run / "history.jsonl")  # as if killed after logging the last step
     assert main(train_args(glue_dir, tiny_model, run, *EVERY_STEP, "--resume")) == 0
     assert _step_lines(run) == _step_lines(every_checkpoint)  # bitwise the same losses, each step logged once
-    assert _history(run) == _history(every_checkpoint)
+    assert history_lines(run) == history_lines(every_checkpoint)
     ta, tb = (load_file(str(d / "sora_adapter" / "adapter_model.safetensors")) for d in (every_checkpoint, run))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
@@ -201,7 +192,7 @@ def test_a_checkpoint_torn_by_a_kill_inside_the_save_is_not_resumed_and_is_gone_
     assert sorted(p.name for p in stage.iterdir()) == ["checkpoint-3", "checkpoint-4"]  # KEEP = 2, both complete
     assert_every_visible_file_is_complete(run)
     assert _step_lines(run) == _step_lines(every_checkpoint)  # steps 3 and 4 logged again: the same bits
-    assert _history(run) == _history(every_checkpoint)  # step 3, logged before the torn save, only once
+    assert history_lines(run) == history_lines(every_checkpoint)  # step 3, logged before the torn save, only once
     ta, tb = (load_file(str(d / "sora_adapter" / "adapter_model.safetensors")) for d in (every_checkpoint, run))
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
@@ -274,7 +265,7 @@ def test_an_adalora_run_resumed_from_any_checkpoint_goes_on_bitwise_like_the_str
     _copy_checkpoint(straight, run, step)
     assert main(train_args(glue_dir, tiny_model, run, *ADALORA, "--resume")) == 0
     assert _step_lines(run) == _step_lines(straight)  # bitwise the same losses and gradient norms
-    assert _history(run) == _history(straight)
+    assert history_lines(run) == history_lines(straight)
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, run))
     assert a["eval"] == b["eval"] and a["kept_params"] == b["kept_params"]
     ta, tb = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, run))

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TARGETS, make_model, sora_model
+from conftest import TARGETS, make_input, make_model, sora_model
 
 import soralib
 from soralib.budget import trim_model_
@@ -159,6 +159,24 @@ def test_budget_schedule_makes_the_prox_step_spare_min_rank_gates_per_module(opt
         g.grad = torch.zeros_like(g)
     optimizer.step()
     assert all(m["kept_rank"] == expected for m in soralib.sparsity_report(model)["modules"])
+
+
+def test_budget_schedule_trims_no_module_below_the_optimizers_min_rank():
+    # create_sora_optimizer(min_rank=3) and the schedule's default min_rank 1: the trims cut modules to 1 rank
+    model = sora_model("bert", r=4)
+    optimizer = soralib.create_sora_optimizer(model, lr=1e-2, min_rank=3)
+    schedule = soralib.BudgetSchedule(model, optimizer, target_rank=3, total_steps=8)
+    inputs = make_input("bert")
+    for step in range(1, 9):
+        model(**inputs).logits.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step(step)
+    schedule.finish()
+    assert [m["kept_rank"] for m in soralib.sparsity_report(model)["modules"]] == [3] * 12
+    with pytest.raises(ValueError, match=r"^target_rank must be in \[3, 4\] for this model \(min_rank 3, the "
+                                         r"optimizer's, to the mean r_max of its 12 adapted modules\), got 1.5$"):
+        soralib.BudgetSchedule(model, optimizer, target_rank=1.5, total_steps=8)
 
 
 @pytest.mark.parametrize("other", [None, "default"], ids=["one-adapter-named-sft", "default-adapter-left-frozen"])

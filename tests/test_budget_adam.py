@@ -235,10 +235,16 @@ def _plain_optimizer(model):
     ({"target_rank": 0.5}, "target_rank must be in [1, 8] for this model"),
     ({"target_params": 100}, ("target_params must be in [832, 6656] for this model (min_rank 1 to r_max ranks in "
                               "each of its 12 adapted modules), got 100")),
+    # min_rank 0: a budget below one rank (64 parameters here) keeps no rank at all, whatever the training does
+    ({"target_params": 10, "min_rank": 0}, ("target_params must be in [64, 6656] for this model (min_rank 0, yet one "
+                                            "rank at least, to r_max ranks in each of its 12 adapted modules), got 10")),
+    ({"target_rank": 0.05, "min_rank": 0}, ("target_rank must be in [0.0833333, 8] for this model (min_rank 0, yet one "
+                                            "rank at least, to the mean r_max of its 12 adapted modules), got 0.05")),
     ({"target_rank": 2, "optimizer": _plain_optimizer},
      "this optimizer has no SoRA gate group; build it with soralib.create_sora_optimizer"),
 ], ids=["both", "neither", "params-negative", "rank-nan", "min-rank-float", "final-fraction", "total-steps",
-        "rank-above-r", "rank-below-min-rank", "params-below-min-rank", "no-gate-group"])
+        "rank-above-r", "rank-below-min-rank", "params-below-min-rank", "params-below-one-rank-min-rank-0",
+        "rank-below-one-rank-min-rank-0", "no-gate-group"])
 def test_budget_schedule_rejects_bad_arguments_in_one_line(kwargs, message):
     model = sora_model("bert", r=8)
     optimizer = kwargs.pop("optimizer", lambda m: soralib.create_sora_optimizer(m, lr=1e-3))(model)

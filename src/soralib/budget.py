@@ -221,15 +221,18 @@ class BudgetSchedule:
         report = sparsity_report(model)
         n = len(report["modules"])
         floor = [min(min_rank, m["r_max"]) for m in report["modules"]]  # ranks no trim takes away
+        if not min_rank:  # the floor is one rank: a smaller budget keeps none, and the run would train for nothing
+            floor_text = "0, yet one rank at least,"
         if target_params is not None:
-            low = sum(k * (m["in_features"] + m["out_features"]) for k, m in zip(floor, report["modules"]))
+            low = max(sum(k * (m["in_features"] + m["out_features"]) for k, m in zip(floor, report["modules"])),
+                      min(m["in_features"] + m["out_features"] for m in report["modules"]))
             if not low <= target_params <= report["lora_params_at_r_max"]:
                 raise ValueError(f"target_params must be in [{low}, {report['lora_params_at_r_max']}] for this model "
                                  f"(min_rank {floor_text} to r_max ranks in each of its {n} adapted modules), "
                                  f"got {target_params!r}")
             self.budget, self.measure = float(target_params), "kept_params"
         else:
-            low, high = sum(floor) / n, report["r_max_total"] / n
+            low, high = max(sum(floor), 1) / n, report["r_max_total"] / n
             if not low <= target_rank <= high:
                 raise ValueError(f"target_rank must be in [{low:g}, {high:g}] for this model (min_rank {floor_text} to "
                                  f"the mean r_max of its {n} adapted modules), got {target_rank!r}")

@@ -135,6 +135,26 @@ def test_a_min_rank_above_every_modules_r_max_is_refused_as_it_would_prune_nothi
     soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, min_rank=4)  # every rank kept: allowed, as in sora train
 
 
+def test_an_optimizer_setting_for_plain_sgd_gates_is_refused_as_it_would_do_nothing():
+    # the README's gate_group_kwargs={"eps": 1e-6} kept when switching to gate_update="sgd": silently ignored
+    # (sora train refuses --gate-eps with --gate-update sgd)
+    expected = ("gate_group_kwargs key 'eps' is a setting of the optimizer's own update, which gate_update 'sgd' gates "
+                "do not take (plain SGD at the group's lr): drop it, or use gate_update 'optimizer'")
+    for build in (lambda: soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_update="sgd",
+                                                        gate_group_kwargs={"eps": 1e-6, "lr": 1e-2}),
+                  lambda: soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_group_kwargs={
+                      "sora_gate_update": "sgd", "eps": 1e-6}),
+                  lambda: soralib.SoraCallback(threshold=1e-3, gate_update="sgd", gate_group_kwargs={"eps": 1e-6}),
+                  lambda: soralib.trainer_optimizer_cls_and_kwargs(lr=1e-3, gate_update="sgd",
+                                                                   gate_group_kwargs={"eps": 1e-6})):
+        with pytest.raises(ValueError) as excinfo:
+            build()
+        assert one_line(excinfo) == expected
+    # what plain SGD gates do read, and tags, pass
+    soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_update="sgd",
+                                  gate_group_kwargs={"lr": 1e-2, "name": "gates", "sora_min_rank": 1})
+
+
 def test_soft_threshold_refuses_a_negative_tau_that_would_grow_the_gates():
     with pytest.raises(ValueError) as excinfo:
         soralib.soft_threshold(torch.tensor([-1.0, 0.2, 0.5]), -0.3)

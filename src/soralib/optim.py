@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .checks import GROUP_CHOICES, GROUP_NUMBERS, check_optimizer_arguments, check_threshold
+from .checks import GROUP_CHOICES, GROUP_NUMBERS, GROUP_TAGS, check_optimizer_arguments, check_threshold
 from .layer import SoraLayer
 # The prox step's names, public here since before they had a module of their own.
 from .prox import add_prox_step, prox_step, soft_threshold  # noqa: F401
@@ -144,8 +144,6 @@ def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
     return add_prox_step(optimizer_cls(groups, lr=lr, **optimizer_kwargs))
 
 
-# Keys a group may carry for others than its optimizer: a name for loggers (Lightning's LR monitor), a scheduler's.
-GROUP_TAGS = {"name", "initial_lr"}
 
 
 def check_gate_group_keys(gate_group_kwargs: dict[str, Any] | None, optimizer_cls: type) -> None:

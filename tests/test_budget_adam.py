@@ -236,8 +236,9 @@ def _plain_optimizer(model):
     ({"target_params": 100}, ("target_params must be in [832, 6656] for this model (min_rank 1 to r_max ranks in "
                               "each of its 12 adapted modules), got 100")),
     # min_rank 0: a budget below one rank (64 parameters here) keeps no rank at all, whatever the training does
-    ({"target_params": 10, "min_rank": 0}, ("target_params must be in [64, 6656] for this model (min_rank 0, yet one "
-                                            "rank at least, to r_max ranks in each of its 12 adapted modules), got 10")),
+    ({"target_params": 10, "min_rank": 0}, ("target_params must be in [64, 6656] for this model (min_rank 0, yet "
+                                            "one rank at least, to r_max ranks in each of its 12 adapted modules), "
+                                            "got 10")),
     ({"target_rank": 0.05, "min_rank": 0}, ("target_rank must be in [0.0833333, 8] for this model (min_rank 0, yet one "
                                             "rank at least, to the mean r_max of its 12 adapted modules), got 0.05")),
     ({"target_rank": 2, "optimizer": _plain_optimizer},

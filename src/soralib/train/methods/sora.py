@@ -85,9 +85,9 @@ class Sora(Method):
             floor = max(config.effective_min_rank() * sum(costs), min(costs))
             if not floor <= config.target_params <= report["lora_params_at_r_max"]:
                 span = f"to r {config.r} ranks in each of its {n} adapted modules"
+                cheapest = f"one rank, {min(costs)} parameters in its cheapest module,"
                 why = (f"min_rank {config.effective_min_rank()} {span}; --min-rank 0 lets modules collapse"
-                       if config.effective_min_rank() else
-                       f"one rank, {min(costs)} parameters in its cheapest module, {span}: a smaller budget keeps no rank")
+                       if config.effective_min_rank() else f"{cheapest} {span}: a smaller budget keeps no rank")
                 raise InputError(f"target_params must be in [{floor}, {report['lora_params_at_r_max']}] for this model "
                                  f"({why}), got {config.target_params}")
             return float(config.target_params), "kept_params"

@@ -117,44 +117,6 @@ def test_soralib_callback_checks_the_gate_group_settings_it_is_given():
     assert one_line(excinfo) == "gate_lr must be a finite number > 0 (or None: lr), got 'x'"
 
 
-def test_a_min_rank_above_every_modules_r_max_is_refused_as_it_would_prune_nothing():
-    # sora train refuses --min-rank 9 with r 8; the library spared every gate, silently: SoRA trained as LoRA
-    expected = "min_rank must be <= r_max (4: no module has more ranks to keep, so none would ever be pruned), got 5"
-    for kwargs in ({"min_rank": 5}, {"gate_group_kwargs": {"sora_min_rank": 5}}):
-        with pytest.raises(ValueError) as excinfo:
-            soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, **kwargs)
-        assert one_line(excinfo) == expected
-    model = sora_model("mlp")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    before = [list(g["params"]) for g in optimizer.param_groups]
-    with pytest.raises(ValueError) as excinfo:
-        soralib.SoraCallback(threshold=1e-3, min_rank=5).on_train_begin(None, None, None, model=model,
-                                                                        optimizer=optimizer, lr_scheduler=None)
-    assert one_line(excinfo) == expected
-    assert [list(g["params"]) for g in optimizer.param_groups] == before
-    soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, min_rank=4)  # every rank kept: allowed, as in sora train
-
-
-def test_an_optimizer_setting_for_plain_sgd_gates_is_refused_as_it_would_do_nothing():
-    # the README's gate_group_kwargs={"eps": 1e-6} kept when switching to gate_update="sgd": silently ignored
-    # (sora train refuses --gate-eps with --gate-update sgd)
-    expected = ("gate_group_kwargs key 'eps' is a setting of the optimizer's own update, which gate_update 'sgd' gates "
-                "do not take (plain SGD at the group's lr): drop it, or use gate_update 'optimizer'")
-    for build in (lambda: soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_update="sgd",
-                                                        gate_group_kwargs={"eps": 1e-6, "lr": 1e-2}),
-                  lambda: soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_group_kwargs={
-                      "sora_gate_update": "sgd", "eps": 1e-6}),
-                  lambda: soralib.SoraCallback(threshold=1e-3, gate_update="sgd", gate_group_kwargs={"eps": 1e-6}),
-                  lambda: soralib.trainer_optimizer_cls_and_kwargs(lr=1e-3, gate_update="sgd",
-                                                                   gate_group_kwargs={"eps": 1e-6})):
-        with pytest.raises(ValueError) as excinfo:
-            build()
-        assert one_line(excinfo) == expected
-    # what plain SGD gates do read, and tags, pass
-    soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_update="sgd",
-                                  gate_group_kwargs={"lr": 1e-2, "name": "gates", "sora_min_rank": 1})
-
-
 def test_soft_threshold_refuses_a_negative_tau_that_would_grow_the_gates():
     with pytest.raises(ValueError) as excinfo:
         soralib.soft_threshold(torch.tensor([-1.0, 0.2, 0.5]), -0.3)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TARGETS, make_model, sora_model
+from conftest import TARGETS, make_input, make_model, sora_model
 
 import soralib
 from soralib.budget import trim_model_
@@ -161,6 +161,24 @@ def test_budget_schedule_makes_the_prox_step_spare_min_rank_gates_per_module(opt
     assert all(m["kept_rank"] == expected for m in soralib.sparsity_report(model)["modules"])
 
 
+def test_budget_schedule_trims_no_module_below_the_optimizers_min_rank():
+    # create_sora_optimizer(min_rank=3) and the schedule's default min_rank 1: the trims cut modules to 1 rank
+    model = sora_model("bert", r=4)
+    optimizer = soralib.create_sora_optimizer(model, lr=1e-2, min_rank=3)
+    schedule = soralib.BudgetSchedule(model, optimizer, target_rank=3, total_steps=8)
+    inputs = make_input("bert")
+    for step in range(1, 9):
+        model(**inputs).logits.pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.step(step)
+    schedule.finish()
+    assert [m["kept_rank"] for m in soralib.sparsity_report(model)["modules"]] == [3] * 12
+    with pytest.raises(ValueError, match=r"^target_rank must be in \[3, 4\] for this model \(min_rank 3, the "
+                                         r"optimizer's, to the mean r_max of its 12 adapted modules\), got 1.5$"):
+        soralib.BudgetSchedule(model, optimizer, target_rank=1.5, total_steps=8)
+
+
 @pytest.mark.parametrize("other", [None, "default"], ids=["one-adapter-named-sft", "default-adapter-left-frozen"])
 def test_budget_schedule_trims_the_active_adapter_whatever_its_name_and_leaves_the_others_alone(other):
     import peft
@@ -217,10 +235,17 @@ def _plain_optimizer(model):
     ({"target_rank": 0.5}, "target_rank must be in [1, 8] for this model"),
     ({"target_params": 100}, ("target_params must be in [832, 6656] for this model (min_rank 1 to r_max ranks in "
                               "each of its 12 adapted modules), got 100")),
+    # min_rank 0: a budget below one rank (64 parameters here) keeps no rank at all, whatever the training does
+    ({"target_params": 10, "min_rank": 0}, ("target_params must be in [64, 6656] for this model (min_rank 0, yet "
+                                            "one rank at least, to r_max ranks in each of its 12 adapted modules), "
+                                            "got 10")),
+    ({"target_rank": 0.05, "min_rank": 0}, ("target_rank must be in [0.0833333, 8] for this model (min_rank 0, yet one "
+                                            "rank at least, to the mean r_max of its 12 adapted modules), got 0.05")),
     ({"target_rank": 2, "optimizer": _plain_optimizer},
      "this optimizer has no SoRA gate group; build it with soralib.create_sora_optimizer"),
 ], ids=["both", "neither", "params-negative", "rank-nan", "min-rank-float", "final-fraction", "total-steps",
-        "rank-above-r", "rank-below-min-rank", "params-below-min-rank", "no-gate-group"])
+        "rank-above-r", "rank-below-min-rank", "params-below-min-rank", "params-below-one-rank-min-rank-0",
+        "rank-below-one-rank-min-rank-0", "no-gate-group"])
 def test_budget_schedule_rejects_bad_arguments_in_one_line(kwargs, message):
     model = sora_model("bert", r=8)
     optimizer = kwargs.pop("optimizer", lambda m: soralib.create_sora_optimizer(m, lr=1e-3))(model)

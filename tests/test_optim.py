@@ -1,11 +1,13 @@
 """Optimizers built for SoRA: what trains, weight decay, gate_l1, the threshold in a saved state dict, the Trainer
-form."""
+form, gate settings that would do nothing."""
 
 import peft
+import pytest
 import torch
 
 import soralib
 from conftest import TARGETS, layers_of, make_input, make_model, output, sora_model, train_steps
+from rejection_helpers import one_line
 
 
 def test_huge_threshold_zeroes_every_gate_and_the_model_equals_the_base():
@@ -109,3 +111,39 @@ def test_trainer_optimizer_form_uses_the_given_lr_and_gate_group(tmp_path):
     assert {id(p) for p in gate_group["params"]} == {id(g) for g in soralib.gate_parameters(model)}
 
 
+def test_a_min_rank_above_every_modules_r_max_is_refused_as_it_would_prune_nothing():
+    # sora train refuses --min-rank 9 with r 8; the library spared every gate, silently: SoRA trained as LoRA
+    expected = "min_rank must be <= r_max (4: no module has more ranks to keep, so none would ever be pruned), got 5"
+    for kwargs in ({"min_rank": 5}, {"gate_group_kwargs": {"sora_min_rank": 5}}):
+        with pytest.raises(ValueError) as excinfo:
+            soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, **kwargs)
+        assert one_line(excinfo) == expected
+    model = sora_model("mlp")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = [list(g["params"]) for g in optimizer.param_groups]
+    with pytest.raises(ValueError) as excinfo:
+        soralib.SoraCallback(threshold=1e-3, min_rank=5).on_train_begin(None, None, None, model=model,
+                                                                        optimizer=optimizer, lr_scheduler=None)
+    assert one_line(excinfo) == expected
+    assert [list(g["params"]) for g in optimizer.param_groups] == before
+    soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, min_rank=4)  # every rank kept: allowed, as in sora train
+
+
+def test_an_optimizer_setting_for_plain_sgd_gates_is_refused_as_it_would_do_nothing():
+    # the README's gate_group_kwargs={"eps": 1e-6} kept when switching to gate_update="sgd": silently ignored
+    # (sora train refuses --gate-eps with --gate-update sgd)
+    expected = ("gate_group_kwargs key 'eps' is a setting of the optimizer's own update, which gate_update 'sgd' gates "
+                "do not take (plain SGD at the group's lr): drop it, or use gate_update 'optimizer'")
+    for build in (lambda: soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_update="sgd",
+                                                        gate_group_kwargs={"eps": 1e-6, "lr": 1e-2}),
+                  lambda: soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_group_kwargs={
+                      "sora_gate_update": "sgd", "eps": 1e-6}),
+                  lambda: soralib.SoraCallback(threshold=1e-3, gate_update="sgd", gate_group_kwargs={"eps": 1e-6}),
+                  lambda: soralib.trainer_optimizer_cls_and_kwargs(lr=1e-3, gate_update="sgd",
+                                                                   gate_group_kwargs={"eps": 1e-6})):
+        with pytest.raises(ValueError) as excinfo:
+            build()
+        assert one_line(excinfo) == expected
+    # what plain SGD gates do read, and tags, pass
+    soralib.create_sora_optimizer(sora_model("mlp"), lr=1e-3, gate_update="sgd",
+                                  gate_group_kwargs={"lr": 1e-2, "name": "gates", "sora_min_rank": 1})

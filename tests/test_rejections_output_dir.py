@@ -68,6 +68,19 @@ def test_resume_with_flags_other_than_the_saved_run_is_refused_naming_them(glue_
     assert [p.name for p in out.iterdir()] == ["config.yaml"] and (out / "config.yaml").read_text() == saved
 
 
+def test_resume_with_the_value_an_unset_gate_setting_stands_for_continues(glue_dir, tiny_model, tmp_path, capsys):
+    # a budget run saved with min_rank null (1 with a budget) and gate_lr null (the lr): naming those values is no
+    # change ("min_rank: saved None, given 1" refused the run's own settings); another value still is
+    out = tmp_path / "run"
+    saved = _saved_run(glue_dir, tiny_model, out, target_rank="4", max_steps="1")
+    fails_cleanly(capsys, train_args(glue_dir, tiny_model, out, "--min-rank", "2", "--gate-lr", "1e-3", "--resume"),
+                  f"cannot resume {out} with other settings (gate_lr: saved None, given 0.001; min_rank: saved None, "
+                  "given 2)")
+    same = ["--target-rank", "4", "--min-rank", "1", "--gate-lr", "8e-4", "--max-steps", "1", "--resume"]
+    assert main(train_args(glue_dir, tiny_model, out, *same)) == 0
+    assert (out / "config.yaml").read_text() == saved
+
+
 def test_resume_with_only_the_output_dir_continues_with_the_saved_settings(glue_dir, tiny_model, tmp_path):
     out = tmp_path / "run"
     saved = _saved_run(glue_dir, tiny_model, out, lr="1e-3", r="4", max_steps="1")

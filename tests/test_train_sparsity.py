@@ -31,6 +31,17 @@ def test_sparsifying_scheduler_runs_one_stage_per_threshold_and_logs_each(glue_d
     assert all(lr > 0.5 * 8e-4 for lr in peak.values()), peak
 
 
+@pytest.mark.parametrize("flags", [["--thresholds", "0.05"], ["--schedule", "linear", "--num-stages", "1"]],
+                         ids=["thresholds", "schedule"])
+def test_a_one_stage_schedule_measures_and_saves_its_stage_like_any_other(glue_dir, tiny_model, tmp_path, flags):
+    # it wrote no stages.jsonl, no stage adapter and no memorization, though --memorization-samples was accepted
+    out = tmp_path / "run"
+    assert main(train_args(glue_dir, tiny_model, out, *flags, "--memorization-samples", "8", "--max-steps", "2")) == 0
+    [stage] = [json.loads(x) for x in (out / "stages.jsonl").read_text().splitlines()]
+    assert stage["stage"] == 1 and {"generalization", "memorization"} <= set(stage)
+    assert (out / stage["checkpoint"] / "adapter" / "adapter_config.json").is_file()
+
+
 def test_parameter_budget_lands_within_five_percent(glue_dir, tiny_model, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(glue_dir, tiny_model, tmp_path / "probe", "--max-steps", "1")) == 0

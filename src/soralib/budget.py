@@ -185,7 +185,8 @@ class BudgetSchedule:
 
     `target_params` counts adapter parameters (``kept_params`` of `sparsity_report`), `target_rank` the mean
     kept rank per adapted module, of the model's active adapter (the one trained; other adapters are left alone). Every module keeps at least `min_rank` ranks: the trims spare them, and so
-    does the prox step of the ramp (the gate group's ``sora_min_rank`` is raised to `min_rank` if lower).
+    does the prox step of the ramp (the gate group's ``sora_min_rank`` is raised to `min_rank` if lower; if higher,
+    e.g. ``create_sora_optimizer(..., min_rank=3)``, it is the floor of the trims and of the budget's range too).
 
     Ramp (progress p = step / total_steps < f = final_fraction): τ from the integral controller
     `budget_threshold`, so the kept size follows AdaLoRA's cubic ramp. Hold (p ≥ f): τ = 0 and after every
@@ -213,20 +214,27 @@ class BudgetSchedule:
         if len(active) > 1:  # else it measures and trims the first one only
             raise ValueError(f"BudgetSchedule steers one adapter; this model trains {len(active)} at once "
                              f"({', '.join(active)}): give each its own run, or set_adapter to one")
+        # The optimizer's own floor holds too: its prox step spares that many gates, and no trim may cut below it.
+        group_floor = max(g.get("sora_min_rank", 0) for g in optimizer.param_groups if "sora_threshold" in g)
+        floor_text = f"{group_floor}, the optimizer's," if group_floor > min_rank else f"{min_rank}"
+        min_rank = max(min_rank, group_floor)
         report = sparsity_report(model)
         n = len(report["modules"])
         floor = [min(min_rank, m["r_max"]) for m in report["modules"]]  # ranks no trim takes away
+        if not min_rank:  # the floor is one rank: a smaller budget keeps none, and the run would train for nothing
+            floor_text = "0, yet one rank at least,"
         if target_params is not None:
-            low = sum(k * (m["in_features"] + m["out_features"]) for k, m in zip(floor, report["modules"]))
+            low = max(sum(k * (m["in_features"] + m["out_features"]) for k, m in zip(floor, report["modules"])),
+                      min(m["in_features"] + m["out_features"] for m in report["modules"]))
             if not low <= target_params <= report["lora_params_at_r_max"]:
                 raise ValueError(f"target_params must be in [{low}, {report['lora_params_at_r_max']}] for this model "
-                                 f"(min_rank {min_rank} to r_max ranks in each of its {n} adapted modules), "
+                                 f"(min_rank {floor_text} to r_max ranks in each of its {n} adapted modules), "
                                  f"got {target_params!r}")
             self.budget, self.measure = float(target_params), "kept_params"
         else:
-            low, high = sum(floor) / n, report["r_max_total"] / n
+            low, high = max(sum(floor), 1) / n, report["r_max_total"] / n
             if not low <= target_rank <= high:
-                raise ValueError(f"target_rank must be in [{low:g}, {high:g}] for this model (min_rank {min_rank} to "
+                raise ValueError(f"target_rank must be in [{low:g}, {high:g}] for this model (min_rank {floor_text} to "
                                  f"the mean r_max of its {n} adapted modules), got {target_rank!r}")
             self.budget, self.measure = float(target_rank * n), "kept_rank"
         self.model, self.optimizer, self.total_steps = model, optimizer, int(total_steps)

@@ -34,7 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .budget import BudgetSchedule, check_budget
 from .checks import check_gate_options
 from .io import atomic_write_bytes
-from .optim import _why_no_gates, check_gate_group_keys, gate_parameters
+from .optim import _why_no_gates, check_gate_group_keys, check_min_rank_fits, gate_parameters
 from .prox import add_prox_step
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ def add_gate_group(model: torch.nn.Module, optimizer: Any, scheduler: Any, gate_
         raise ValueError(_why_no_gates(model))
     opt = torch_optimizer(optimizer)
     check_gate_group_keys(gate_group, type(opt))  # the Trainer's optimizer class is known only now
+    check_min_rank_fits(gate_group["sora_min_rank"], gates)
     if any("sora_threshold" in group for group in opt.param_groups):
         moved = getattr(opt, MOVED, None)  # the same Trainer trains again and kept its optimizer
         if moved is not None and scheduler is not None and len(scheduler.base_lrs) < len(opt.param_groups):

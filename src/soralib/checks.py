@@ -41,6 +41,8 @@ def check_threshold(threshold: float, mode: str) -> None:
 # A gate group's settings that soralib reads (its own and `lr`): checked wherever they come from, by key
 GROUP_NUMBERS = {"lr": {"above": True}, "sora_threshold": {}, "sora_min_rank": {"integer": True}}
 GROUP_CHOICES = {"sora_threshold_mode": THRESHOLD_MODES, "sora_gate_update": GATE_UPDATES}
+# Keys a group may carry for others than its optimizer: a name for loggers (Lightning's LR monitor), a scheduler's.
+GROUP_TAGS = {"name", "initial_lr"}
 
 
 def check_gate_group(group: dict[str, Any], where: str) -> None:
@@ -70,6 +72,12 @@ def check_gate_options(threshold: float, threshold_mode: str, gate_lr: float | N
     if "params" in kwargs:
         raise ValueError("gate_group_kwargs cannot set 'params': the gate group holds the model's SoRA gates")
     check_gate_group(kwargs, "gate_group_kwargs")  # its settings override the arguments above
+    if kwargs.get("sora_gate_update", gate_update) == "sgd":  # the optimizer never steps them: its settings do nothing
+        idle = sorted(set(kwargs) - {"lr", "weight_decay", *GROUP_NUMBERS, *GROUP_CHOICES, *GROUP_TAGS})
+        if idle:
+            raise ValueError(f"gate_group_kwargs key {idle[0]!r} is a setting of the optimizer's own update, which "
+                             "gate_update 'sgd' gates do not take (plain SGD at the group's lr): drop it, or use "
+                             "gate_update 'optimizer'")
 
 
 def check_optimizer_arguments(lr: float, weight_decay: float = 0.0, threshold: float = 0.0,

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .checks import GROUP_CHOICES, GROUP_NUMBERS, check_optimizer_arguments, check_threshold
+from .checks import GROUP_CHOICES, GROUP_NUMBERS, GROUP_TAGS, check_optimizer_arguments, check_threshold
 from .layer import SoraLayer
 # The prox step's names, public here since before they had a module of their own.
 from .prox import add_prox_step, prox_step, soft_threshold  # noqa: F401
@@ -89,6 +89,7 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
     gates = gate_parameters(model)
     if not gates:
         raise ValueError(_why_no_gates(model))
+    check_min_rank_fits({**(gate_group_kwargs or {})}.get("sora_min_rank", min_rank), gates)
     gate_ids = {id(g) for g in gates}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
     groups = [
@@ -99,6 +100,14 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
          **(gate_group_kwargs or {})},
     ]
     return [g for g in groups if g["params"]]
+
+
+def check_min_rank_fits(min_rank: int, gates: list[torch.Tensor]) -> None:
+    """A min_rank above every module's r_max spares every gate: no rank could ever be pruned (SoRA as plain LoRA)."""
+    top = max(g.numel() for g in gates)
+    if min_rank > top:
+        raise ValueError(f"min_rank must be <= r_max ({top}: no module has more ranks to keep, so none would ever be "
+                         f"pruned), got {min_rank}")
 
 
 def _why_no_gates(model: nn.Module) -> str:
@@ -135,8 +144,6 @@ def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
     return add_prox_step(optimizer_cls(groups, lr=lr, **optimizer_kwargs))
 
 
-# Keys a group may carry for others than its optimizer: a name for loggers (Lightning's LR monitor), a scheduler's.
-GROUP_TAGS = {"name", "initial_lr"}
 
 
 def check_gate_group_keys(gate_group_kwargs: dict[str, Any] | None, optimizer_cls: type) -> None:

@@ -27,6 +27,10 @@ def resumed_config(out: Path, given: TrainConfig) -> TrainConfig:
     return replace(saved, output_dir=given.output_dir).validate()
 
 
+# Fields whose unset value stands for another, as the run reads them: a flag naming that value is no change.
+UNSET_MEANS = {"min_rank": TrainConfig.effective_min_rank, "gate_lr": lambda c: c.gate_lr or c.lr}
+
+
 def changed_settings(saved: TrainConfig, given: TrainConfig) -> str:
     """The fields the user set (to other than the method's defaults) that differ from the saved run's, as text.
 
@@ -47,6 +51,8 @@ def changed_settings(saved: TrainConfig, given: TrainConfig) -> str:
             continue  # the value `given` has had the user not set it: no choice of theirs
         if name == "modules_to_save" and old and new and old[:len(new)] == new:
             continue  # the run appended the modules its checkpoint lacked (see train)
+        if name in UNSET_MEANS and UNSET_MEANS[name](saved) == UNSET_MEANS[name](replace(saved, **{name: new})):
+            continue  # the value the saved run's unset field stands for: --min-rank 1 for a budget's null
         differ.append(f"{name}: saved {old!r}, given {new!r}")
     return "; ".join(differ)
 

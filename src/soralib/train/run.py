@@ -194,7 +194,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
         state["skipped_steps"] = state.get("skipped_steps", 0) + trainer.nonfinite.skipped
         if budget:
             trim_model_(model, *budget, config.effective_min_rank())  # held by the controller already; the guarantee
-        if len(thresholds) > 1:
+        if config.schedule or config.thresholds:  # a schedule's stages, even one: stages.jsonl, memorization
             _finish_stage(trainer, task, model, spec, features, memorize, stage, threshold, stage_dir, out)
         if stage < len(thresholds) and processes.is_main_process:
             # The last stage is never marked done: metrics.json marks the run done, and a run killed

@@ -78,17 +78,24 @@ class Sora(Method):
         (and before anything is written): below min_rank ranks in every module, or above LoRA at r_max."""
         import soralib
 
+        report = soralib.sparsity_report(model)
+        n, costs = len(report["modules"]), [m["in_features"] + m["out_features"] for m in report["modules"]]
+        # With --min-rank 0 the floor is one rank: a budget below it keeps none, and the run would train for nothing.
         if config.target_params is not None:
-            report = soralib.sparsity_report(model)
-            floor = config.effective_min_rank() * sum(m["in_features"] + m["out_features"] for m in report["modules"])
+            floor = max(config.effective_min_rank() * sum(costs), min(costs))
             if not floor <= config.target_params <= report["lora_params_at_r_max"]:
-                raise InputError(
-                    f"target_params must be in [{floor}, {report['lora_params_at_r_max']}] for this model (min_rank "
-                    f"{config.effective_min_rank()} to r {config.r} ranks in each of its {len(report['modules'])} "
-                    f"adapted modules; --min-rank 0 lets modules collapse), got {config.target_params}")
+                span = f"to r {config.r} ranks in each of its {n} adapted modules"
+                cheapest = f"one rank, {min(costs)} parameters in its cheapest module,"
+                why = (f"min_rank {config.effective_min_rank()} {span}; --min-rank 0 lets modules collapse"
+                       if config.effective_min_rank() else f"{cheapest} {span}: a smaller budget keeps no rank")
+                raise InputError(f"target_params must be in [{floor}, {report['lora_params_at_r_max']}] for this model "
+                                 f"({why}), got {config.target_params}")
             return float(config.target_params), "kept_params"
         if config.target_rank is not None:
-            return config.target_rank * len(soralib.sparsity_report(model)["modules"]), "kept_rank"
+            if config.target_rank * n < 1:  # min_rank 0 (else Sora.check refused it): no whole rank to keep
+                raise InputError(f"target_rank must be >= 1/{n} = {1 / n:g} for this model (one rank among its {n} "
+                                 f"adapted modules: a smaller budget keeps no rank), got {config.target_rank}")
+            return config.target_rank * n, "kept_rank"
         return None
 
     def callbacks(self, config: TrainConfig, guard, budget: tuple[float, str] | None) -> list:

@@ -144,8 +144,6 @@ def create_sora_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0
     return add_prox_step(optimizer_cls(groups, lr=lr, **optimizer_kwargs))
 
 
-
-
 def check_gate_group_keys(gate_group_kwargs: dict[str, Any] | None, optimizer_cls: type) -> None:
     """Each key is a setting of `optimizer_cls` (its constructor's arguments), soralib's, or a tag: a torch
     optimizer keeps a group's unknown keys and ignores them, so a misspelt setting would silently do nothing."""

@@ -57,9 +57,10 @@ def test_parameter_budget_lands_within_five_percent(glue_dir, tiny_model, tmp_pa
     assert len(set(thresholds)) > 1, "the controller never moved the threshold"
 
 
-def test_target_rank_budget_lands_on_the_mean_kept_rank(glue_dir, tiny_model, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--budget-ramp", "trim", "--gate-init", "ones"]], ids=["threshold", "trim"])
+def test_target_rank_budget_lands_on_the_mean_kept_rank(glue_dir, tiny_model, tmp_path, flags):
     out = tmp_path / "run"
-    assert main(train_args(glue_dir, tiny_model, out, "--target-rank", "3", "--epochs", "3")) == 0
+    assert main(train_args(glue_dir, tiny_model, out, "--target-rank", "3", "--epochs", "3", *flags)) == 0
     sparsity = json.loads((out / "sparsity.json").read_text())
     mean_rank = sparsity["kept_rank"] / len(sparsity["modules"])
     assert abs(mean_rank - 3) <= 0.05 * 3

@@ -19,7 +19,12 @@ from torch import nn
 from .optim import adapter_of, get_threshold, set_threshold, sora_layers
 from .prox import shard_like, tau_per_threshold, whole
 from .prune import sparsity_report
-from .schedule import budget_threshold
+from .schedule import budget_threshold, budget_trajectory
+
+RAMPS = ("threshold", "trim")  # how a budget run gets down to its size (see BudgetSchedule)
+# The trim ramp cuts nothing in the first 10 % of training (AdaLoRA's tinit, as `sora train` sets it): gates that
+# start equal need steps of their own gradients before their sizes tell them apart.
+TRIM_WARMUP = 0.1
 
 
 def _check(gates: list[torch.Tensor], costs: list[int], budget: float, min_rank: int) -> None:
@@ -130,12 +135,21 @@ def trim_model_(model: nn.Module, budget: float, measure: str = "kept_params", m
 
 
 def steer_to_budget(model: nn.Module, optimizer: Any, budget: float, measure: str, progress: float,
-                    min_rank: int = 0, final_fraction: float = 0.75) -> None:
+                    min_rank: int = 0, final_fraction: float = 0.75, ramp: str = "threshold") -> None:
     """One step of the budget policy at ``progress`` = step / total steps (see `BudgetSchedule`): before
-    ``final_fraction``, the threshold from `budget_threshold`; from it on, threshold 0 and `trim_model_`."""
+    ``final_fraction``, the threshold from `budget_threshold` (ramp "threshold") or threshold 0 and `trim_model_`
+    to the ramp's size (ramp "trim"); from it on, threshold 0 and `trim_model_` to the budget."""
     if progress >= final_fraction:
         set_threshold(optimizer, 0.0)
         trim_model_(model, budget, measure, min_rank)
+        return
+    if ramp == "trim":
+        set_threshold(optimizer, 0.0)
+        report = sparsity_report(model)
+        initial = report["r_max_total" if measure == "kept_rank" else "lora_params_at_r_max"]
+        start = min(TRIM_WARMUP, final_fraction / 2)
+        ramped = final_fraction * max(progress - start, 0.0) / (final_fraction - start)  # the cubic from `start` on
+        trim_model_(model, budget_trajectory(initial, min(budget, initial), ramped, final_fraction), measure, min_rank)
         return
     # The controller steers the step's τ, whose floor and cap are set for O(1) gates; in lr_scaled mode the
     # group holds λ = τ / lr (capping λ at 1 capped τ at the lr, and the ramp cut almost nothing).
@@ -158,8 +172,10 @@ def _integer(value: Any, least: int) -> bool:
 
 
 def check_budget(target_params: float | None, target_rank: float | None, min_rank: int,
-                 final_fraction: float) -> None:
+                 final_fraction: float, ramp: str = "threshold") -> None:
     """`BudgetSchedule`'s settings that need no model, checked before anything is built."""
+    if ramp not in RAMPS:
+        raise ValueError(f"ramp must be one of {', '.join(RAMPS)}, got {ramp!r}")
     if (target_params is None) == (target_rank is None):
         raise ValueError("give target_params or target_rank, not both" if target_params is not None else
                          "give target_params (adapter parameters) or target_rank (mean rank per module), got neither")
@@ -188,8 +204,12 @@ class BudgetSchedule:
     does the prox step of the ramp (the gate group's ``sora_min_rank`` is raised to `min_rank` if lower; if higher,
     e.g. ``create_sora_optimizer(..., min_rank=3)``, it is the floor of the trims and of the budget's range too).
 
-    Ramp (progress p = step / total_steps < f = final_fraction): τ from the integral controller
-    `budget_threshold`, so the kept size follows AdaLoRA's cubic ramp. Hold (p ≥ f): τ = 0 and after every
+    Ramp (progress p = step / total_steps < f = final_fraction), `ramp="threshold"`: τ from the integral
+    controller `budget_threshold`, so the kept size follows AdaLoRA's cubic ramp; every gate shrinks by τ each
+    step, so gates that start equal (`gate_init="ones"`) shrink alike and die together, down to `min_rank`.
+    `ramp="trim"`: τ = 0, nothing cut in the first 10 % (`TRIM_WARMUP`), then after every step only the largest
+    gates that fit the cubic ramp's size stay non-zero; the kept gates are not shrunk, so which ranks stay is
+    decided by what the gates' own gradients made of them. Hold (p ≥ f): τ = 0 and after every
     step only the largest gates that fit in the budget stay non-zero (`trim_model_`), so the final size is
     the budget to within one rank and the last quarter of training goes to the ranks that are kept, as in
     AdaLoRA's final phase.
@@ -204,8 +224,8 @@ class BudgetSchedule:
 
     def __init__(self, model: nn.Module, optimizer: Any, *, target_params: float | None = None,
                  target_rank: float | None = None, total_steps: int, min_rank: int = 1,
-                 final_fraction: float = 0.75) -> None:
-        check_budget(target_params, target_rank, min_rank, final_fraction)
+                 final_fraction: float = 0.75, ramp: str = "threshold") -> None:
+        check_budget(target_params, target_rank, min_rank, final_fraction, ramp)
         if not _integer(total_steps, 1):
             raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
         get_threshold(optimizer)  # the gate group the schedule steers, or the error that says how to get one
@@ -238,7 +258,7 @@ class BudgetSchedule:
                                  f"the mean r_max of its {n} adapted modules), got {target_rank!r}")
             self.budget, self.measure = float(target_rank * n), "kept_rank"
         self.model, self.optimizer, self.total_steps = model, optimizer, int(total_steps)
-        self.min_rank, self.final_fraction = int(min_rank), final_fraction
+        self.min_rank, self.final_fraction, self.ramp = int(min_rank), final_fraction, ramp
         # Else the ramp's prox step could zero a whole module, which no trim brings back.
         for group in optimizer.param_groups:
             if "sora_threshold" in group:
@@ -249,7 +269,7 @@ class BudgetSchedule:
         if not _integer(global_step, 0):
             raise ValueError(f"global_step must be an integer >= 0, got {global_step!r}")
         steer_to_budget(self.model, self.optimizer, self.budget, self.measure,
-                        min(global_step / self.total_steps, 1.0), self.min_rank, self.final_fraction)
+                        min(global_step / self.total_steps, 1.0), self.min_rank, self.final_fraction, self.ramp)
 
     def finish(self) -> None:
         """The final trim: the kept adapter fits the budget (over it only by ranks `min_rank` forces)."""

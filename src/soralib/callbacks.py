@@ -82,10 +82,10 @@ class SoraBudgetCallback(TrainerCallback):
     finished (the final trim) at ``on_train_end``. The arguments are `BudgetSchedule`'s."""
 
     def __init__(self, target_params: float | None = None, target_rank: float | None = None, min_rank: int = 1,
-                 final_fraction: float = 0.75) -> None:
-        check_budget(target_params, target_rank, min_rank, final_fraction)
+                 final_fraction: float = 0.75, ramp: str = "threshold") -> None:
+        check_budget(target_params, target_rank, min_rank, final_fraction, ramp)
         self.settings = {"target_params": target_params, "target_rank": target_rank, "min_rank": min_rank,
-                         "final_fraction": final_fraction}
+                         "final_fraction": final_fraction, "ramp": ramp}
         self.schedule: BudgetSchedule | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -166,6 +166,8 @@ class TrainConfig:
     """Adapt the threshold so that the final adapter has this many parameters (to within one rank)."""
     target_rank: Optional[float] = None
     """Same, as a mean kept rank per module."""
+    budget_ramp: str = "threshold"
+    """How a budget is reached: "threshold" (τ steered, every gate shrinks by it) or "trim" (τ 0, largest gates)."""
     min_rank: Optional[int] = None
     """Every module keeps at least this many ranks (the prox step spares its largest gates). None: 1 with
     a budget (no module collapses unless asked with 0), 0 otherwise (the paper's SoRA)."""

@@ -182,13 +182,15 @@ class BudgetController(TrainerCallback):
     like the schedule: a resumed run finds τ in the optimizer's state. run.py makes the final trim.
     """
 
-    def __init__(self, target: float, measure: str, min_rank: int = 0, final_fraction: float = 0.75):
+    def __init__(self, target: float, measure: str, min_rank: int = 0, final_fraction: float = 0.75,
+                 ramp: str = "threshold"):
         self.target, self.measure, self.min_rank, self.final_fraction = target, measure, min_rank, final_fraction
+        self.ramp = ramp
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         progress = min(state.global_step / max(state.max_steps, 1), 1.0)
         steer_to_budget(_unwrap(model), optimizer, self.target, self.measure, progress, self.min_rank,
-                        self.final_fraction)
+                        self.final_fraction, self.ramp)
 
 
 def _unwrap(model):

@@ -28,7 +28,7 @@ PROTOCOLS = ("default", "paper")
 CHOICES = {
     "method": REGISTRY.keys(), "protocol": PROTOCOLS, "schedule": SCHEDULES, "threshold_mode": ("fixed", "lr_scaled"),
     "gate_init": ("randn", "ones"), "gate_update": ("optimizer", "sgd"), "layout": ("exact", "uniform"),
-    "chat_template": ("auto", "on", "off"),
+    "chat_template": ("auto", "on", "off"), "budget_ramp": ("threshold", "trim"),
 }
 
 
@@ -116,6 +116,8 @@ USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
     "memorization_samples": [("schedule", "with --schedule or --thresholds (it is measured after each stage)",
                               lambda c: bool(c.schedule or c.thresholds))],
     "target_params": [_with("supports_budget")],
+    "budget_ramp": [_GATED, ("target_rank", "with a budget (--target-rank or --target-params)",
+                             lambda c: c.target_rank is not None or c.target_params is not None)],
     "adalora_target_r": [_with("reads_target_r")],
     **{field: [_task_reads(field)] for task in KINDS.values() for field in task.fields},
 }

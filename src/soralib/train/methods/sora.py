@@ -101,7 +101,7 @@ class Sora(Method):
     def callbacks(self, config: TrainConfig, guard, budget: tuple[float, str] | None) -> list:
         from ..loop import BudgetController
 
-        return [BudgetController(*budget, config.effective_min_rank())] if budget is not None else []
+        return [BudgetController(*budget, config.effective_min_rank(), ramp=config.budget_ramp)] if budget else []
 
     def extra_loss(self, config: TrainConfig, model: nn.Module):
         """The optional ℓ1 gate term c · mean|g|."""

@@ -32,6 +32,8 @@ CLAIMS = (
     ("sora-budget-ones-glr", "lora-equal", "the same with a gate lr of their own (1e-2)"),
     ("sora-budget-ones-sgd", "lora-equal", "the same with plain SGD gates (the paper's proximal step)"),
     ("sora-budget-ones", "sora-budget", "gates that start equal beat random initial gates"),
+    ("sora-budget-ones-trim", "lora-equal", "equal-start gates kept by size alone (trim ramp) beat LoRA of that size"),
+    ("sora-budget-ones-trim", "sora-budget", "the same beats the reference budget gates"),
     ("sora-budget", "lora", "SoRA-budget (half the size) scores above LoRA r8"),
     ("lora-equal", "lora", "LoRA r4 scores above LoRA r8"),
 )

@@ -33,6 +33,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The paper's proximal gradient step: plain SGD on the gates, then the soft-threshold (the budget steers
     # τ itself, so the paper's τ = η_t·λ with a fixed λ has no role here).
     "sora-budget-ones-sgd": ("sora", {"r": 8, "target_rank": 4, "gate_init": "ones", "gate_update": "sgd"}),
+    # Gates that start equal cut by size alone: the threshold ramp shrinks them alike until all but min_rank die
+    # together (the ones variants above end with ~3 in 4 kept ranks near zero); the trim ramp keeps the largest.
+    "sora-budget-ones-trim": ("sora", {"r": 8, "target_rank": 4, "gate_init": "ones", "budget_ramp": "trim"}),
     # Plain LoRA with the per-module ranks of the matching sora-budget cell (bench/patterns.py): as found,
     # and shuffled over the modules: ranks, alphas and targets all come from the pattern file.
     "lora-pattern": ("lora", {}),

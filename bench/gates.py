@@ -24,8 +24,9 @@ from . import common
 
 
 def initial_and_final_gates(run_dir: Path) -> tuple[Any, Any, Any]:
-    """(config, g0, g_final, sizes, costs): the run's config, its gates before and after training (one flat
-    tensor each, in the same module order), each module's rank count and its cost per rank (in + out)."""
+    """(config, g0, g_final, size, sizes, costs): the run's config, its gates before and after training and each
+    rank's contribution to ΔW at the end (one flat tensor each, in the same module order), each module's rank count
+    and its cost per rank (in + out)."""
     import torch
     from safetensors.torch import load_file
 
@@ -43,8 +44,11 @@ def initial_and_final_gates(run_dir: Path) -> tuple[Any, Any, Any]:
     layers = list(sora_layers(model))
     g0 = torch.cat([layer.sora_gate["default"].detach().flatten() for _, layer in layers])
     g_final = torch.cat([final[f"{name}.sora_gate"].flatten() for name, _ in layers])
+    # what each rank adds to ΔW, |g|·‖A row‖·‖B column‖: a rank kept with a near-zero gate does nothing
+    size = torch.cat([final[f"{name}.sora_gate"].abs() * final[f"{name}.sora_A.weight"].norm(dim=1)
+                      * final[f"{name}.sora_B.weight"].norm(dim=0) for name, _ in layers])
     sizes = [layer.sora_gate["default"].numel() for _, layer in layers]
-    return config, g0, g_final, sizes, [layer.in_features + layer.out_features for _, layer in layers]
+    return config, g0, g_final, size, sizes, [layer.in_features + layer.out_features for _, layer in layers]
 
 
 def predicted_alive(config: Any, g0: Any, sizes: list[int], costs: list[int], steps: int) -> Any:
@@ -71,7 +75,7 @@ def measure(key: str, run_dir: Path, steps: int) -> dict[str, Any] | None:
     """The record of one cell (T = its optimizer steps that ran: a skipped step has no prox step either):
     alive ranks against what g0 alone predicts (`predicted_alive`); for gates that all start equal only the
     alive count and the agreement a random kept set of that size would have with any other (`chance`)."""
-    config, g0, g_final, sizes, costs = initial_and_final_gates(run_dir)
+    config, g0, g_final, size, sizes, costs = initial_and_final_gates(run_dir)
     if config.schedule or config.thresholds or config.l1_coef:
         return None
     alive, predicted = g_final != 0, predicted_alive(config, g0, sizes, costs, steps)
@@ -80,6 +84,8 @@ def measure(key: str, run_dir: Path, steps: int) -> dict[str, Any] | None:
     record = {"kind": "gates", "key": key, "task": config.task, "seed": config.seed, "steps": steps,
               "threshold": config.threshold, "xi_T": config.threshold * steps, "ranks": len(g0),
               "alive": int(alive.sum()), "gate_init": config.gate_init,
+              # kept, yet adding under 1 % of what the largest rank adds: a size met with ranks that do nothing
+              "idle": int((alive & (size < 0.01 * float(size.max()))).sum()),
               "rule": "budget" if config.target_rank or config.target_params else "fixed",
               # the same-verdict share of two independent random draws with these shares alive
               "chance": round(a * p + (1 - a) * (1 - p), 4)}
@@ -101,16 +107,18 @@ def table(records: list[dict[str, Any]]) -> list[str]:
              "a same-verdict share near it means g0 decides nothing, near 100 % that g0 decides everything. "
              "A budget run's floor is its frozen-gates twin (`sora-budget-static`), not 100 %: where the ramp cuts a "
              "few ranks past the budget, the hold phase refills it with dead gates AdamW revives at about the gate "
-             "lr, which g0 did not choose.", "",
-             "| cell | rule | gate init | steps T | ξ·T | ranks alive | predicted alive | same verdict | chance "
-             "| alive, not predicted | predicted, dead |", "|---" * 11 + "|"]
+             "lr, which g0 did not choose. \"Idle\": ranks alive that add under 1 % of what the run's largest rank "
+             "adds to ΔW (abs(g)·‖A row‖·‖B column‖): kept in the count, doing nothing.", "",
+             "| cell | rule | gate init | steps T | ξ·T | ranks alive | idle | predicted alive | same verdict | "
+             "chance | alive, not predicted | predicted, dead |", "|---" * 12 + "|"]
     for r in sorted(rows, key=lambda r: r["key"]):
         def share(k: str) -> str:
             return f"{r[k] / r['ranks']:.1%}" if k in r else "–"
         chance = f"{r['chance']:.1%}" if "chance" in r else "–"  # records older than the column
         lines.append(f"| {r['key']} | {r.get('rule', 'fixed')} | {r.get('gate_init', 'randn')} | {r['steps']} | "
-                     f"{r['xi_T']:.2f} | {share('alive')} | {share('predicted')} | {share('agree')} | {chance} "
-                     f"| {r.get('alive_not_predicted', '–')} | {r.get('predicted_not_alive', '–')} |")
+                     f"{r['xi_T']:.2f} | {share('alive')} | {share('idle')} | {share('predicted')} | "
+                     f"{share('agree')} | {chance} | {r.get('alive_not_predicted', '–')} | "
+                     f"{r.get('predicted_not_alive', '–')} |")
     return lines + [""]
 
 

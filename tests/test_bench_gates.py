@@ -3,6 +3,9 @@ a real run of `sora train` on a tiny BERT."""
 
 import json
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from bench import common, gates
 from conftest import train_args
 
@@ -40,11 +43,19 @@ def test_gates_tool_predicts_a_budget_runs_kept_ranks_from_g0_and_gives_only_cha
         assert sora(train_args(glue_dir, tiny_model, run, "--target-rank", "2", "--gate-lr", "1e-9", *flags)) == 0
         metrics = json.loads((run / "metrics.json").read_text())
         common.append_jsonl(results, {"key": name, "variant": name[4:].rsplit("-s0", 1)[0], "metrics": metrics})
+    adapter = tmp_path / "runs" / "rte-sora-budget-ones-s0-e2" / "sora_adapter" / "adapter_model.safetensors"
+    weights = load_file(str(adapter))
+    gate = next(k for k, v in weights.items() if k.endswith("sora_gate") and int((v != 0).sum()) >= 3)
+    weights[gate][torch.nonzero(weights[gate])[:3, 0]] = 1e-6  # alive, yet a millionth of the others
+    save_file(weights, str(adapter))
     assert gates.main(["--results", str(results), "--runs-dir", str(tmp_path / "runs"), "--out", str(out)]) == 0
     budget, ones = common.read_jsonl(out)
     assert budget["rule"] == "budget" and 0 < budget["alive"] < budget["ranks"]
     assert budget["agree"] == budget["ranks"]  # gates that never learn: g0 decides every rank
     assert ones["gate_init"] == "ones" and "predicted" not in ones  # all equal: nothing to predict from
+    # equal frozen gates shrink alike under the threshold ramp and die together, but for min_rank 1 per module; the
+    # hold refills the budget with gates revived at the gate lr (1e-9): kept, and idle
+    assert ones["idle"] == 3  # the three gates set to 1e-6 below: kept, adding nothing
     assert budget["alive"] == ones["alive"]  # the same budget: the same number of ranks alive
     assert 0.5 <= ones["chance"] < 1 and ones["chance"] == budget["chance"]  # two random draws of that share
     assert "| rte-sora-budget-ones-s0-e2 | budget | ones |" in "\n".join(gates.table([budget, ones]))

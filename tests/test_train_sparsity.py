@@ -2,6 +2,7 @@
 budget that lands on its target."""
 
 import json
+import logging
 
 import pytest
 
@@ -64,3 +65,17 @@ def test_target_rank_budget_lands_on_the_mean_kept_rank(glue_dir, tiny_model, tm
     sparsity = json.loads((out / "sparsity.json").read_text())
     mean_rank = sparsity["kept_rank"] / len(sparsity["modules"])
     assert abs(mean_rank - 3) <= 0.05 * 3
+
+
+def test_an_lr_scaled_threshold_that_would_prune_nothing_is_warned_about(glue_dir, tiny_model, tmp_path, caplog):
+    # the fixed mode's default 3e-4 read as λ: τ = λ·lr ≈ 2e-7 a step
+    with caplog.at_level(logging.WARNING, logger="soralib.train.methods.sora"):
+        assert main(train_args(glue_dir, tiny_model, tmp_path / "run", "--threshold-mode", "lr_scaled",
+                               "--max-steps", "4")) == 0
+    assert any("--threshold-mode lr_scaled reads --threshold 0.0003 as λ" in m and "prunes almost nothing" in m
+               for m in caplog.messages)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="soralib.train.methods.sora"):
+        assert main(train_args(glue_dir, tiny_model, tmp_path / "big", "--threshold-mode", "lr_scaled",
+                               "--threshold", "5000", "--max-steps", "4")) == 0
+    assert not any("prunes almost nothing" in m for m in caplog.messages)

@@ -54,6 +54,16 @@ class Sora(Method):
 
         import soralib
 
+        if config.threshold_mode == "lr_scaled" and not (config.target_params or config.target_rank
+                                                         or config.schedule or config.thresholds):
+            # τ = λ·lr each step; a linear decay (and warm-up) averages the lr to about half its peak
+            shrink = config.threshold * (config.gate_lr or config.lr) * total_steps / 2
+            if shrink < 0.01:
+                logger.warning("--threshold-mode lr_scaled reads --threshold %g as λ (τ = λ·lr each step): over %d "
+                               "steps the gates shrink by about %.2g in all, which prunes almost nothing; for a "
+                               "total shrink z pass --threshold 2·z/(lr·steps) (z = 0.67 keeps about half of "
+                               "randn gates)", config.threshold, total_steps, shrink)
+
         return peft.get_peft_model(model, soralib.SoraConfig(
             r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, gate_init=config.gate_init,
             **peft_common(config, model)))

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("_cache")
 
 @pytest.mark.parametrize("flags, expected", [
     (["--threshold", "inf"], "threshold must be a finite number >= 0, got inf"),
-    (["--target-modules", "qeury"], "No modules were targeted for adaptation; closest linear modules: key, query"),
+    (["--target-modules", "qeury"], "target_modules entry 'qeury' matches no module of the model; closest linear modules: key, query"),
     (["--lora-dropout", "1.5"], "lora_dropout must be in [0, 1), got 1.5"),
     (["--method", "adalora", "--r", "1"], "adalora needs r >= 2 (it prunes from r down to a smaller target), got 1"),
 ], ids=["threshold-inf", "target-modules-typo", "lora-dropout-above-1", "adalora-r-1"])

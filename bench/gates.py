@@ -23,7 +23,7 @@ from soralib.train.rundir import CONFIG, SKIPPED_STEPS, SORA_ADAPTER, STEPS
 from . import common
 
 
-def initial_and_final_gates(run_dir: Path) -> tuple[Any, Any, Any]:
+def initial_and_final_gates(run_dir: Path) -> tuple[Any, ...]:
     """(config, g0, g_final, size, sizes, costs): the run's config, its gates before and after training and each
     rank's contribution to ΔW at the end (one flat tensor each, in the same module order), each module's rank count
     and its cost per rank (in + out)."""

@@ -72,3 +72,15 @@ def test_an_unknown_ramp_is_refused(ramp):
         soralib.BudgetSchedule(model, optimizer, target_rank=KEEP, total_steps=STEPS, ramp=ramp)
     with pytest.raises(ValueError, match="ramp must be one of threshold, trim"):
         soralib.SoraBudgetCallback(target_rank=KEEP, ramp=ramp)
+
+
+def test_the_trim_ramp_takes_the_optimizers_threshold_out_from_the_first_step():
+    # else the first step's prox step cut every gate under the optimizer's threshold, before any trim
+    model = sora_model("bert", r=R)  # randn gates: a threshold of 0.5 would zero about 38 % of them at once
+    optimizer = soralib.create_sora_optimizer(model, lr=8e-4, threshold=0.5)
+    budget = soralib.BudgetSchedule(model, optimizer, target_rank=KEEP, total_steps=STEPS, ramp="trim")
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    optimizer.step()
+    budget.step(1)
+    assert soralib.get_threshold(optimizer) == 0.0 and soralib.sparsity_report(model)["kept_rank"] == 12 * R

@@ -137,8 +137,12 @@ def test_abbreviated_flags_are_refused(capsys, argv, unknown):
     (["train", "--gate-initt", "ones"], "sora train: error: unrecognized arguments: --gate-initt ones; did you mean "
                                         "--gate-init?"),
     (["ranks", "run", "--output", "x"], "sora ranks: error: unrecognized arguments: --output x; did you mean --out?"),
+    (["train", "--learning_rate", "1e-4"], "sora train: error: unrecognized arguments: --learning_rate 1e-4; did "
+                                           "you mean --lr?"),
     (["train", "--bogus"], "sora train: error: unrecognized arguments: --bogus"),
-], ids=["trainer-name", "trainer-lr", "abbreviated", "misspelt", "longer", "nothing-near"])
+    (["train", "--report-to", "none"], "sora train: error: unrecognized arguments: --report-to none"),
+], ids=["trainer-name", "trainer-lr", "abbreviated", "misspelt", "longer", "underscores", "nothing-near",
+        "not-a-short-flag-plus-anything"])
 def test_an_unknown_flag_names_the_flag_it_most_likely_meant(capsys, argv, expected):
     with pytest.raises(SystemExit) as stop:
         main(argv)

@@ -274,6 +274,6 @@ def test_a_full_disk_at_the_first_write_leaves_nothing_a_new_start_trips_on(glue
     with monkeypatch.context() as patch:
         patch.setattr(os, "fsync", full)
         assert main(train_args(glue_dir, tiny_model, out, *QUICK)) == 1
-    assert _error(capsys) == f"sora train: error: no space left on device at {out / 'config.yaml'}"
+    assert _error(capsys) == f"sora train: error: no space left on device at {out / 'state.json'}"
     assert [p.name for p in out.iterdir()] == [LOCK]
     assert main(train_args(glue_dir, tiny_model, out, *QUICK)) == 0

@@ -207,5 +207,8 @@ def test_target_modules_all_linear_adapts_every_linear_layer_of_the_blocks_as_pe
     assert main(train_args(glue_dir, tiny_model, out, "--method", "lora", "--target-modules", "all-linear",
                            "--max-steps", "1")) == 0
     weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    adapted = {k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in weights if "lora_A" in k}
-    assert adapted == {"query", "key", "value", "dense"}  # not the classifier: PEFT leaves the output layer out
+    adapted = {k.split(".lora_A")[0].removeprefix("base_model.model.") for k in weights if "lora_A" in k}
+    blocks = {f"bert.encoder.layer.{i}.{m}" for i in (0, 1) for m in (
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense")}
+    assert adapted == blocks | {"bert.pooler.dense"}  # not the classifier: PEFT leaves the output layer out

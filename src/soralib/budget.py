@@ -207,7 +207,8 @@ class BudgetSchedule:
     Ramp (progress p = step / total_steps < f = final_fraction), `ramp="threshold"`: τ from the integral
     controller `budget_threshold`, so the kept size follows AdaLoRA's cubic ramp; every gate shrinks by τ each
     step, so gates that start equal (`gate_init="ones"`) shrink alike and die together, down to `min_rank`.
-    `ramp="trim"`: τ = 0, nothing cut in the first 10 % (`TRIM_WARMUP`), then after every step only the largest
+    `ramp="trim"`: τ = 0 throughout, nothing cut in the first 10 % (`TRIM_WARMUP`; half the ramp if
+    final_fraction < 0.2), then after every step only the largest
     gates that fit the cubic ramp's size stay non-zero; the kept gates are not shrunk, so which ranks stay is
     decided by what the gates' own gradients made of them. Hold (p ≥ f): τ = 0 and after every
     step only the largest gates that fit in the budget stay non-zero (`trim_model_`), so the final size is
@@ -259,6 +260,8 @@ class BudgetSchedule:
             self.budget, self.measure = float(target_rank * n), "kept_rank"
         self.model, self.optimizer, self.total_steps = model, optimizer, int(total_steps)
         self.min_rank, self.final_fraction, self.ramp = int(min_rank), final_fraction, ramp
+        if ramp == "trim":  # from the first step on: the optimizer's own threshold would cut before any trim
+            set_threshold(optimizer, 0.0)
         # Else the ramp's prox step could zero a whole module, which no trim brings back.
         for group in optimizer.param_groups:
             if "sora_threshold" in group:

@@ -89,7 +89,7 @@ def sora_param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, th
     gates = gate_parameters(model)
     if not gates:
         raise ValueError(_why_no_gates(model))
-    check_min_rank_fits({**(gate_group_kwargs or {})}.get("sora_min_rank", min_rank), gates)
+    check_min_rank_fits((gate_group_kwargs or {}).get("sora_min_rank", min_rank), gates)
     gate_ids = {id(g) for g in gates}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in gate_ids]
     groups = [

@@ -16,10 +16,12 @@ FAMILIAR = {"--learning-rate": "--lr", "--num-train-epochs": "--epochs", "--mode
 
 def unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
     """argparse's message for arguments no flag takes, naming the flag the first unknown one most likely meant."""
-    flag = next((a.split("=", 1)[0] for a in extra if a.startswith("--")), "")
+    # Trainer's own parser spells its flags with underscores (--learning_rate): read them as hyphens
+    flag = next((a.split("=", 1)[0] for a in extra if a.startswith("--")), "").replace("_", "-")
     known = sorted(set(re.findall(r"--[a-z][a-z0-9-]*", parser.format_usage())))  # its own flags only
-    # one begins the other (--over, --output for --out): the nearest in length; else a near spelling
-    nested = [k for k in known if flag and (k.startswith(flag) or flag.startswith(k))]
+    # one begins the other (--over, --output for --out, not --report-to for --r): the nearest in length; else a
+    # near spelling
+    nested = [k for k in known if flag and (k.startswith(flag) or (flag.startswith(k) and len(flag) - len(k) <= 3))]
     close = difflib.get_close_matches(flag[2:], [k[2:] for k in known], n=1, cutoff=0.7)
     meant = FAMILIAR.get(flag) if parser.prog.endswith(" train") else None
     meant = meant or (min(nested, key=lambda k: abs(len(k) - len(flag))) if nested else

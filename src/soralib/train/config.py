@@ -127,7 +127,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     """Dropout on the adapter input."""
     target_modules: Optional[list[str]] = None
-    """Modules to adapt (each must match a module); None or ["all-linear"]: every linear layer of each block."""
+    """Modules to adapt (each must match a module); None: every linear layer of each block; ["all-linear"]:
+    PEFT's, every linear layer but the head (BERT's pooler too)."""
     modules_to_save: Optional[list[str]] = None
     """Trained in full and saved; None: the task head the model declares."""
     lora_config: Optional[str] = None

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from ..budget import steer_to_budget
+from ..optim import set_threshold
 from ..errors import TrainingDiverged
 from .checkpoints import CLOCK, CompleteCheckpoints, ResumedAtTheEnd, latest_checkpoint
 from .config import TrainConfig
@@ -186,6 +187,10 @@ class BudgetController(TrainerCallback):
                  ramp: str = "threshold"):
         self.target, self.measure, self.min_rank, self.final_fraction = target, measure, min_rank, final_fraction
         self.ramp = ramp
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.ramp == "trim":  # τ 0 from the first step: the optimizer's own threshold would cut before any trim
+            set_threshold(optimizer, 0.0)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         progress = min(state.global_step / max(state.max_steps, 1), 1.0)

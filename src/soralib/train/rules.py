@@ -108,6 +108,8 @@ USED_ONLY: dict[str, list[tuple[str, str, Callable[[TrainConfig], bool]]]] = {
     "thresholds": [_with("supports_schedule")],
     "lora_config": [_with("reads_lora_config")],
     "threshold": [_GATED, ("schedule", "without --schedule", lambda c: not c.schedule),
+                  ("budget_ramp", "without --budget-ramp trim (it sets no threshold)",
+                   lambda c: c.budget_ramp != "trim"),
                   ("thresholds", "without --thresholds (each stage has its own threshold)", lambda c: not c.thresholds)],
     "schedule": [_with("supports_schedule"), _NO_LIST],
     **dict.fromkeys(("schedule_start", "schedule_end", "num_stages"),

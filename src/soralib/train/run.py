@@ -169,8 +169,9 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
         if check_output_dir(config, overwrite, resume):  # again, locked: another run may have written meanwhile
             remove_run(out)  # only now, with data and model loaded: a failed start must not cost the old run
         if not resume:
+            # the data it started with, first: a run killed between the two is still checked when resumed
+            atomic_write_json(out / STATE, fresh_state)
             save_yaml(config, out / CONFIG)
-            atomic_write_json(out / STATE, fresh_state)  # the data it started with: --resume checks it is the same
     processes.wait_for_everyone()
     # A new run starts from zero; under torchrun on CPU, rank 1 can get here before rank 0 deleted the old run.
     state = _read_json(out / STATE, fresh_state) if resume else fresh_state

@@ -61,6 +61,9 @@ class Method:
             # list hold them
             if wanted not in HEADS and not any(n == wanted or n.endswith("." + wanted) for n in names):
                 raise InputError(f"modules_to_save entry {wanted!r} matches no module of the model")
+        if ALL_LINEAR in (config.target_modules or []) and len(config.target_modules) > 1:
+            raise InputError(f"target_modules {ALL_LINEAR!r} must be the only entry (it names every linear layer), got "
+                             f"{','.join(config.target_modules)}")
         if config.target_modules != [ALL_LINEAR]:  # PEFT ignores an entry that matches nothing while another does
             for wanted in config.target_modules or []:
                 if not any(n == wanted or n.endswith("." + wanted) for n in names):

@@ -202,7 +202,7 @@ def _train(config: TrainConfig, overwrite: bool, resume: bool, show_progress: bo
             # before writing it resumes the last stage from its newest checkpoint.
             state["stages_done"], state["history_bytes"] = stage, history_size(out / HISTORY)
             atomic_write_json(out / STATE, state)
-    return _finish_run(trainer, task, model, tokenizer, config, spec, splits, features, out, state)
+    return _finish_run(trainer, task, model, tokenizer, config, spec, splits, features, out, state, rows)
 
 
 def _finish_stage(trainer, task, model, spec, features, memorize, stage, threshold, stage_dir, out) -> None:
@@ -224,7 +224,7 @@ def _finish_stage(trainer, task, model, spec, features, memorize, stage, thresho
         atomic_write_text(out / STAGES, "".join(json.dumps(x) + "\n" for x in lines))
 
 
-def _finish_run(trainer, task, model, tokenizer, config, spec, splits, features, out, state) -> dict:
+def _finish_run(trainer, task, model, tokenizer, config, spec, splits, features, out, state, rows) -> dict:
     metrics: dict[str, Any] = {
         TASK: config.task, METHOD: config.method, SEED: config.seed, MODEL: config.model,
         MAIN_METRIC: spec.main_metric, HIGHER_IS_BETTER: task.higher_is_better,
@@ -235,8 +235,7 @@ def _finish_run(trainer, task, model, tokenizer, config, spec, splits, features,
         SKIPPED_STEPS: state.get("skipped_steps", 0),
         NUM_LABELS: spec.num_labels,
         **({LABEL_NAMES: list(spec.label_names)} if spec.label_names else {}),
-        EVAL_ROWS: {name: data_mod.rows_fingerprint(rows) for name, rows in splits.items()
-                    if name != "train" and rows is not None},
+        EVAL_ROWS: {name: digest for name, digest in rows.items() if name != "train"},  # hashed once, at the start
     }
     for name in features:
         if name not in ("train", "validation"):

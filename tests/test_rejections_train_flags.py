@@ -144,15 +144,17 @@ BAD_FLAGS += [  # a negative number is a value (then out of range), and a flag t
     ("adalora-target-r-above-r", ["--method", "adalora", "--adalora-target-r", "8"],
      "adalora_target_r must be <= r - 1 (7: AdaLoRA prunes from r down to it), got 8"),
     # only known once the model is wrapped: still before anything is written
-    ("target-params-below-one-rank", ["--target-params", "10"], "target_params must be in ["),
+    ("target-params-below-one-rank", ["--target-params", "10"],
+     "target_params must be in [832, 6656] for this model (min_rank 1 to r_max ranks in each of its 12 adapted "
+     "modules), got 10"),
     ("target-params-above-r", ["--target-params", "100000000"], "got 100000000"),
     # --min-rank 0: a budget below one rank keeps none (an empty adapter after the whole run)
     ("target-params-below-one-rank-min-rank-0", ["--min-rank", "0", "--target-params", "10"],
-     "target_params must be in [64, 6656] for this model (one rank, 64 parameters in its cheapest module, to r 8 ranks "
-     "in each of its 12 adapted modules: a smaller budget keeps no rank), got 10"),
+     "target_params must be in [64, 6656] for this model (min_rank 0, yet one rank at least, to r_max ranks in each "
+     "of its 12 adapted modules), got 10"),
     ("target-rank-below-one-rank-min-rank-0", ["--min-rank", "0", "--target-rank", "0.05"],
-     "target_rank must be >= 1/12 = 0.0833333 for this model (one rank among its 12 adapted modules: a smaller budget "
-     "keeps no rank), got 0.05"),
+     "target_rank must be in [0.0833333, 8] for this model (min_rank 0, yet one rank at least, to the mean r_max of "
+     "its 12 adapted modules), got 0.05"),
     ("adalora-target-params-below-one-rank", ["--method", "adalora", "--target-params", "10"],
      "target_params must be in ["),
 ]

@@ -163,6 +163,34 @@ def steer_to_budget(model: nn.Module, optimizer: Any, budget: float, measure: st
     set_threshold(optimizer, tau / per)
 
 
+def budget_range(report: dict[str, Any], measure: str, min_rank: int, whose: str = "") -> tuple[float, float, str]:
+    """(low, high, why): the budgets a run can reach on the model `report` (`sparsity_report`) describes, in
+    parameters (measure "kept_params") or mean kept rank per module ("kept_rank"), and why in words. Low is
+    `min_rank` ranks in every module, and never under one rank: a smaller budget keeps none, and the run
+    would train for nothing. `whose` says where `min_rank` comes from, when not from the caller."""
+    modules = report["modules"]
+    n, floor = len(modules), [min(min_rank, m["r_max"]) for m in modules]
+    costs = [m["in_features"] + m["out_features"] for m in modules]
+    floor_text = f"min_rank {min_rank}{whose}" if min_rank else "min_rank 0, yet one rank at least,"
+    if measure == "kept_params":
+        low = max(sum(k * c for k, c in zip(floor, costs)), min(costs))
+        return low, report["lora_params_at_r_max"], f"{floor_text} to r_max ranks in each of its {n} adapted modules"
+    return max(sum(floor), 1) / n, report["r_max_total"] / n, f"{floor_text} to the mean r_max of its {n} adapted modules"
+
+
+def budget_out_of_range(report: dict[str, Any], measure: str, value: float, min_rank: int,
+                        whose: str = "") -> str | None:
+    """The one-line error for a budget outside `budget_range`, or None when `value` is in it."""
+    low, high, why = budget_range(report, measure, min_rank, whose)
+    if low <= value <= high:
+        return None
+    name = {"kept_params": "target_params", "kept_rank": "target_rank"}[measure]
+    return f"{name} must be in [{_short(low)}, {_short(high)}] for this model ({why}), got {value!r}"
+
+
+def _short(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
 def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real) and 0 < value < math.inf
 
@@ -237,27 +265,16 @@ class BudgetSchedule:
                              f"({', '.join(active)}): give each its own run, or set_adapter to one")
         # The optimizer's own floor holds too: its prox step spares that many gates, and no trim may cut below it.
         group_floor = max(g.get("sora_min_rank", 0) for g in optimizer.param_groups if "sora_threshold" in g)
-        floor_text = f"{group_floor}, the optimizer's," if group_floor > min_rank else f"{min_rank}"
+        whose = ", the optimizer's," if group_floor > min_rank else ""
         min_rank = max(min_rank, group_floor)
+        measure = "kept_params" if target_params is not None else "kept_rank"
+        value = target_params if target_params is not None else target_rank
         report = sparsity_report(model)
+        error = budget_out_of_range(report, measure, value, min_rank, whose)
+        if error:
+            raise ValueError(error)
         n = len(report["modules"])
-        floor = [min(min_rank, m["r_max"]) for m in report["modules"]]  # ranks no trim takes away
-        if not min_rank:  # the floor is one rank: a smaller budget keeps none, and the run would train for nothing
-            floor_text = "0, yet one rank at least,"
-        if target_params is not None:
-            low = max(sum(k * (m["in_features"] + m["out_features"]) for k, m in zip(floor, report["modules"])),
-                      min(m["in_features"] + m["out_features"] for m in report["modules"]))
-            if not low <= target_params <= report["lora_params_at_r_max"]:
-                raise ValueError(f"target_params must be in [{low}, {report['lora_params_at_r_max']}] for this model "
-                                 f"(min_rank {floor_text} to r_max ranks in each of its {n} adapted modules), "
-                                 f"got {target_params!r}")
-            self.budget, self.measure = float(target_params), "kept_params"
-        else:
-            low, high = max(sum(floor), 1) / n, report["r_max_total"] / n
-            if not low <= target_rank <= high:
-                raise ValueError(f"target_rank must be in [{low:g}, {high:g}] for this model (min_rank {floor_text} to "
-                                 f"the mean r_max of its {n} adapted modules), got {target_rank!r}")
-            self.budget, self.measure = float(target_rank * n), "kept_rank"
+        self.budget, self.measure = float(value if measure == "kept_params" else value * n), measure
         self.model, self.optimizer, self.total_steps = model, optimizer, int(total_steps)
         self.min_rank, self.final_fraction, self.ramp = int(min_rank), final_fraction, ramp
         if ramp == "trim":  # from the first step on: the optimizer's own threshold would cut before any trim

@@ -87,26 +87,17 @@ class Sora(Method):
         A --target-params the run cannot reach is rejected here, where the per-module cost is first known
         (and before anything is written): below min_rank ranks in every module, or above LoRA at r_max."""
         import soralib
+        from soralib.budget import budget_out_of_range
 
+        if config.target_params is None and config.target_rank is None:
+            return None
+        measure = "kept_params" if config.target_params is not None else "kept_rank"
+        value = config.target_params if config.target_params is not None else config.target_rank
         report = soralib.sparsity_report(model)
-        n, costs = len(report["modules"]), [m["in_features"] + m["out_features"] for m in report["modules"]]
-        # With --min-rank 0 the floor is one rank: a budget below it keeps none, and the run would train for nothing.
-        if config.target_params is not None:
-            floor = max(config.effective_min_rank() * sum(costs), min(costs))
-            if not floor <= config.target_params <= report["lora_params_at_r_max"]:
-                span = f"to r {config.r} ranks in each of its {n} adapted modules"
-                cheapest = f"one rank, {min(costs)} parameters in its cheapest module,"
-                why = (f"min_rank {config.effective_min_rank()} {span}; --min-rank 0 lets modules collapse"
-                       if config.effective_min_rank() else f"{cheapest} {span}: a smaller budget keeps no rank")
-                raise InputError(f"target_params must be in [{floor}, {report['lora_params_at_r_max']}] for this model "
-                                 f"({why}), got {config.target_params}")
-            return float(config.target_params), "kept_params"
-        if config.target_rank is not None:
-            if config.target_rank * n < 1:  # min_rank 0 (else Sora.check refused it): no whole rank to keep
-                raise InputError(f"target_rank must be >= 1/{n} = {1 / n:g} for this model (one rank among its {n} "
-                                 f"adapted modules: a smaller budget keeps no rank), got {config.target_rank}")
-            return config.target_rank * n, "kept_rank"
-        return None
+        error = budget_out_of_range(report, measure, value, config.effective_min_rank())
+        if error:
+            raise InputError(error)
+        return float(value if measure == "kept_params" else value * len(report["modules"])), measure
 
     def callbacks(self, config: TrainConfig, guard, budget: tuple[float, str] | None) -> list:
         from ..loop import BudgetController

@@ -137,20 +137,27 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def byte_tokenizer(chat_template: bool = True):
-    """A byte-level BPE tokenizer without merges (259 tokens: 256 bytes and ChatML's specials), built in memory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(chat_template: bool = True, merges: tuple[tuple[str, str], ...] = (), framed: bool = False):
+    """A byte-level BPE tokenizer (259 tokens: 256 bytes and ChatML's specials), built in memory. `merges`: BPE
+    merges of byte-level symbols (newline is "Ċ"); `framed`: every text gets <s> before it and </s> after it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocab.update({a + b: len(vocab) + k for k, (a, b) in enumerate(merges)})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not merges)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|im_end|>",
                                         additional_special_tokens=["<|im_start|>"])
     tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
                                   "additional_special_tokens": ["<|im_start|>"]})
+    if framed:
+        tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
     if chat_template:
         tokenizer.chat_template = CHATML
     return tokenizer

@@ -4,15 +4,18 @@ line."""
 import json
 
 import pytest
-from conftest import byte_tokenizer
+from conftest import CHATML, byte_tokenizer
 from data_helpers import write_rows
 
 from soralib.cli import main
 from soralib.errors import InputError
 from soralib.train.tasks.generate import final_answer, generation_metrics
-from soralib.train.tasks.sft_data import read_sft_rows, tokenize_sft
+from soralib.train.tasks.sft_data import prompt_ids, read_sft_rows, tokenize_sft
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("_cache")]
+
+# ChatML whose generation prompt opens a thinking block the rendered conversation does not hold (DeepSeek-R1 style)
+CHATML_THINK = CHATML.replace("assistant\n{% endif %}", "assistant\n<think>\n{% endif %}")
 
 
 def test_the_loss_covers_the_completion_tokens_only():
@@ -65,3 +68,49 @@ def test_bad_sft_rows_are_refused_naming_file_and_line(tmp_path, rows, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_sft_rows(write_rows(tmp_path / "train.jsonl", rows), "question", "answer")
 
+
+
+def answer_of(tokenizer, feature) -> str:
+    return tokenizer.decode([i for i, label in zip(feature["input_ids"], feature["labels"]) if label != -100])
+
+
+def test_a_chat_template_that_ends_turns_with_a_plain_newline_still_teaches_the_model_to_stop(caplog):
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    (feature,) = tokenize_sft([{"prompt": "10 plus 18?", "completion": "28", "where": "f line 1"}], tokenizer, 64, True)
+    assert answer_of(tokenizer, feature) == "28\n<|im_end|>"  # without EOS it would never learn to stop
+    assert "EOS is appended to each answer" in caplog.text
+    caplog.clear()
+    (feature,) = tokenize_sft([{"prompt": "q", "completion": "a", "where": "f line 1"}], byte_tokenizer(), 64, True)
+    assert answer_of(byte_tokenizer(), feature) == "a<|im_end|>\n"  # ChatML closes the turn itself: nothing added
+    assert "EOS is appended" not in caplog.text
+
+
+def test_an_answer_whose_first_token_merges_with_the_prompts_last_is_tokenized_after_the_prompt():
+    tokenizer = byte_tokenizer(merges=(("Ċ", "Ċ"),))  # "\n\n" is one token
+    rows = [{"prompt": "Write code", "completion": "\n\ndef f():\n    return 7", "where": "f line 1"}]
+    (feature,) = tokenize_sft(rows, tokenizer, 128, True)
+    # the prompt's ids are exactly what generation is given, and the answer's text follows them unchanged
+    assert feature["input_ids"][:sum(label == -100 for label in feature["labels"])] == \
+        prompt_ids(tokenizer, "Write code", True)
+    assert answer_of(tokenizer, feature) == "\n\ndef f():\n    return 7<|im_end|>\n"
+
+
+def test_a_template_that_renders_the_prompt_otherwise_than_the_conversation_is_refused_naming_the_row():
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = CHATML_THINK
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "completion": "a", "where": "chat.jsonl line 3"}]
+    with pytest.raises(InputError) as err:
+        tokenize_sft(rows, tokenizer, 64, True)
+    message = str(err.value)
+    assert message.startswith("chat.jsonl line 3: the chat template renders the prompt alone as ")
+    assert "<think>" in message and "--chat-template off cannot render a 'messages' row" in message
+
+
+def test_without_a_chat_template_a_tokenizer_that_frames_every_text_puts_no_eos_inside_the_prompt():
+    tokenizer = byte_tokenizer(chat_template=False, framed=True)
+    ids = prompt_ids(tokenizer, "Tom has 16 apples.", False)
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in ids
+    (feature,) = tokenize_sft([{"prompt": "2+2?", "completion": "4", "where": "f line 1"}], tokenizer, 64, False)
+    assert tokenizer.decode(feature["input_ids"]) == "<s>2+2?\n4</s>"

@@ -8,6 +8,7 @@ completion and the ones before it the prompt. In a CSV the `messages` cell is JS
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 from pathlib import Path
@@ -127,27 +128,65 @@ def uses_chat_template(setting: str, tokenizer) -> bool:
 def prompt_ids(tokenizer, prompt: str | list[dict[str, str]], chat: bool) -> list[int]:
     """The token ids the model sees before its answer, at training and at generation alike."""
     if chat:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return _ids(tokenizer, _render(tokenizer, prompt))
     if not isinstance(prompt, str):
         raise InputError("rows with a 'messages' column need a chat template; the tokenizer has none or "
                          "--chat-template off was given")
-    return list(tokenizer(prompt + "\n")["input_ids"])
+    # The tokenizer's own leading tokens (BOS), never its trailing ones: one that appends EOS to every text
+    # would put an EOS between the prompt and its answer.
+    text, plain = prompt + "\n", _ids(tokenizer, prompt + "\n")
+    framed = list(tokenizer(text)["input_ids"])
+    lead = next((k for k in range(len(framed) - len(plain) + 1) if framed[k:k + len(plain)] == plain), 0)
+    return framed[:lead] + plain
 
 
 def completion_ids(tokenizer, prompt: str | list[dict[str, str]], completion: str, chat: bool,
                    prompt_part: list[int]) -> list[int]:
-    """The answer's token ids, ending with what stops generation (the end of the assistant's turn, or EOS)."""
+    """The answer's token ids, ending with what stops generation (the end of the assistant's turn, or EOS).
+
+    With a chat template the answer is what the whole conversation renders after the prompt. Where the tokens
+    differ at the seam (a BPE merge across it, e.g. the prompt's last newline with an answer's leading one), the
+    answer's text is tokenized on its own, as generation meets it after the prompt's ids. A template that ends
+    the assistant's turn with no special token gets EOS appended: else the model never learns to stop."""
     if not chat:
-        return list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+        return _ids(tokenizer, completion) + [tokenizer.eos_token_id]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    head = _render(tokenizer, prompt)
     text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=False)
-    full = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if full[: len(prompt_part)] != prompt_part:  # a template that renders the prompt alone otherwise
-        raise InputError("the chat template renders a prompt differently when an answer follows it; "
-                         "pass --chat-template off")
-    return full[len(prompt_part):]
+    full = _ids(tokenizer, text)
+    if full[: len(prompt_part)] == prompt_part:
+        tail = full[len(prompt_part):]
+    elif text.startswith(head):
+        tail = _ids(tokenizer, text[len(head):])
+    else:  # e.g. a generation prompt that opens a '<think>' block the rendered conversation does not hold
+        same = next((i for i, (x, y) in enumerate(zip(head, text)) if x != y), min(len(head), len(text)))
+        raise InputError(f"the chat template renders the prompt alone as ...{head[max(0, same - 20):][:60]!r} but "
+                         f"the conversation with its answer as ...{text[max(0, same - 20):][:60]!r}")
+    if closes_turn(tokenizer, tail):
+        return tail
+    _warn_no_stop(tokenizer.chat_template)
+    return tail + [tokenizer.eos_token_id]
+
+
+@functools.lru_cache(maxsize=None)  # once per template, not once per row
+def _warn_no_stop(template: str) -> None:
+    logger.warning("the chat template ends the assistant's turn with no special token: EOS is appended to each "
+                   "answer, so the adapter learns to stop")
+
+
+def closes_turn(tokenizer, ids: list[int]) -> bool:
+    """Whether `ids` hold a special token other than BOS (ChatML's <|im_end|>, Llama 3's <|eot_id|>, EOS)."""
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return bool(special.difference({tokenizer.bos_token_id}).intersection(ids))
+
+
+def _render(tokenizer, prompt: str | list[dict[str, str]]) -> str:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def tokenize_sft(rows: list[dict[str, Any]], tokenizer, max_length: int, chat: bool) -> list[dict[str, list[int]]]:
@@ -176,14 +215,16 @@ def _row_ids(tokenizer, row: dict[str, Any], chat: bool) -> tuple[list[int], lis
     if not chat and not isinstance(row["prompt"], str):
         raise InputError(f"{row['where']}: a 'messages' row needs a chat template; the tokenizer has none or "
                          "--chat-template off was given")
+    fix = ("pass --chat-template off (prompt and completion joined by a newline) or fix the template"
+           if isinstance(row["prompt"], str) else
+           "change the messages or the template (--chat-template off cannot render a 'messages' row)")
     try:
         head = prompt_ids(tokenizer, row["prompt"], chat)
         return head, completion_ids(tokenizer, row["prompt"], row["completion"], chat, head)
+    except InputError as err:
+        raise InputError(f"{row['where']}: {err}; {fix}") from None
     except TemplateError as err:
         message = (str(err) or type(err).__name__).splitlines()[0]
         if isinstance(err, TemplateSyntaxError):
             message = f"syntax error at template line {err.lineno}: {message}"
-        fix = ("pass --chat-template off (prompt and completion joined by a newline) or fix the template"
-               if isinstance(row["prompt"], str) else
-               "change the messages or the template (--chat-template off cannot render a 'messages' row)")
         raise InputError(f"{row['where']}: the tokenizer's chat template fails: {message}; {fix}") from None

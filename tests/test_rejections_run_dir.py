@@ -61,10 +61,19 @@ def _listing(run):
     return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
 
 
-def test_export_refuses_a_run_that_is_not_a_finished_sora_run(glue_dir, tiny_model, tmp_path, capsys):
-    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, method="lora", **{"adapter/adapter_config.json": "{}"})
+NOT_SORA = {"lora": ("lora", "adapter/adapter_config.json", "was trained with method lora, not sora: only a SoRA "
+                                                               "run has gates"),
+            "unfinished": ("sora", "adapter/adapter_config.json", "is not a finished SoRA run (no sora_adapter/)")}
+
+
+@pytest.mark.parametrize("command", ["export", "ranks"])
+@pytest.mark.parametrize("kind", NOT_SORA)
+def test_export_and_ranks_refuse_a_run_that_is_not_a_finished_sora_run(glue_dir, tiny_model, tmp_path, capsys,
+                                                                       command, kind):
+    method, present, message = NOT_SORA[kind]
+    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, method=method, **{present: "{}"})
     before = _listing(run)
-    fails_cleanly(capsys, ["export", run], f"{run} is not a finished SoRA run (no sora_adapter/)")
+    fails_cleanly(capsys, [command, run], f"{run} {message}")
     assert _listing(run) == before
 
 
@@ -83,11 +92,6 @@ def test_ranks_refuses_an_out_path_that_is_not_a_file_before_loading_anything(gl
     what = "is a directory" if where == "directory" else "is in a directory that does not exist"
     fails_cleanly(capsys, ["ranks", run, "--out", out], f"--out {out} {what}; give a JSON file path such as "
                                                          f"{os.path.relpath(tmp_path / 'run-ranks.json')} (outside the run")
-
-
-def test_ranks_refuses_a_run_that_is_not_a_finished_sora_run(glue_dir, tiny_model, tmp_path, capsys):
-    run = _fake_run(tmp_path / "run", glue_dir, tiny_model, method="lora", **{"adapter/adapter_config.json": "{}"})
-    fails_cleanly(capsys, ["ranks", run], f"{run} is not a finished SoRA run (no sora_adapter/)")
 
 
 # ---- export and ranks write only what they wrote before -------------------------------------------------------------

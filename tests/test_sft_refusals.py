@@ -181,3 +181,14 @@ def test_messages_rows_without_a_chat_template_are_refused_naming_the_file(tmp_p
             "--output-dir", out, "--max-steps", "1"]
     fails_cleanly(capsys, args, f"{train} line 1: a 'messages' row needs a chat template; the tokenizer has none "
                                 "or --chat-template off was given", out)
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused_with_the_whole_reason(gsm_files, tmp_path, capsys):
+    model = save_tiny_llama(tmp_path / "notok")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (model / name).unlink(missing_ok=True)
+    out = tmp_path / "run"
+    # transformers lists its reasons on the lines after "... from one of:"; the first line alone ended there
+    err = fails_cleanly(capsys, sft_args(model, gsm_files, out), f"cannot load model {str(model)!r} as a causal LM: ",
+                        out)
+    assert not err.rstrip().endswith(":") and len(err.strip().splitlines()[-1]) > 100

@@ -70,7 +70,8 @@ def test_eval_of_an_adalora_run_gives_its_metrics_with_the_task_loss_and_export_
     assert main(["report", str(out)]) == 0
     for command in ("export", "ranks"):
         assert main([command, str(out)]) == 2
-        assert capsys.readouterr().err.strip().endswith(f"{out} is not a finished SoRA run (no sora_adapter/)")
+        assert capsys.readouterr().err.strip().endswith(
+            f"{out} was trained with method adalora, not sora: only a SoRA run has gates")
 
 
 def test_a_sora_run_with_an_l1_term_records_the_task_loss_that_eval_gives(glue_dir, tiny_model, tmp_path, capsys):

@@ -206,7 +206,9 @@ def _sora_run_config(run: Path) -> TrainConfig:
     config = load_run_config(run)
     from .methods import get_method
 
-    if not get_method(config.method).gated or not (run / SORA_ADAPTER / "adapter_config.json").is_file():
+    if not get_method(config.method).gated:
+        raise InputError(f"{run} was trained with method {config.method}, not sora: only a SoRA run has gates")
+    if not (run / SORA_ADAPTER / "adapter_config.json").is_file():
         raise InputError(f"{run} is not a finished SoRA run (no sora_adapter/)")
     return config
 

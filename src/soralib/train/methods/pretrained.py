@@ -111,7 +111,7 @@ def load_causal_lm(config: TrainConfig):
         tokenizer = AutoTokenizer.from_pretrained(path, **gguf)
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **gguf)
     except (OSError, ValueError, ImportError) as err:
-        raise InputError(f"cannot load model {config.model!r} as a causal LM: {str(err).splitlines()[0]}") from None
+        raise InputError(f"cannot load model {config.model!r} as a causal LM: {one_line(err)}") from None
     check_causal_lm(config.model, model)
     quantizer = getattr(model, "hf_quantizer", None)
     if gguf and quantizer is not None and all(p.dtype.is_floating_point for p in model.parameters()):
@@ -124,6 +124,12 @@ def load_causal_lm(config: TrainConfig):
     model.name_or_path = model.config.name_or_path = base_model_name(config.model)
     fresh = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"] if "." in key})
     return model, tokenizer, [m for m in fresh if not within(m, ("lm_head",))]
+
+
+def one_line(err: Exception, limit: int = 400) -> str:
+    """A library's error in one line: its lines joined (transformers' "... from one of:" lists the rest below)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_causal_lm(name: str, model) -> None:
@@ -156,7 +162,7 @@ def load_base(config: TrainConfig, num_labels: int):
             ignore_mismatched_sizes=True,  # a head of another size is re-initialised, as run_glue does
             output_loading_info=True)
     except (OSError, ValueError) as err:
-        raise InputError(f"cannot load model {config.model!r}: {str(err).splitlines()[0]}") from None
+        raise InputError(f"cannot load model {config.model!r}: {one_line(err)}") from None
     if tokenizer.pad_token is None:  # decoder-only models (Llama, GPT-2) have no pad token
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -163,7 +163,7 @@ def steer_to_budget(model: nn.Module, optimizer: Any, budget: float, measure: st
     set_threshold(optimizer, tau / per)
 
 
-def budget_range(report: dict[str, Any], measure: str, min_rank: int, whose: str = "") -> tuple[float, float, str]:
+def _budget_range(report: dict[str, Any], measure: str, min_rank: int, whose: str = "") -> tuple[float, float, str]:
     """(low, high, why): the budgets a run can reach on the model `report` (`sparsity_report`) describes, in
     parameters (measure "kept_params") or mean kept rank per module ("kept_rank"), and why in words. Low is
     `min_rank` ranks in every module, and never under one rank: a smaller budget keeps none, and the run
@@ -180,8 +180,8 @@ def budget_range(report: dict[str, Any], measure: str, min_rank: int, whose: str
 
 def budget_out_of_range(report: dict[str, Any], measure: str, value: float, min_rank: int,
                         whose: str = "") -> str | None:
-    """The one-line error for a budget outside `budget_range`, or None when `value` is in it."""
-    low, high, why = budget_range(report, measure, min_rank, whose)
+    """The one-line error for a budget outside `_budget_range`, or None when `value` is in it."""
+    low, high, why = _budget_range(report, measure, min_rank, whose)
     if low <= value <= high:
         return None
     name = {"kept_params": "target_params", "kept_rank": "target_rank"}[measure]
@@ -190,6 +190,7 @@ def budget_out_of_range(report: dict[str, Any], measure: str, value: float, min_
 
 def _short(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
 
 def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Real) and 0 < value < math.inf

@@ -27,6 +27,30 @@ PAIRS = [
 ]
 
 
+
+def test_a_pair_with_a_very_long_text_is_cut_to_words_the_truncation_never_reaches_and_tokenizes_the_same(tokenizer):
+    import random
+
+    rng = random.Random(0)
+    words = "unaffable playing flute mountains, naïve 東京 réveillé x9 --- ".split()
+    long = " ".join(rng.choice(words) for _ in range(600))
+    rows = [{"a": long, "b": "A man plays.", "label": 0}, {"a": "Short.", "b": long + " end", "label": 1},
+            {"a": long, "b": long, "label": 0}]
+    seen = []
+
+    def recording(*texts, **kwargs):  # the pair call must get short texts: its truncation is slow and memory-bound
+        if len(texts) == 2:
+            seen.extend(len(t) for column in texts for t in column)
+        return tokenizer(*texts, **kwargs)
+
+    recording.__dict__.update(name_or_path=tokenizer.name_or_path)
+    for max_length in (16, 128):
+        features = tokenize_rows(rows, recording, ("a", "b"), max_length=max_length)
+        for row, feature in zip(rows, features):
+            assert feature["input_ids"] == tokenizer(row["a"], row["b"], truncation=True, max_length=max_length)["input_ids"]
+        assert max(seen) < len(long) / 4
+        seen.clear()
+
 def test_tokenize_rows_truncates_without_padding(tokenizer):
     features = tokenize_rows(PAIRS, tokenizer, ("sentence1", "sentence2"), max_length=16)
     lengths = [len(f["input_ids"]) for f in features]

@@ -128,7 +128,10 @@ def tokenize_rows(
     features = []
     for start in range(0, len(rows), 1000):
         chunk = rows[start : start + 1000]
-        encoded = tokenizer(*([row[c] for row in chunk] for c in text_columns), truncation=True, max_length=max_length)
+        columns = [[row[c] for row in chunk] for c in text_columns]
+        if len(columns) == 2:
+            columns = [clip_texts(tokenizer, texts, max_length) for texts in columns]
+        encoded = tokenizer(*columns, truncation=True, max_length=max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
         for i, row in enumerate(chunk):
             features.append({**{k: list(encoded[k][i]) for k in keys}, "labels": row["label"]})
@@ -136,6 +139,29 @@ def tokenize_rows(
         atomic_write_json(path, {"format": CACHE_FORMAT, "features": features})
         logger.info("cached %d tokenized rows in %s", len(features), path)
     return features
+
+
+def clip_texts(tokenizer: Any, texts: list[str], max_length: int) -> list[str]:
+    """Each text cut where no truncation to `max_length` tokens can reach: at the first word that starts after
+    its first `max_length` tokens. A pair's truncation ("longest_first") takes tokens off one at a time, and
+    on a text of 20,000 words it took 2.7 GB and 5 s (tokenizers 0.23); a single text truncates at once.
+    Whole words go, so the tokens kept are the same. A tokenizer without word ids (slow ones) is left alone."""
+    out = []
+    for text in texts:
+        if len(text) <= 8 * max_length:  # too short to matter: left exactly as given
+            out.append(text)
+            continue
+        encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=2 * max_length,
+                            return_offsets_mapping=True)
+        try:
+            words = encoded.word_ids()
+        except (ValueError, AttributeError):
+            return texts
+        offsets = encoded["offset_mapping"]
+        last = words[max_length - 1] if len(words) >= max_length else None
+        cut = next((offsets[j][0] for j in range(max_length, len(words)) if words[j] != last), None)
+        out.append(text if cut is None or last is None else text[:cut])
+    return out
 
 
 def check_max_length(max_length: int, model: Any) -> None:

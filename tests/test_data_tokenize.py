@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from soralib.errors import InputError
 from soralib.train import data
 from soralib.train.data import tokenize_rows
 
@@ -43,7 +44,8 @@ def test_a_pair_with_a_very_long_text_is_cut_to_words_the_truncation_never_reach
             seen.extend(len(t) for column in texts for t in column)
         return tokenizer(*texts, **kwargs)
 
-    recording.__dict__.update(name_or_path=tokenizer.name_or_path)
+    recording.__dict__.update(name_or_path=tokenizer.name_or_path,
+                             num_special_tokens_to_add=tokenizer.num_special_tokens_to_add)
     for max_length in (16, 128):
         features = tokenize_rows(rows, recording, ("a", "b"), max_length=max_length)
         for row, feature in zip(rows, features):
@@ -210,3 +212,12 @@ def test_a_tokenizer_that_cannot_be_saved_is_tokenized_without_the_cache(vocab_f
     assert [f["input_ids"] for f in features] == [tokenizer(r["sentence1"])["input_ids"] for r in UPPER]
     assert not (tmp_path / "cache").exists()
     assert "not caching tokenized rows" in caplog.text
+
+
+@pytest.mark.parametrize("columns, max_length, least", [(("sentence1",), 2, 3), (("sentence1", "sentence2"), 4, 5)],
+                         ids=["text", "pair"])
+def test_a_max_length_that_leaves_no_room_for_text_is_refused(tokenizer, columns, max_length, least):
+    # BERT adds [CLS] and [SEP] (a pair: another [SEP]); below that the tokenizer turned truncation off
+    with pytest.raises(InputError, match=rf"^max_length must be at least {least} for this tokenizer .* got {max_length}$"):
+        tokenize_rows(PAIRS, tokenizer, columns, max_length=max_length)
+    assert tokenize_rows(PAIRS, tokenizer, columns, max_length=least)  # one token of each text: enough

@@ -148,6 +148,10 @@ BAD_FLAGS += [  # a negative number is a value (then out of range), and a flag t
      "target_params must be in [832, 6656] for this model (min_rank 1 to r_max ranks in each of its 12 adapted "
      "modules), got 10"),
     ("target-params-above-r", ["--target-params", "100000000"], "got 100000000"),
+    # RTE is a pair: [CLS] a [SEP] b [SEP]; below that the tokenizer turned truncation off and the run crashed
+    ("max-length-below-special-tokens", ["--max-length", "3"],
+     "max_length must be at least 5 for this tokenizer (it adds 3 special tokens to a pair, and each text needs one "
+     "of its own), got 3"),
     # --min-rank 0: a budget below one rank keeps none (an empty adapter after the whole run)
     ("target-params-below-one-rank-min-rank-0", ["--min-rank", "0", "--target-params", "10"],
      "target_params must be in [64, 6656] for this model (min_rank 0, yet one rank at least, to r_max ranks in each "

@@ -116,6 +116,13 @@ def tokenize_rows(
     misses the cache. A tokenizer that cannot be saved is not cached.
     """
     text_columns = tuple(text_columns)
+    # Below this, truncation is switched off (the tokenizer cannot cut to a length its special tokens exceed)
+    # and every row goes in whole, or only the special tokens are left.
+    specials = tokenizer.num_special_tokens_to_add(pair=len(text_columns) == 2)
+    if max_length < specials + len(text_columns):
+        what = "a pair" if len(text_columns) == 2 else "a text"
+        raise InputError(f"max_length must be at least {specials + len(text_columns)} for this tokenizer (it adds "
+                         f"{specials} special tokens to {what}, and each text needs one of its own), got {max_length}")
     path = None
     fingerprint = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
     if fingerprint is not None:

@@ -156,7 +156,12 @@ def test_custom_empty_csv_label_is_rejected(tmp_path):
     ("train.jsonl", ["1", '"1"', "0"], "train.jsonl line 2: label '1' in column 'l' is label 1 of line 1"),
     ("train.jsonl", ["0", "1", "1.0"], "train.jsonl line 3: label 1.0 in column 'l' is label 1 of line 2"),
     ("train.csv", ["1", "0", "1.0"], "train.csv line 4: label '1.0' in column 'l' is label '1' of line 2"),
-], ids=["jsonl-number-and-string", "jsonl-int-and-float", "csv-1-and-1.0"])
+    # they look the same, and would be two classes: NFC and NFD, a zero-width space
+    ("train.jsonl", ['"caf\\u00e9"', '"cafe\\u0301"', '"the"'], "train.jsonl line 2: label 'cafe\\u0301' in column "
+                                                                    "'l' is label 'caf\\xe9' of line 1"),
+    ("train.jsonl", ['"pos"', '"neg"', '"pos\\u200b"'], "train.jsonl line 3: label 'pos\\u200b' in column 'l' is "
+                                                         "label 'pos' of line 1"),
+], ids=["jsonl-number-and-string", "jsonl-int-and-float", "csv-1-and-1.0", "nfc-and-nfd", "zero-width-space"])
 def test_custom_class_written_two_ways_in_one_file_is_rejected(tmp_path, name, labels, expected):
     if name.endswith(".csv"):
         write(tmp_path / name, ["t,l", *(f"x,{y}" for y in labels)])
@@ -199,3 +204,36 @@ def test_task_type_flag_reaches_the_custom_loader(tmp_path):
              "text_columns": "t", "label_column": "s"}
     spec, _ = load_splits(build_config("lora", None, {**files, "task_type": "regression"}))
     assert spec.is_regression and spec.main_metric == "pearson"
+
+
+def test_classes_that_differ_only_in_case_are_kept_apart_with_a_warning(tmp_path, caplog):
+    write(tmp_path / "train.csv", ["t,l", "a,positive", "b,negative", "c,Positive", "d,negative"])
+    _, spec = load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "l")
+    assert spec.label_names == ("Positive", "negative", "positive")
+    assert "classes 'Positive', 'positive' differ only in case: they are 2 classes" in caplog.text
+
+
+def test_scores_written_with_a_decimal_comma_ask_for_a_point_not_28_classes(tmp_path):
+    write(tmp_path / "train.csv", ["t,s", 'a,"2,5"', 'b,"3,75"', 'c,"1,0"'])
+    message = one_line_error(lambda: load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s"))
+    assert message == (f"{tmp_path}/train.csv line 2: label '2,5' in column 's' looks like a number with a decimal "
+                       "comma, as does every label; write a point (2.5), or set task_type (--task-type) to classification")
+    _, spec = load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["t"], "s", task_type="classification")
+    assert spec.num_labels == 3  # asked for: classes they are
+
+
+def test_regression_on_a_single_target_value_is_refused_and_a_constant_validation_set_warned_about(tmp_path, caplog):
+    write(tmp_path / "train.csv", ["t,s", "a,2.5", "b,2.5"])
+    write(tmp_path / "valid.csv", ["t,s", "a,2.5", "b,3.5"])
+    message = one_line_error(lambda: load_custom(tmp_path / "train.csv", tmp_path / "valid.csv", ["t"], "s"))
+    assert message == (f"{tmp_path}/train.csv: column 's' holds a single value (2.5); regression needs at least 2 "
+                       "different targets")
+    load_custom(tmp_path / "valid.csv", tmp_path / "train.csv", ["t"], "s")  # the other way round: trains, warns
+    assert "the validation targets are all 2.5: Pearson and Spearman correlations are undefined" in caplog.text
+
+
+def test_a_text_column_named_label_is_refused_it_would_be_overwritten_by_the_class(tmp_path):
+    write(tmp_path / "train.csv", ["label,y", "a,0", "b,1"])
+    message = one_line_error(lambda: load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["label"], "y"))
+    assert message == ("text_columns cannot include a column named 'label' (the harness keeps each row's class "
+                       "there); rename that column in the files")

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
 
 from soralib.errors import InputError
+from soralib.train.custom_labels import (TASK_TYPES, check_one_spelling_per_class, check_regression_targets,
+                                        class_key, custom_label, infer_task_type, label_value, warn_case_variants)
 from soralib.train.tasks import LARGE_TASK_MIN_TRAIN_ROWS, TaskSpec
 
 Rows = list[dict[str, Any]]
 
 
-TASK_TYPES = ("classification", "regression")
-# Whole-number labels with more distinct values than this could be class ids or a score (a 1-5 rating):
-# inferring either would be a guess, so the user is asked for task_type. 2 and 3 cover binary and NLI tasks.
-MAX_INFERRED_CLASSES = 3
 
 
 class _Record(NamedTuple):
@@ -55,6 +52,9 @@ def load_custom(
     if label_column in text_columns:  # the model would read its answer: ~100 % accuracy that means nothing
         raise InputError(f"text_columns ({', '.join(text_columns)}) holds the label column {label_column!r}; the "
                          "model would read the answer: name only text columns (or set label_column)")
+    if "label" in text_columns:  # each row keeps its class under "label": the text would be overwritten
+        raise InputError("text_columns cannot include a column named 'label' (the harness keeps each row's class "
+                         "there); rename that column in the files")
     if task_type is not None and task_type not in TASK_TYPES:
         raise InputError(f"task_type must be one of {', '.join(TASK_TYPES)} (or unset: inferred), got {task_type!r}")
     records = {
@@ -62,14 +62,16 @@ def load_custom(
         "validation": _read_records(Path(validation_file), text_columns, label_column),
     }
     if task_type is None:
-        task_type = _infer_task_type(Path(train_file), label_column, records["train"])
+        task_type = infer_task_type(Path(train_file), label_column, records["train"])
     regression = task_type == "regression"
+    if regression:
+        check_regression_targets(records["train"], records["validation"], Path(train_file), label_column)
 
     label_names: tuple[str, ...] = ()
     if not regression:
         for recs in records.values():
-            _check_one_spelling_per_class(recs, label_column)
-        values = {_class_key(r.value): r.value for r in records["train"]}
+            check_one_spelling_per_class(recs, label_column)
+        values = {class_key(r.value): r.value for r in records["train"]}
         if len(values) < 2:
             raise InputError(
                 f"{train_file}: column {label_column!r} has a single label value; classification needs at "
@@ -77,11 +79,12 @@ def load_custom(
             )
         numeric = all(isinstance(v, float) for v in values.values())
         label_names = tuple(sorted(values, key=(lambda k: values[k]) if numeric else str))
+        warn_case_variants(label_names)
 
     index = {name: i for i, name in enumerate(label_names)}
     splits: dict[str, Rows] = {}
     for split, recs in records.items():
-        splits[split] = [{**r.texts, "label": _custom_label(r, regression, index)} for r in recs]
+        splits[split] = [{**r.texts, "label": custom_label(r, regression, index)} for r in recs]
     spec = TaskSpec(
         name="custom",
         text_columns=text_columns,
@@ -91,34 +94,6 @@ def load_custom(
         is_large=len(splits["train"]) >= LARGE_TASK_MIN_TRAIN_ROWS,
     )
     return splits, spec
-
-
-def _infer_task_type(path: Path, column: str, records: list[_Record]) -> str:
-    texts = [r for r in records if isinstance(r.value, str)]
-    if len(texts) == len(records):
-        return "classification"
-    if texts:  # "n/a" among scores: a typo or a missing value as often as a class
-        raise InputError(f"{path} line {texts[0].line}: label {_show(texts[0].raw)} in column {column!r} is text "
-                         "among numbers; fix it, or set task_type (--task-type) to classification")
-    values = [r.value for r in records]
-    if any(not v.is_integer() for v in values):
-        return "regression"
-    distinct = sorted(set(values))
-    if len(distinct) <= MAX_INFERRED_CLASSES:
-        return "classification"
-    raise InputError(f"{path}: column {column!r} holds only whole numbers, {len(distinct)} distinct "
-                     f"({int(distinct[0])} to {int(distinct[-1])}): classes or a score? set task_type "
-                     "(--task-type) to classification or regression")
-
-
-def _check_one_spelling_per_class(records: list[_Record], column: str) -> None:
-    """1, 1.0 and "1" in one file would silently be one class: a file writes each class one way."""
-    first: dict[str, _Record] = {}
-    for r in records:
-        seen = first.setdefault(_class_key(r.value), r)
-        if _show(seen.raw) != _show(r.raw):
-            raise InputError(f"{r.path} line {r.line}: label {_show(r.raw)} in column {column!r} is label "
-                             f"{_show(seen.raw)} of line {seen.line} written another way; write each class one way")
 
 
 def check_data_file(path: Path) -> str:
@@ -158,7 +133,7 @@ def csv_field_limit(path: Path) -> Iterator[None]:
 
 
 def _read_records(path: Path, text_columns: tuple[str, ...], label_column: str) -> list[_Record]:
-    """One record per data row of a CSV/JSONL file, its label checked (see `_label_value`)."""
+    """One record per data row of a CSV/JSONL file, its label checked (see `label_value`)."""
     suffix = check_data_file(path)
     wanted = (*text_columns, label_column)
     out = []
@@ -227,64 +202,6 @@ def _parse_jsonl_line(path: Path, line: int, text: str, text_columns: tuple[str,
 
 
 def _record(path: Path, line: int, texts: dict[str, str], raw: Any, column: str) -> _Record:
-    return _Record(path, line, texts, raw, _label_value(path, line, raw, column))
+    return _Record(path, line, texts, raw, label_value(path, line, raw, column))
 
 
-def _label_value(path: Path, line: int, raw: Any, column: str) -> str | float:
-    """A label as a finite number, or as stripped text when it is not a number.
-
-    Rejected: an empty label, nan and inf (missing values, never a class or a regression target); null and
-    booleans, which would become the classes "None" and "True" (and true == 1 in Python); lists and objects.
-    """
-    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
-        raise InputError(f"{path} line {line}: label {_show(raw)} in column {column!r} is not a string or a number")
-    try:
-        value = float(raw)
-    except OverflowError:  # a JSON integer beyond float range
-        value = math.inf
-    except ValueError:
-        if not raw.strip():
-            raise InputError(f"{path} line {line}: label in column {column!r} is empty") from None
-        if "\n" in raw.strip() or "\r" in raw.strip():  # no class name spans lines: rows swallowed by a quote
-            raise InputError(f"{path} line {line}: label {_show(raw)[:60]} in column {column!r} spans lines; "
-                             "is a quote opened on an earlier line and never closed?") from None
-        return raw.strip()
-    if not math.isfinite(value):
-        raise InputError(f"{path} line {line}: label {_show(raw)} in column {column!r} is not a finite number")
-    return value
-
-
-def _custom_label(r: _Record, regression: bool, index: dict[str, int]) -> int | float:
-    if regression:
-        if isinstance(r.value, str):
-            raise InputError(f"{r.path} line {r.line}: label {r.raw!r} is not a number; "
-                             "regression labels must be numbers")
-        return r.value
-    key = _class_key(r.value)
-    if key not in index:
-        raise InputError(f"{r.path} line {r.line}: label {key!r} does not occur in the training file; "
-                         f"allowed: {', '.join(index)}")
-    return index[key]
-
-
-def as_float(raw: Any) -> float | None:
-    """A finite float from a number or numeric string; None otherwise (bools are not numbers)."""
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def _class_key(value: str | float) -> str:
-    """A class name: the text, or the number written shortest (1.0 -> "1")."""
-    if isinstance(value, str):
-        return value
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
-def _show(raw: Any) -> str:
-    """A label as the file wrote it: '1' for text, 1 or 1.0 for a JSON number, null, true."""
-    return repr(raw.strip()) if isinstance(raw, str) else json.dumps(raw)

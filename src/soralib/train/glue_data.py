@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from soralib.errors import InputError
-from soralib.train.custom import Rows, as_float, check_utf8, csv_field_limit
+from soralib.train.custom import Rows, check_utf8, csv_field_limit
+from soralib.train.custom_labels import as_float
 from soralib.train.tasks import TaskSpec, get_task
 
 

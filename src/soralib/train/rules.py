@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import InputError
-from .custom import TASK_TYPES
+from .custom_labels import TASK_TYPES
 from .methods import METHODS, REGISTRY, get_method  # noqa: F401 (METHODS: re-exported)
 from .tasks import GLUE_TASKS, KINDS, task_kind
 

@@ -187,3 +187,41 @@ def test_same_seed_gives_bitwise_identical_adapters_and_metrics(glue_dir, tiny_m
     assert a == b
     assert (runs[0] / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (runs[1] / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_custom_three_class_adapter_loads_in_plain_peft_as_the_readme_says_and_scores_as_sora_eval(
+        tiny_model, tmp_path, capsys):
+    import random
+
+    import torch
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    rng = random.Random(0)
+    for split, n in (("train", 48), ("valid", 12)):
+        lines = ["text,label_name"] + [f"{' '.join(rng.choice('the cat sat on a mat dog ran'.split()) for _ in range(6))}"
+                                       f",{rng.choice(['bird', 'ant', 'cow'])}" for _ in range(n)]
+        (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "mine"
+    assert main(["train", "--task", "custom", "--model", str(tiny_model), "--train-file", str(tmp_path / "train.csv"),
+                 "--validation-file", str(tmp_path / "valid.csv"), "--text-columns", "text", "--label-column",
+                 "label_name", "--output-dir", str(run), "--max-steps", "6", "--batch-size", "8"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    expected = json.loads(capsys.readouterr().out)["validation"]["loss"]
+
+    # README, "What a run directory holds": the head's classes are the run's, not the base checkpoint's 2
+    names = json.load(open(run / "metrics.json"))["label_names"]  # the head's classes, in order
+    heads = ({"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}} if names
+             else {"num_labels": 1})  # regression: one output
+    model = AutoPeftModelForSequenceClassification.from_pretrained(run / "adapter", ignore_mismatched_sizes=True,
+                                                                   **heads).eval()
+    assert names == ["ant", "bird", "cow"] and model.config.label2id == {"ant": 0, "bird": 1, "cow": 2}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = (tmp_path / "valid.csv").read_text().splitlines()[1:]
+    texts, labels = zip(*(row.rsplit(",", 1) for row in rows))
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([model.config.label2id[y] for y in labels]))
+    assert loss.item() == pytest.approx(expected, rel=1e-4)

@@ -35,8 +35,11 @@ def test_a_pair_with_a_very_long_text_is_cut_to_words_the_truncation_never_reach
     rng = random.Random(0)
     words = "unaffable playing flute mountains, naïve 東京 réveillé x9 --- ".split()
     long = " ".join(rng.choice(words) for _ in range(600))
+    # one long text; both long (the longer must stay the longer: it decides who gets an odd token); the same text
+    # twice; a long text against one of 1,000 characters, too short to cut yet longer than max_length tokens
     rows = [{"a": long, "b": "A man plays.", "label": 0}, {"a": "Short.", "b": long + " end", "label": 1},
-            {"a": long, "b": long, "label": 0}]
+            {"a": long, "b": long[: len(long) // 2], "label": 0}, {"a": long, "b": long, "label": 0},
+            {"a": long[:1000], "b": long, "label": 1}]
     seen = []
 
     def recording(*texts, **kwargs):  # the pair call must get short texts: its truncation is slow and memory-bound
@@ -50,8 +53,14 @@ def test_a_pair_with_a_very_long_text_is_cut_to_words_the_truncation_never_reach
         features = tokenize_rows(rows, recording, ("a", "b"), max_length=max_length)
         for row, feature in zip(rows, features):
             assert feature["input_ids"] == tokenizer(row["a"], row["b"], truncation=True, max_length=max_length)["input_ids"]
-        assert max(seen) < len(long) / 4
+        assert max(seen) < len(long) / 2
         seen.clear()
+    tokenizer.truncation_side = "left"  # the pair keeps the texts' ends: cutting them off would change it
+    try:
+        for row, feature in zip(rows, tokenize_rows(rows, tokenizer, ("a", "b"), max_length=16)):
+            assert feature["input_ids"] == tokenizer(row["a"], row["b"], truncation=True, max_length=16)["input_ids"]
+    finally:
+        tokenizer.truncation_side = "right"
 
 def test_tokenize_rows_truncates_without_padding(tokenizer):
     features = tokenize_rows(PAIRS, tokenizer, ("sentence1", "sentence2"), max_length=16)

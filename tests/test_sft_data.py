@@ -10,7 +10,7 @@ from data_helpers import write_rows
 from soralib.cli import main
 from soralib.errors import InputError
 from soralib.train.tasks.generate import final_answer, generation_metrics
-from soralib.train.tasks.sft_data import prompt_ids, read_sft_rows, tokenize_sft
+from soralib.train.tasks.sft_data import closes_turn, prompt_ids, read_sft_rows, tokenize_sft
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("_cache")]
 
@@ -80,21 +80,34 @@ def test_a_chat_template_that_ends_turns_with_a_plain_newline_still_teaches_the_
                                "{% if add_generation_prompt %}assistant: {% endif %}")
     (feature,) = tokenize_sft([{"prompt": "10 plus 18?", "completion": "28", "where": "f line 1"}], tokenizer, 64, True)
     assert answer_of(tokenizer, feature) == "28\n<|im_end|>"  # without EOS it would never learn to stop
-    assert "EOS is appended to each answer" in caplog.text
+    assert "EOS was appended to 1 of 1 answers" in caplog.text
     caplog.clear()
     (feature,) = tokenize_sft([{"prompt": "q", "completion": "a", "where": "f line 1"}], byte_tokenizer(), 64, True)
     assert answer_of(byte_tokenizer(), feature) == "a<|im_end|>\n"  # ChatML closes the turn itself: nothing added
     assert "EOS is appended" not in caplog.text
 
 
-def test_an_answer_whose_first_token_merges_with_the_prompts_last_is_tokenized_after_the_prompt():
+def test_an_answer_whose_first_token_merges_with_the_prompts_last_trains_on_the_conversations_own_tokens():
     tokenizer = byte_tokenizer(merges=(("Ċ", "Ċ"),))  # "\n\n" is one token
     rows = [{"prompt": "Write code", "completion": "\n\ndef f():\n    return 7", "where": "f line 1"}]
     (feature,) = tokenize_sft(rows, tokenizer, 128, True)
-    # the prompt's ids are exactly what generation is given, and the answer's text follows them unchanged
-    assert feature["input_ids"][:sum(label == -100 for label in feature["labels"])] == \
-        prompt_ids(tokenizer, "Write code", True)
-    assert answer_of(tokenizer, feature) == "\n\ndef f():\n    return 7<|im_end|>\n"
+    # the row is the conversation as the tokenizer cuts it (no text added or lost), the loss starts where its
+    # tokens leave the prompt's: the prompt's last newline merged into the answer's first token
+    conversation = tokenizer.apply_chat_template([{"role": "user", "content": "Write code"},
+                                                  {"role": "assistant", "content": rows[0]["completion"]}],
+                                                 tokenize=False)
+    assert tokenizer.decode(feature["input_ids"]) == conversation
+    prompt = prompt_ids(tokenizer, "Write code", True)
+    head = feature["input_ids"][:sum(label == -100 for label in feature["labels"])]
+    assert head == prompt[:-1] and answer_of(tokenizer, feature) == "\n\n\ndef f():\n    return 7<|im_end|>\n"
+
+
+def test_an_unknown_token_in_an_answer_is_no_end_of_turn():
+    tokenizer = byte_tokenizer()
+    tokenizer.add_special_tokens({"unk_token": "<unk>"})
+    answer = tokenizer("it is 4", add_special_tokens=False)["input_ids"]
+    assert not closes_turn(tokenizer, answer + [tokenizer.unk_token_id])
+    assert closes_turn(tokenizer, answer + [tokenizer.eos_token_id])
 
 
 def test_a_template_that_renders_the_prompt_otherwise_than_the_conversation_is_refused_naming_the_row():

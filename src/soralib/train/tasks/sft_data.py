@@ -8,7 +8,6 @@ completion and the ones before it the prompt. In a CSV the `messages` cell is JS
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
 from pathlib import Path
@@ -140,44 +139,38 @@ def prompt_ids(tokenizer, prompt: str | list[dict[str, str]], chat: bool) -> lis
     return framed[:lead] + plain
 
 
-def completion_ids(tokenizer, prompt: str | list[dict[str, str]], completion: str, chat: bool,
-                   prompt_part: list[int]) -> list[int]:
-    """The answer's token ids, ending with what stops generation (the end of the assistant's turn, or EOS).
+def answer_ids(tokenizer, prompt: str | list[dict[str, str]], completion: str, chat: bool,
+               prompt_part: list[int]) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, answer ids, whether EOS was appended): the answer ends with what stops generation (the end
+    of the assistant's turn, or EOS).
 
     With a chat template the answer is what the whole conversation renders after the prompt. Where the tokens
     differ at the seam (a BPE merge across it, e.g. the prompt's last newline with an answer's leading one), the
-    answer's text is tokenized on its own, as generation meets it after the prompt's ids. A template that ends
-    the assistant's turn with no special token gets EOS appended: else the model never learns to stop."""
+    row is the conversation's own tokens and the answer starts where they leave the prompt's: no token of a
+    text that is not there (tokenizing the answer alone adds a word-start "▁" in SentencePiece tokenizers). A
+    template that ends the assistant's turn with no special token gets EOS appended: else the model never
+    learns to stop."""
     if not chat:
-        return _ids(tokenizer, completion) + [tokenizer.eos_token_id]
+        return prompt_part, _ids(tokenizer, completion) + [tokenizer.eos_token_id], False
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     head = _render(tokenizer, prompt)
     text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=False)
     full = _ids(tokenizer, text)
-    if full[: len(prompt_part)] == prompt_part:
-        tail = full[len(prompt_part):]
-    elif text.startswith(head):
-        tail = _ids(tokenizer, text[len(head):])
-    else:  # e.g. a generation prompt that opens a '<think>' block the rendered conversation does not hold
+    if not text.startswith(head):  # e.g. a generation prompt that opens a '<think>' block the conversation lacks
         same = next((i for i, (x, y) in enumerate(zip(head, text)) if x != y), min(len(head), len(text)))
         raise InputError(f"the chat template renders the prompt alone as ...{head[max(0, same - 20):][:60]!r} but "
                          f"the conversation with its answer as ...{text[max(0, same - 20):][:60]!r}")
+    shared = next((i for i, (x, y) in enumerate(zip(prompt_part, full)) if x != y), len(prompt_part))
+    head_ids, tail = full[:shared], full[shared:]
     if closes_turn(tokenizer, tail):
-        return tail
-    _warn_no_stop(tokenizer.chat_template)
-    return tail + [tokenizer.eos_token_id]
-
-
-@functools.lru_cache(maxsize=None)  # once per template, not once per row
-def _warn_no_stop(template: str) -> None:
-    logger.warning("the chat template ends the assistant's turn with no special token: EOS is appended to each "
-                   "answer, so the adapter learns to stop")
+        return head_ids, tail, False
+    return head_ids, tail + [tokenizer.eos_token_id], True
 
 
 def closes_turn(tokenizer, ids: list[int]) -> bool:
-    """Whether `ids` hold a special token other than BOS (ChatML's <|im_end|>, Llama 3's <|eot_id|>, EOS)."""
+    """Whether `ids` hold a special token other than BOS and UNK (ChatML's <|im_end|>, Llama 3's <|eot_id|>, EOS)."""
     special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return bool(special.difference({tokenizer.bos_token_id}).intersection(ids))
+    return bool(special.difference({tokenizer.bos_token_id, tokenizer.unk_token_id}).intersection(ids))
 
 
 def _render(tokenizer, prompt: str | list[dict[str, str]]) -> str:
@@ -194,23 +187,27 @@ def tokenize_sft(rows: list[dict[str, Any]], tokenizer, max_length: int, chat: b
 
     A prompt that leaves no room for a single answer token within max_length is an error (naming the row);
     a completion that does not fit is cut at max_length, and a warning counts the rows cut."""
-    features, cut = [], 0
+    features, cut, stopped = [], 0, 0
     for row in rows:
-        head, tail = _row_ids(tokenizer, row, chat)
+        head, tail, appended = _row_ids(tokenizer, row, chat)
+        stopped += appended
         if len(head) >= max_length:
             raise InputError(f"{row['where']}: the prompt is {len(head)} tokens, which leaves no room for the "
                              f"answer within --max-length {max_length}; raise --max-length or shorten the prompt")
         cut += len(head) + len(tail) > max_length
         ids = (head + tail)[:max_length]
         features.append({"input_ids": ids, "labels": [-100] * len(head) + ids[len(head):]})
+    if stopped:
+        logger.warning("the chat template ends the assistant's turn with no special token: EOS was appended to %d "
+                       "of %d answers, so the adapter learns to stop", stopped, len(rows))
     if cut:
         logger.warning("%d of %d rows were longer than --max-length %d: their answers are cut", cut, len(rows),
                        max_length)
     return features
 
 
-def _row_ids(tokenizer, row: dict[str, Any], chat: bool) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of one row. A chat template that raises (Mistral's "System role not supported")
+def _row_ids(tokenizer, row: dict[str, Any], chat: bool) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, completion ids, whether EOS was appended) of one row. A chat template that raises (Mistral's "System role not supported")
     or does not compile is an InputError naming the row, not a jinja2 traceback."""
     if not chat and not isinstance(row["prompt"], str):
         raise InputError(f"{row['where']}: a 'messages' row needs a chat template; the tokenizer has none or "
@@ -219,8 +216,8 @@ def _row_ids(tokenizer, row: dict[str, Any], chat: bool) -> tuple[list[int], lis
            if isinstance(row["prompt"], str) else
            "change the messages or the template (--chat-template off cannot render a 'messages' row)")
     try:
-        head = prompt_ids(tokenizer, row["prompt"], chat)
-        return head, completion_ids(tokenizer, row["prompt"], row["completion"], chat, head)
+        return answer_ids(tokenizer, row["prompt"], row["completion"], chat,
+                          prompt_ids(tokenizer, row["prompt"], chat))
     except InputError as err:
         raise InputError(f"{row['where']}: {err}; {fix}") from None
     except TemplateError as err:

@@ -6,8 +6,9 @@ optimizer's AdamW step, side by side in one run.
 
 A proximal step shares one τ among all gates, so it can only separate ranks the gradient has moved apart: a
 gate is cut when its running total of shrinkage passes what the gradient gave it. Every gate here starts at 1
-and no threshold is set (`--gate-init ones --threshold 0`), so g − 1 at the end is exactly what the gradient
-did. With `threshold_mode="lr_scaled"` the paper's τ = η_t·λ shrinks every gate by λ·Ση_t in all; a kept
+and no threshold is set (`--gate-init ones --threshold 0`), so g − 1 at the end is what the gradient did, in
+float32: at 1 a step under half its spacing (~6e-8) is lost, so a gate's true pull is at most |g − 1| plus
+steps × 6e-8. With `threshold_mode="lr_scaled"` the paper's τ = η_t·λ shrinks every gate by λ·Ση_t in all; a kept
 set the data decides needs a spread of g − 1 that is not small against that total. Each update runs as a
 `sora train` run in `--runs-dir` (an existing finished run is reused); one line with both goes to `--out`.
 """
@@ -93,8 +94,9 @@ def table(records: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     lines = ["### How far the data moves gates that start at 1, with no threshold (`python -m bench.motion`)", "",
-             "g − 1 at the end of training is all the gradient did; a shared τ can only separate gates this spread "
-             "apart. Quantiles over every gate of the model.", "",
+             "g − 1 at the end of training is all the gradient did (in float32: at 1 a step under ~6e-8 is lost, "
+             "so add steps × 6e-8 for a bound); a shared τ can only separate gates this spread apart. Quantiles over "
+             "every gate of the model.", "",
              "| task | seed | epochs | lr | gate lr | gate update | steps | max abs(g − 1) | mean abs(g − 1) | "
              "1 % / 50 % / 99 % of g − 1 | test score |", "|---" * 11 + "|"]
     for r in rows:

@@ -237,3 +237,11 @@ def test_a_text_column_named_label_is_refused_it_would_be_overwritten_by_the_cla
     message = one_line_error(lambda: load_custom(tmp_path / "train.csv", tmp_path / "train.csv", ["label"], "y"))
     assert message == ("text_columns cannot include a column named 'label' (the harness keeps each row's class "
                        "there); rename that column in the files")
+
+
+def test_a_validation_class_written_in_another_unicode_form_than_the_training_one_is_named_so(tmp_path):
+    write(tmp_path / "train.jsonl", ['{"t": "x", "l": "caf\\u00e9"}', '{"t": "y", "l": "tea"}'])
+    write(tmp_path / "valid.jsonl", ['{"t": "x", "l": "cafe\\u0301"}'])
+    message = one_line_error(lambda: load_custom(tmp_path / "train.jsonl", tmp_path / "valid.jsonl", ["t"], "l"))
+    assert message == (f"{tmp_path}/valid.jsonl line 1: label 'cafe\\u0301' is the training file's class 'caf\\xe9' "
+                       "written another way; write each class one way")

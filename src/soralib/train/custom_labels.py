@@ -61,7 +61,8 @@ def check_one_spelling_per_class(records: list[_Record], column: str) -> None:
 
 
 def _spelling(value: str | float) -> str:
-    """What a class looks like: its Unicode compatibility form without invisible format characters."""
+    """What a class looks like: its Unicode compatibility form (NFKC: NFC and NFD alike, "x²" as "x2") without
+    invisible format characters (a zero-width space)."""
     if not isinstance(value, str):
         return class_key(value)
     return unicodedata.normalize("NFKC", "".join(ch for ch in value if unicodedata.category(ch) != "Cf")).strip()
@@ -123,6 +124,10 @@ def custom_label(r: _Record, regression: bool, index: dict[str, int]) -> int | f
         return r.value
     key = class_key(r.value)
     if key not in index:
+        twin = next((name for name in index if _spelling(name) == _spelling(r.value)), None)
+        if twin is not None:  # NFC in one file, NFD in the other: they print alike
+            raise InputError(f"{r.path} line {r.line}: label {ascii(key)} is the training file's class {ascii(twin)} "
+                             "written another way; write each class one way")
         raise InputError(f"{r.path} line {r.line}: label {key!r} does not occur in the training file; "
                          f"allowed: {', '.join(index)}")
     return index[key]

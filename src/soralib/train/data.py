@@ -137,8 +137,8 @@ def tokenize_rows(
         chunk = rows[start : start + 1000]
         columns = [[row[c] for row in chunk] for c in text_columns]
         if len(columns) == 2:
-            columns = list(zip(*(clip_pair(tokenizer, a, b, max_length) for a, b in zip(*columns))))
-            columns = [list(texts) for texts in columns]
+            pairs = [clip_pair(tokenizer, a, b, max_length) for a, b in zip(*columns)]
+            columns = [[pair[0] for pair in pairs], [pair[1] for pair in pairs]]
         encoded = tokenizer(*columns, truncation=True, max_length=max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
         for i, row in enumerate(chunk):

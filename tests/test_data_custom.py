@@ -171,6 +171,21 @@ def test_custom_class_written_two_ways_in_one_file_is_rejected(tmp_path, name, l
     assert message == f"{tmp_path}/{expected} written another way; write each class one way"
 
 
+@pytest.mark.parametrize("name", ["train.jsonl", "train.csv"])
+def test_class_ids_beyond_float_precision_are_refused_not_merged(tmp_path, name):
+    # 2**53 + 1 read as a float is 2**53: two ids would silently become one class.
+    ids = [2**53, 2**53 + 1, 2**60]
+    if name.endswith(".csv"):
+        write(tmp_path / name, ["t,l", *(f"x,{y}" for y in ids)])
+    else:
+        write(tmp_path / name, ['{"t": "x", "l": ' + str(y) + "}" for y in ids])
+    message = one_line_error(lambda: load_custom(tmp_path / name, tmp_path / name, ["t"], "l"))
+    shown = "9007199254740993" if name.endswith(".jsonl") else "'9007199254740993'"
+    assert message == (f"{tmp_path}/{name} line {3 if name.endswith('.csv') else 2}: label {shown} in column 'l' is a "
+                       "whole number a float cannot hold exactly (beyond 2**53); give the classes names or ids of at "
+                       "most 2**53")
+
+
 @pytest.mark.parametrize(("name", "lines", "expected"), [
     ("train.csv", ["t,l,t", "a,x,b", "c,y,d"], "train.csv line 1: column 't' appears 2 times in the header; "
                                                "rename or remove all but one"),

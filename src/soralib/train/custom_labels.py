@@ -23,6 +23,7 @@ TASK_TYPES = ("classification", "regression")
 # inferring either would be a guess, so the user is asked for task_type. 2 and 3 cover binary and NLI tasks.
 MAX_INFERRED_CLASSES = 3
 DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")  # "2,5": a score written with a decimal comma, not a class
+WHOLE_NUMBER = re.compile(r"[-+]?\d+")
 
 
 def infer_task_type(path: Path, column: str, records: list[_Record]) -> str:
@@ -113,6 +114,10 @@ def label_value(path: Path, line: int, raw: Any, column: str) -> str | float:
         return raw.strip()
     if not math.isfinite(value):
         raise InputError(f"{path} line {line}: label {show_label(raw)} in column {column!r} is not a finite number")
+    whole = int(raw) if isinstance(raw, int) or WHOLE_NUMBER.fullmatch(str(raw).strip()) else None
+    if whole is not None and whole != int(value):  # beyond 2**53, neighbouring ids would become one class
+        raise InputError(f"{path} line {line}: label {show_label(raw)} in column {column!r} is a whole number a float "
+                         "cannot hold exactly (beyond 2**53); give the classes names or ids of at most 2**53")
     return value
 
 

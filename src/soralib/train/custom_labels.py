@@ -114,8 +114,8 @@ def label_value(path: Path, line: int, raw: Any, column: str) -> str | float:
         return raw.strip()
     if not math.isfinite(value):
         raise InputError(f"{path} line {line}: label {show_label(raw)} in column {column!r} is not a finite number")
-    whole = int(raw) if isinstance(raw, int) or WHOLE_NUMBER.fullmatch(str(raw).strip()) else None
-    if whole is not None and whole != int(value):  # beyond 2**53, neighbouring ids would become one class
+    text = str(raw).strip()  # a finite float has at most 309 digits: str() of the int is cheap
+    if WHOLE_NUMBER.fullmatch(text) and int(text) != value:  # beyond 2**53, neighbouring ids would become one class
         raise InputError(f"{path} line {line}: label {show_label(raw)} in column {column!r} is a whole number a float "
                          "cannot hold exactly (beyond 2**53); give the classes names or ids of at most 2**53")
     return value

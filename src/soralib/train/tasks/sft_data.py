@@ -208,8 +208,8 @@ def tokenize_sft(rows: list[dict[str, Any]], tokenizer, max_length: int, chat: b
 
 def _row_ids(tokenizer, row: dict[str, Any], chat: bool) -> tuple[list[int], list[int], bool]:
     """(prompt ids, completion ids, whether EOS was appended) of one row. A chat template that raises
-    (Mistral's "System role not supported")
-    or does not compile is an InputError naming the row, not a jinja2 traceback."""
+    (Mistral's "System role not supported") or does not compile is an InputError naming the row, not a jinja2
+    traceback."""
     if not chat and not isinstance(row["prompt"], str):
         raise InputError(f"{row['where']}: a 'messages' row needs a chat template; the tokenizer has none or "
                          "--chat-template off was given")

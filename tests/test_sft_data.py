@@ -102,6 +102,16 @@ def test_an_answer_whose_first_token_merges_with_the_prompts_last_trains_on_the_
     assert head == prompt[:-1] and answer_of(tokenizer, feature) == "\n\n\ndef f():\n    return 7<|im_end|>\n"
 
 
+def test_a_chat_row_renders_the_template_once_for_its_prompt_and_once_for_the_conversation(monkeypatch):
+    tokenizer = byte_tokenizer()
+    calls, render = [], tokenizer.apply_chat_template
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: calls.append(k) or render(*a, **k))
+    rows = [{"prompt": f"q{i}", "completion": "a", "where": f"f line {i}"} for i in range(3)]
+    features = tokenize_sft(rows, tokenizer, 64, True)
+    assert len(calls) == 2 * len(rows) and sum(k.get("add_generation_prompt", False) for k in calls) == len(rows)
+    assert features[0]["input_ids"][:len(prompt_ids(tokenizer, "q0", True))] == prompt_ids(tokenizer, "q0", True)
+
+
 def test_an_unknown_token_in_an_answer_is_no_end_of_turn():
     tokenizer = byte_tokenizer()
     tokenizer.add_special_tokens({"unk_token": "<unk>"})

@@ -139,8 +139,8 @@ def prompt_ids(tokenizer, prompt: str | list[dict[str, str]], chat: bool) -> lis
     return framed[:lead] + plain
 
 
-def answer_ids(tokenizer, prompt: str | list[dict[str, str]], completion: str, chat: bool,
-               prompt_part: list[int]) -> tuple[list[int], list[int], bool]:
+def answer_ids(tokenizer, prompt: str | list[dict[str, str]], completion: str,
+               chat: bool) -> tuple[list[int], list[int], bool]:
     """(prompt ids, answer ids, whether EOS was appended): the answer ends with what stops generation (the end
     of the assistant's turn, or EOS).
 
@@ -151,9 +151,10 @@ def answer_ids(tokenizer, prompt: str | list[dict[str, str]], completion: str, c
     template that ends the assistant's turn with no special token gets EOS appended: else the model never
     learns to stop."""
     if not chat:
-        return prompt_part, _ids(tokenizer, completion) + [tokenizer.eos_token_id], False
+        return prompt_ids(tokenizer, prompt, chat), _ids(tokenizer, completion) + [tokenizer.eos_token_id], False
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    head = _render(tokenizer, prompt)
+    head = _render(tokenizer, prompt)  # rendered once: prompt_ids' chat path is _ids of this text
+    prompt_part = _ids(tokenizer, head)
     text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=False)
     full = _ids(tokenizer, text)
     if not text.startswith(head):  # e.g. a generation prompt that opens a '<think>' block the conversation lacks
@@ -217,8 +218,7 @@ def _row_ids(tokenizer, row: dict[str, Any], chat: bool) -> tuple[list[int], lis
            if isinstance(row["prompt"], str) else
            "change the messages or the template (--chat-template off cannot render a 'messages' row)")
     try:
-        return answer_ids(tokenizer, row["prompt"], row["completion"], chat,
-                          prompt_ids(tokenizer, row["prompt"], chat))
+        return answer_ids(tokenizer, row["prompt"], row["completion"], chat)
     except InputError as err:
         raise InputError(f"{row['where']}: {err}; {fix}") from None
     except TemplateError as err:

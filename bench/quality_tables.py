@@ -127,7 +127,7 @@ def quality_section(records: list[dict[str, Any]]) -> tuple[list[str], list[Chec
                 # a resumed cell's wall time is only the part after the resume: not comparable, not averaged
                 walls = [r["wall_seconds"] for r in rs if r.get("wall_seconds") is not None and not r.get("resumed")]
                 resumed = sum(bool(r.get("resumed")) for r in rs)
-                share, step_share = _time_shares(rs, lora), _time_shares(rs, lora, "steps")
+                share, step_share = time_shares(rs, lora), time_shares(rs, lora, "steps")
                 lines.append(f"| {task} ({rs[0]['metrics'].get(MAIN_METRIC)}) | {variant} | {len(rs)} | "
                              f"{mean_std(scores, 100)} | {params:,.0f} | {mean_std(_paired_deltas(rs, lora), 100)} | "
                              f"{fmt(100 * params / lora_params, 1) if lora_params else '–'} | "
@@ -191,7 +191,7 @@ def _across_tasks(name: str, groups: dict[tuple[str, str, str], list[dict[str, A
         delta = [statistics.mean(d) for d in (_paired_deltas(rs, lora) for rs, lora in rows) if d]
         params = [statistics.mean(r["metrics"][KEPT_PARAMS] for r in rs)
                   / statistics.mean(r["metrics"][KEPT_PARAMS] for r in lora) for rs, lora in rows]
-        share = [statistics.mean(x) for x in (_time_shares(rs, lora) for rs, lora in rows) if x]
+        share = [statistics.mean(x) for x in (time_shares(rs, lora) for rs, lora in rows) if x]
         seeds = sorted({len(rs) for rs, _ in rows})
         delta_text = f"{100 * statistics.mean(delta):+.2f}" if delta else "–"  # no seed shared with LoRA
         lines.append(f"| {variant} | {len(rows)} | {'/'.join(map(str, seeds))} | {100 * statistics.mean(score):.2f} | "
@@ -200,7 +200,7 @@ def _across_tasks(name: str, groups: dict[tuple[str, str, str], list[dict[str, A
     return lines + [""]
 
 
-def _time_shares(rs: list[dict[str, Any]], lora: list[dict[str, Any]], axis: str = "seconds") -> list[float]:
+def time_shares(rs: list[dict[str, Any]], lora: list[dict[str, Any]], axis: str = "seconds") -> list[float]:
     by_seed = {r["seed"]: r for r in lora}
     shares = [time_to_score(r, by_seed[r["seed"]], axis) for r in rs if r["seed"] in by_seed]
     return [s for s in shares if s is not None]

@@ -104,3 +104,26 @@ def test_a_pattern_control_counts_only_when_built_on_the_ranks_of_a_sora_budget_
                                                                "lora-pattern")]
     assert choice == "2e-4" and sorted(c["seed"] for c in cells) == [0, 1, 2]
     assert {c["pattern"]["source"] for c in cells} == set(shown.values())
+
+
+def test_the_claims_tables_show_when_each_variant_first_reached_lora_r8s_final_validation_score(tmp_path):
+    from bench import claims
+
+    def cell(variant, seed, lr_, curve):
+        """A cell whose validation curve is `curve` (score at each 10 % of 100 steps, 1 s per step)."""
+        method = quality.VARIANTS[variant][0]
+        extra = tuple(sorted({"split_seed": "0", **lr.grid_extra(method, lr_)}.items()))
+        record = _quality_record("mrpc", variant, seed, test=0.8, kept=1000, val=curve[-1])
+        record.update(key=quality.Cell("mrpc", variant, seed, 20.0, extra=extra).key, extra=dict(extra),
+                      curve=[[10.0 * (i + 1), v, 10 * (i + 1)] for i, v in enumerate(curve)])
+        record["metrics"]["steps"] = 100
+        return record
+
+    lora_curve = [0.5] * 9 + [0.9]
+    records = [cell(v, 0, g, [0.1] * 10) for v in ("sora-budget", "lora") for g in lr.GRID if g != "8e-4"]
+    records += [cell("lora", s, "8e-4", lora_curve) for s in range(2)]
+    # seed 0 reaches LoRA r 8's final 0.9 at 40 % of training, seed 1 never does
+    records += [cell("sora-budget", 0, "8e-4", [0.5] * 3 + [0.9] * 7), cell("sora-budget", 1, "8e-4", [0.8] * 10)]
+    text = "\n".join(claims.claims_section(records))
+    assert "| mrpc (f1) | sora-budget | 8e-4 | 2 | 80.00 ± 0.00 | 1,000 | 0.40 (never in 1 of 2); 0.40 (never in 1 of 2) |" in text
+    assert "| mrpc (f1) | lora | 8e-4 | 2 | 80.00 ± 0.00 | 1,000 | – |" in text  # LoRA r 8 is the yardstick

@@ -201,6 +201,8 @@ def _across_tasks(name: str, groups: dict[tuple[str, str, str], list[dict[str, A
 
 
 def time_shares(rs: list[dict[str, Any]], lora: list[dict[str, Any]], axis: str = "seconds") -> list[float]:
+    """`time_to_score` of each cell of `rs` against LoRA's cell of the same seed; seeds without one, or without a
+    validation curve, are left out."""
     by_seed = {r["seed"]: r for r in lora}
     shares = [time_to_score(r, by_seed[r["seed"]], axis) for r in rs if r["seed"] in by_seed]
     return [s for s in shares if s is not None]

@@ -43,16 +43,19 @@ def test_claims_use_the_deltas_paired_by_seed_and_a_seed_trained_twice_counts_on
     assert "| mrpc (f1) | sora | 3 | 83.67 ± 1.53 |" in text
 
 
+def _per_task_cell(task, variant, seed, lr_, val, test, kept=1000):
+    """A cell of the per-task protocol (one dev split for all seeds) at learning rate `lr_`."""
+    method = quality.VARIANTS[variant][0]
+    extra = tuple(sorted({"split_seed": "0", **lr.grid_extra(method, lr_)}.items()))
+    record = _quality_record(task, variant, seed, test=test, kept=kept, val=val)
+    record.update(key=quality.Cell(task, variant, seed, 20.0, extra=extra).key, extra=dict(extra))
+    return record
+
+
 def test_claims_pair_each_variant_at_its_own_per_task_lr_and_show_only_intervals_that_exclude_zero(tmp_path):
     from bench import claims
 
-    def cell(task, variant, seed, lr_, val, test, kept=1000):
-        method = quality.VARIANTS[variant][0]
-        extra = tuple(sorted({"split_seed": "0", **lr.grid_extra(method, lr_)}.items()))
-        record = _quality_record(task, variant, seed, test=test, kept=kept, val=val)
-        record.update(key=quality.Cell(task, variant, seed, 20.0, extra=extra).key, extra=dict(extra))
-        return record
-
+    cell = _per_task_cell
     records = []
     for task in ("mrpc", "rte", "cola", "stsb"):
         for variant, best in (("sora-budget", "8e-4"), ("lora-equal", "2e-3")):
@@ -85,11 +88,8 @@ def test_a_pattern_control_counts_only_when_built_on_the_ranks_of_a_sora_budget_
     from bench import claims
 
     def cell(variant, seed, lr_, val, test, source=None):
-        method = quality.VARIANTS[variant][0]
-        extra = tuple(sorted({"split_seed": "0", **lr.grid_extra(method, lr_)}.items()))
-        record = _quality_record("mrpc", variant, seed, test=test, kept=1000, val=val)
-        record.update(key=quality.Cell("mrpc", variant, seed, 20.0, extra=extra).key + (source or ""),
-                      extra=dict(extra))
+        record = _per_task_cell("mrpc", variant, seed, lr_, val, test)
+        record["key"] += source or ""
         if source:
             record["pattern"] = {"source": source, "shuffled": False}
         return record
@@ -111,11 +111,8 @@ def test_the_claims_tables_show_when_each_variant_first_reached_lora_r8s_final_v
 
     def cell(variant, seed, lr_, curve):
         """A cell whose validation curve is `curve` (score at each 10 % of 100 steps, 1 s per step)."""
-        method = quality.VARIANTS[variant][0]
-        extra = tuple(sorted({"split_seed": "0", **lr.grid_extra(method, lr_)}.items()))
-        record = _quality_record("mrpc", variant, seed, test=0.8, kept=1000, val=curve[-1])
-        record.update(key=quality.Cell("mrpc", variant, seed, 20.0, extra=extra).key, extra=dict(extra),
-                      curve=[[10.0 * (i + 1), v, 10 * (i + 1)] for i, v in enumerate(curve)])
+        record = _per_task_cell("mrpc", variant, seed, lr_, val=curve[-1], test=0.8)
+        record["curve"] = [[10.0 * (i + 1), v, 10 * (i + 1)] for i, v in enumerate(curve)]
         record["metrics"]["steps"] = 100
         return record
 
@@ -125,5 +122,6 @@ def test_the_claims_tables_show_when_each_variant_first_reached_lora_r8s_final_v
     # seed 0 reaches LoRA r 8's final 0.9 at 40 % of training, seed 1 never does
     records += [cell("sora-budget", 0, "8e-4", [0.5] * 3 + [0.9] * 7), cell("sora-budget", 1, "8e-4", [0.8] * 10)]
     text = "\n".join(claims.claims_section(records))
-    assert "| mrpc (f1) | sora-budget | 8e-4 | 2 | 80.00 ± 0.00 | 1,000 | 0.40 (never in 1 of 2); 0.40 (never in 1 of 2) |" in text
+    assert ("| mrpc (f1) | sora-budget | 8e-4 | 2 | 80.00 ± 0.00 | 1,000 | 0.40 (never in 1 of 2); "
+            "0.40 (never in 1 of 2) |") in text
     assert "| mrpc (f1) | lora | 8e-4 | 2 | 80.00 ± 0.00 | 1,000 | – |" in text  # LoRA r 8 is the yardstick

@@ -43,12 +43,12 @@ def test_claims_use_the_deltas_paired_by_seed_and_a_seed_trained_twice_counts_on
     assert "| mrpc (f1) | sora | 3 | 83.67 ± 1.53 |" in text
 
 
-def _per_task_cell(task, variant, seed, lr_, val, test, kept=1000):
+def _per_task_cell(task, variant, seed, lr_, val, test, kept=1000, epochs=20.0):
     """A cell of the per-task protocol (one dev split for all seeds) at learning rate `lr_`."""
     method = quality.VARIANTS[variant][0]
     extra = tuple(sorted({"split_seed": "0", **lr.grid_extra(method, lr_)}.items()))
     record = _quality_record(task, variant, seed, test=test, kept=kept, val=val)
-    record.update(key=quality.Cell(task, variant, seed, 20.0, extra=extra).key, extra=dict(extra))
+    record.update(key=quality.Cell(task, variant, seed, epochs, extra=extra).key, extra=dict(extra), epochs=epochs)
     return record
 
 
@@ -81,6 +81,24 @@ def test_claims_pair_each_variant_at_its_own_per_task_lr_and_show_only_intervals
     assert old == ""  # cells whose dev split moved with the seed are not in the per-task protocol's tables
     assert claims.verdict((0.01, 0.005, 0.02), 2).startswith("not judged")
     assert claims.verdict((-0.01, -0.02, -0.005), 3) == "shown worse"
+
+
+def test_the_ten_epoch_block_is_judged_over_its_own_three_tasks_and_not_before_all_three_have_results():
+    from bench import claims
+
+    def block(tasks):
+        records = []
+        for task in tasks:
+            for variant, test, step in (("sora-budget", 0.80, 0.01), ("lora-equal", 0.78, -0.01)):
+                records += [_per_task_cell(task, variant, 0, g, 0.9 if g == "8e-4" else 0.5, 0.1, epochs=10.0)
+                            for g in lr.GRID if g != "8e-4"]
+                records += [_per_task_cell(task, variant, s, "8e-4", 0.9, test + step * s, epochs=10.0)
+                            for s in range(3)]
+        rows = [line for line in claims.claims_section(records) if line.startswith("| sora-budget − lora-equal")]
+        return rows[0]
+
+    assert block(("mrpc", "cola", "stsb")).endswith("| **shown** |")  # RTE is not part of the 10-epoch block
+    assert block(("mrpc", "cola")).endswith("| not judged (tasks missing) |")
 
 
 def test_a_pattern_control_counts_only_when_built_on_the_ranks_of_a_sora_budget_cell_the_table_shows(tmp_path):
